@@ -1,0 +1,524 @@
+"""
+Tools for the agent model: the action/observation format, a BM25 search index, an HTTP retrieval client and server,
+a safe calculator, and the ToolRegistry that the rollout engine calls once per step with every paused row's action.
+
+Format (SPEC section 2; every other script imports these strings from here):
+    <think> ... <begin_search> QUERY </end_search>
+    <search_result>
+    result 1: "Title"\ntext
+    ...
+    </search_result> ... </think>
+A tool is an action type plus an argument (paper Algorithm 1): `<begin_NAME> ARG </end_NAME>` and
+`<NAME_result> ... </NAME_result>`. `search` keeps AutoCoA's exact spelling.
+
+How this departs from the paper's setup and why:
+- AutoCoA (like Search-R1) retrieves with a separate FlashRAG/Pyserini server over Wikipedia. We serve the same two HTTP
+  APIs (FlashRAG `tok_k` and Search-R1 `topk`) from a pure Python + numpy Okapi BM25 index, so the whole pipeline runs
+  on a laptop with no Java and no FAISS. It is Pyserini's scoring (k1=0.9, b=0.4, idf = log(1 + (N-df+0.5)/(df+0.5)),
+  Lucene's English stopwords) but without Porter stemming and with exact (not Lucene-quantised) document lengths, so
+  scores are close to, not identical with, Pyserini's. Point `--url` at a real server to use a dense retriever.
+  Measured here: 100k passages of ~100 words index in 5-10 s on one shared CPU core (peak ~650 MB RSS incl. the
+  passages), ~1,300 queries/s from 8 concurrent HTTP clients. Fine for the synthetic world and ~1M passages; use
+  Pyserini/FAISS behind `--url` for the 21M-passage Wikipedia dump.
+- A calculator is the second tool (paper footnote 2: computation as well as information access). `^` is read as power.
+- Failed calls become an error observation for that row (SPEC 2), never a crash; failures are never cached.
+
+Commands:
+    python tools.py serve --corpus data/corpus.jsonl --host 127.0.0.1 --port 8080   # HTTP retrieval server, both APIs
+    python tools.py search --corpus data/corpus.jsonl "who wrote hamlet"            # quick look (or --url URL)
+    python tools.py calc "2023 - 1987"                                              # calculator -> 36
+(No torchrun: nothing here is distributed. Every rank builds its own registry; a shared server is the usual setup.)
+"""
+import argparse
+import ast
+import json
+import math
+import operator
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections import Counter, OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Format: the one place that spells the tags
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+TOOL_NAMES = ("search", "calculator")
+LIMIT_MESSAGE = "Reach the limit of search times."  # AutoCoA's exact text past the action budget (SPEC 2)
+
+
+def action_open(name):
+    return f"<begin_{name}>"
+
+
+def action_close(name):
+    return f"</end_{name}>"
+
+
+def result_open(name):
+    return f"<{name}_result>"
+
+
+def result_close(name):
+    return f"</{name}_result>"
+
+
+def special_tokens(names=TOOL_NAMES):
+    """Think tags + every tool's four tags, in a fixed order (token ids depend on it)."""
+    tags = [THINK_OPEN, THINK_CLOSE]
+    for name in names:
+        tags += [action_open(name), action_close(name), result_open(name), result_close(name)]
+    return tags
+
+
+def format_observation(name, text):
+    return f"\n{result_open(name)}\n{text}\n{result_close(name)}\n"
+
+
+class ToolError(Exception):
+    """Raised by a tool when its message IS the observation ("Retrieval failed: ..."); the registry never caches it."""
+
+
+# -----------------------------------------------------------------------------
+# BM25 (Okapi), in-process
+
+# Lucene's default English stop set, which Pyserini's default analyzer uses.
+STOPWORDS = frozenset("a an and are as at be but by for if in into is it no not of on or such that the their then "
+                      "there these they this to was will with".split())
+WORD = re.compile(r"\w+")
+
+
+def tokenize(text):
+    return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+class BM25Index:
+    """Okapi BM25 over passages [{"id", "contents"}]. Postings are flat numpy arrays sorted by (term, passage), so a
+    query term is one slice: score[passages] += idf * impact, where impact = tf(k1+1) / (tf + k1(1 - b + b dl/avgdl))
+    is precomputed per posting. Read-only after construction, so concurrent searches (the server's threads) are safe."""
+
+    def __init__(self, passages, k1=0.9, b=0.4):
+        if not passages:
+            raise ValueError("BM25Index: empty corpus")
+        self.passages, self.k1, self.b = passages, k1, b
+        N = len(passages)
+        self.vocab = {}
+        term_ids, lengths = array("q"), np.empty(N, dtype=np.int64)  # flat int64 buffer numpy views without a copy
+        for i, p in enumerate(passages):
+            ids = [self.vocab.setdefault(w, len(self.vocab)) for w in tokenize(p["contents"])]
+            term_ids.extend(ids)
+            lengths[i] = len(ids)
+        # one key per token occurrence; np.unique sorts by (term, passage) and counts tf in one C pass
+        keys = np.frombuffer(term_ids, dtype=np.int64) * N + np.repeat(np.arange(N, dtype=np.int64), lengths)
+        keys, tf = np.unique(keys, return_counts=True)
+        post_terms = keys // N
+        self.post_docs = (keys % N).astype(np.int32)  # (P,) passage of each posting
+        # term t owns postings [starts[t], starts[t+1])
+        self.starts = np.searchsorted(post_terms, np.arange(len(self.vocab) + 1))
+        df = np.diff(self.starts)
+        self.idf = np.log(1.0 + (N - df + 0.5) / (df + 0.5))  # (V,) Lucene's idf, always > 0
+        avgdl = lengths.mean() if lengths.sum() else 1.0
+        dl = lengths[self.post_docs]
+        self.impact = (tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / avgdl))).astype(np.float32)  # (P,)
+
+    @classmethod
+    def from_jsonl(cls, path, **kwargs):
+        """Load a FlashRAG corpus: one {"id", "contents"} per line. Bad lines fail with file and line number."""
+        passages = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    p = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(p, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(p).__name__}")
+                for field in ("id", "contents"):
+                    if field not in p:
+                        raise ValueError(f"{path}:{lineno}: missing field '{field}'")
+                if not isinstance(p["contents"], str):
+                    raise ValueError(f"{path}:{lineno}: field 'contents' must be a string")
+                passages.append(p)
+        if not passages:
+            raise ValueError(f"{path}: no passages")
+        return cls(passages, **kwargs)
+
+    def search(self, queries, k=3):
+        """-> per query, up to k (passage, score) best first; ties go to the earlier passage; no match -> []."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        out = []
+        for q in queries:
+            scores = np.zeros(len(self.passages))
+            for w in tokenize(q):  # a repeated query word counts twice, as in Lucene's BooleanQuery
+                t = self.vocab.get(w)
+                if t is not None:
+                    s, e = self.starts[t], self.starts[t + 1]
+                    scores[self.post_docs[s:e]] += self.idf[t] * self.impact[s:e]
+            hits = np.flatnonzero(scores)  # every matching passage has score > 0 (idf > 0, tf > 0)
+            if len(hits) > k:  # keep everything tied with the k-th score, then sort exactly
+                kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
+                hits = hits[scores[hits] >= kth]
+            order = np.lexsort((hits, -scores[hits]))[:k]  # by score desc, then passage order
+            out.append([(self.passages[i], float(scores[i])) for i in hits[order]])
+        return out
+
+
+# -----------------------------------------------------------------------------
+# HTTP retrieval client (SPEC 7: FlashRAG/AutoCoA `tok_k` and Search-R1/verl `topk`)
+
+def retrieval_request(api, queries, k):
+    if api == "flashrag":
+        return {"query": queries, "tok_k": k, "return_score": True}  # the field really is `tok_k`
+    return {"queries": queries, "topk": k, "return_scores": True}
+
+
+class RetrievalClient:
+    """Same search() as BM25Index, over HTTP. Connection errors and 5xx are retried with backoff; 4xx are not."""
+
+    def __init__(self, url, api="flashrag", timeout_s=10, retries=2):
+        if api not in ("flashrag", "searchr1"):
+            raise ValueError(f"api must be 'flashrag' or 'searchr1', got {api!r}")
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/retrieve") else url + "/retrieve"
+        self.api, self.timeout_s, self.retries = api, timeout_s, retries
+
+    def search(self, queries, k=3):
+        data = json.dumps(retrieval_request(self.api, list(queries), k)).encode()
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(0.2 * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    body = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
+                if e.code < 500:
+                    raise ConnectionError(f"{self.url}: {last}") from None
+            except (OSError, ValueError) as e:  # URLError, timeouts, resets are OSErrors; bad JSON is a ValueError
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        else:
+            raise ConnectionError(f"{self.url} unreachable after {self.retries + 1} tries ({last})")
+        try:
+            if self.api == "flashrag":
+                rows = [list(zip(r["documents"], r["scores"])) for r in body]
+            else:
+                rows = [[(hit["document"], hit["score"]) for hit in r] for r in body["result"]]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{self.url}: reply is not the {self.api} shape ({type(e).__name__}: {e})") from None
+        if len(rows) != len(queries):
+            raise ValueError(f"{self.url}: {len(rows)} results for {len(queries)} queries")
+        return rows
+
+
+# -----------------------------------------------------------------------------
+# Tools: batched callables list[str] -> list[str]
+
+def search_tool(backend, k=3):
+    """backend: anything with search(queries, k) (BM25Index, RetrievalClient). Renders AutoCoA's observation text."""
+    def search(queries):
+        try:
+            rows = backend.search(queries, k)
+        except Exception as e:  # server down, timeout, bad reply: one clear message for every row
+            raise ToolError(f"Retrieval failed: {e}") from e
+        return ["\n".join(f"result {i}: {p['contents']}" for i, (p, _) in enumerate(hits, 1)) or "No results found."
+                for hits in rows]
+    return search
+
+
+CALC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+CALC_MAX_EXPONENT = 100
+CALC_MAX_BITS = 4096  # integers beyond ~1e1233 are refused: bounded memory and time per operation
+
+
+def calc_eval(node):
+    """Evaluate an arithmetic AST: numbers, + - * / // % **, unary +/-, parentheses. Anything else is refused."""
+    if isinstance(node, ast.Expression):
+        return calc_eval(node.body)
+    if isinstance(node, ast.Constant):
+        if type(node.value) not in (int, float):  # type(), not isinstance(): True is an int; refuse it and strings
+            raise ValueError(f"unsupported constant {node.value!r}")
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        x = calc_eval(node.operand)
+        return -x if isinstance(node.op, ast.USub) else x
+    if isinstance(node, ast.BinOp) and type(node.op) in CALC_OPS:
+        x, y = calc_eval(node.left), calc_eval(node.right)
+        if isinstance(node.op, ast.Pow):
+            if abs(y) > CALC_MAX_EXPONENT:
+                raise ValueError(f"exponent {y} too large (limit {CALC_MAX_EXPONENT})")
+            if isinstance(x, int) and isinstance(y, int) and abs(x).bit_length() * abs(y) > CALC_MAX_BITS:
+                raise ValueError("result too large")  # checked BEFORE computing it
+        z = CALC_OPS[type(node.op)](x, y)
+        if isinstance(z, complex) or (isinstance(z, int) and z.bit_length() > CALC_MAX_BITS):
+            raise ValueError("result too large" if isinstance(z, int) else "complex result")
+        return z
+    raise ValueError(f"unsupported syntax: {type(node).__name__}")
+
+
+def calculator(exprs):
+    """Safe arithmetic. Integer-valued results print as ints ("2023 - 1987" -> "36", "10 / 4 * 2" -> "5")."""
+    out = []
+    for expr in exprs:
+        try:
+            x = calc_eval(ast.parse(expr.strip().replace("^", "**"), mode="eval"))
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError("result is not finite")
+            if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+                x = int(x)
+            out.append(str(x) if isinstance(x, int) else f"{x:.12g}")
+        except ZeroDivisionError:
+            out.append("Error: division by zero.")
+        except (SyntaxError, ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+            out.append(f"Error: cannot evaluate {expr.strip()!r}: {e.msg if isinstance(e, SyntaxError) else e}.")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Registry: the engine's one entry point
+
+class ToolRegistry:
+    """(tool name, argument) rows -> observation texts, one batched call per tool.
+
+    Every failure is that row's observation, never an exception: unknown tool, empty or over-long argument, a tool that
+    raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Successful results go into an LRU
+    cache keyed by (tool, argument); repeated arguments within one batch reach the tool once. Counters:
+    counts[tool] = requests, real_calls = distinct arguments sent to a tool, i.e. cache misses (real_counts per tool),
+    cache_hits = requests answered from the cache or by a duplicate in the same batch.
+    Not thread-safe: one registry per rollout loop."""
+
+    def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000):
+        self.tools, self.cache_size, self.timeout_s = dict(tools), cache_size, timeout_s
+        self.max_arg_chars = max_arg_chars
+        self.cache = OrderedDict()
+        self.reset_counts()
+
+    @property
+    def names(self):
+        return list(self.tools)
+
+    def reset_counts(self):
+        self.counts, self.real_counts = Counter(), Counter()
+        self.real_calls = self.cache_hits = 0
+
+    def __call__(self, calls):
+        out = [None] * len(calls)
+        todo = {}  # tool -> {argument: [rows]}
+        for row, (name, arg) in enumerate(calls):
+            self.counts[name] += 1
+            arg = arg.strip() if isinstance(arg, str) else arg
+            if name not in self.tools:
+                out[row] = f"Error: unknown tool '{name}'. Available tools: {', '.join(self.tools)}."
+            elif not isinstance(arg, str) or not arg:
+                out[row] = f"Error: empty argument for {name}."
+            elif len(arg) > self.max_arg_chars:
+                out[row] = f"Error: argument too long for {name} ({len(arg)} characters, limit {self.max_arg_chars})."
+            elif (name, arg) in self.cache:
+                self.cache.move_to_end((name, arg))
+                out[row] = self.cache[(name, arg)]
+                self.cache_hits += 1
+            else:
+                todo.setdefault(name, {}).setdefault(arg, []).append(row)
+        # one thread per tool: tools run concurrently and a hung tool cannot hold the batch past the deadline
+        results, threads = {}, {}
+
+        def run(name, args):
+            results[name] = self._call(name, args)
+
+        for name, by_arg in todo.items():
+            threads[name] = threading.Thread(target=run, args=(name, list(by_arg)), daemon=True)
+            threads[name].start()
+        deadline = time.monotonic() + self.timeout_s
+        for name, by_arg in todo.items():
+            threads[name].join(max(0.0, deadline - time.monotonic()))
+            timed_out = [(f"Error: {name} timed out after {self.timeout_s} s.", False)] * len(by_arg)
+            self.real_calls += len(by_arg)
+            self.real_counts[name] += len(by_arg)
+            for (arg, rows), (text, ok) in zip(by_arg.items(), results.get(name, timed_out)):
+                for row in rows:
+                    out[row] = text
+                self.cache_hits += len(rows) - 1
+                if ok and self.cache_size > 0:  # failures are never cached: the next call tries again
+                    self.cache[(name, arg)] = text
+                    if len(self.cache) > self.cache_size:
+                        self.cache.popitem(last=False)
+        return out
+
+    def _call(self, name, args):
+        """One tool on a batch -> [(observation, ok)] per argument. A batch that raises is retried one argument at a
+        time, so one bad argument costs only its own row; a ToolError (e.g. server down) answers every row at once."""
+        try:
+            obs = self.tools[name](args)
+            if not isinstance(obs, list) or len(obs) != len(args) or not all(isinstance(o, str) for o in obs):
+                raise TypeError(f"returned {type(obs).__name__} for {len(args)} arguments, expected list[str]")
+            return [(o, True) for o in obs]
+        except ToolError as e:
+            return [(str(e), False)] * len(args)
+        except Exception as e:
+            if len(args) > 1:
+                return [result for arg in args for result in self._call(name, [arg])]
+            return [(f"Error: {name} failed: {type(e).__name__}: {e}", False)]
+
+
+def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, timeout_s=30):
+    """search (over a JSONL corpus path or a BM25Index, or a server at url) + calculator. With neither corpus nor url,
+    only the calculator is registered (a search action then gets the unknown-tool observation)."""
+    if corpus is not None and url is not None:
+        raise ValueError("give corpus or url, not both")
+    tools = {}
+    if corpus is not None:
+        tools["search"] = search_tool(corpus if isinstance(corpus, BM25Index) else BM25Index.from_jsonl(corpus), k)
+    elif url is not None:
+        tools["search"] = search_tool(RetrievalClient(url, api=api, timeout_s=min(10, timeout_s)), k)
+    tools["calculator"] = calculator
+    return ToolRegistry(tools, cache_size=cache_size, timeout_s=timeout_s)
+
+
+# -----------------------------------------------------------------------------
+# HTTP retrieval server: both APIs on POST /retrieve, GET /health
+
+def parse_retrieve(body, max_queries, max_k):
+    """Validate a /retrieve body -> (api, queries, k, with_scores). Raises ValueError with a client-facing message."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    if ("query" in body) == ("queries" in body):
+        raise ValueError("give exactly one of 'query' (FlashRAG, with 'tok_k') or 'queries' (Search-R1, with 'topk')")
+    api = "flashrag" if "query" in body else "searchr1"
+    q_field, k_field, s_field = (("query", "tok_k", "return_score") if api == "flashrag"
+                                 else ("queries", "topk", "return_scores"))
+    queries, k = body[q_field], body.get(k_field, 3)
+    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
+        raise ValueError(f"'{q_field}' must be a non-empty list of strings")
+    if len(queries) > max_queries:
+        raise ValueError(f"too many queries ({len(queries)}, limit {max_queries})")
+    if type(k) is not int or not 1 <= k <= max_k:
+        raise ValueError(f"'{k_field}' must be an integer in [1, {max_k}]")
+    return api, queries, k, bool(body.get(s_field, True))
+
+
+def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512, max_k=100, quiet=False):
+    """Serve index.search forever (ThreadingHTTPServer: one thread per connection). index: anything with
+    search(queries, k) and passages (world_model.py serves its simulator this way). The socket listens before the
+    "serving ... on http://HOST:PORT/retrieve" line is printed (tests parse it for --port 0). Returns on Ctrl-C."""
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # a client that stalls mid-request frees its thread after this many seconds
+        protocol_version = "HTTP/1.1"
+
+        def reply(self, code, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if code >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.reply(200, {"status": "ok", "passages": len(index.passages)})
+            else:
+                self.reply(404, {"error": f"no such path {self.path}; use POST /retrieve or GET /health"})
+
+        def do_POST(self):
+            if self.path != "/retrieve":
+                return self.reply(404, {"error": f"no such path {self.path}; use POST /retrieve"})
+            length = self.headers.get("Content-Length", "").strip()
+            if not length.isdigit():  # missing, negative or junk (chunked uploads are not supported)
+                return self.reply(411, {"error": "a valid Content-Length header is required"})
+            length = int(length)
+            if length > max_body:  # refused before reading a byte of it
+                return self.reply(413, {"error": f"body too large ({length} bytes, limit {max_body})"})
+            try:
+                api, queries, k, with_scores = parse_retrieve(json.loads(self.rfile.read(length)), max_queries, max_k)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                return self.reply(400, {"error": f"bad request: {e}"})
+            try:
+                rows = index.search(queries, k)
+            except Exception as e:  # a bug, not the client's fault: say so and keep serving
+                return self.reply(500, {"error": f"search failed: {type(e).__name__}: {e}"})
+            if api == "flashrag":
+                result = [{"documents": [p for p, _ in hits],
+                           **({"scores": [s for _, s in hits]} if with_scores else {})} for hits in rows]
+            else:
+                result = {"result": [[{"document": p, **({"score": s} if with_scores else {})} for p, s in hits]
+                                     for hits in rows]}
+            self.reply(200, result)
+
+        def log_message(self, fmt, *args):
+            if not quiet:
+                super().log_message(fmt, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    print(f"serving {len(index.passages)} passages on http://{host}:{server.server_address[1]}/retrieve "
+          f"(FlashRAG and Search-R1 APIs)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="AutoCoA tools: retrieval server, quick search, calculator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve a BM25 index over HTTP (FlashRAG and Search-R1 APIs)")
+    p_search = sub.add_parser("search", help="print the observation for one or more queries")
+    p_calc = sub.add_parser("calc", help="evaluate arithmetic with the calculator tool")
+    # Data
+    for p in (p_serve, p_search):
+        p.add_argument("--corpus", help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG format)")
+        p.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
+        p.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
+    # Server
+    p_serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; 0.0.0.0 exposes it)")
+    p_serve.add_argument("--port", type=int, default=8080, help="port (0 = pick a free one, printed at start)")
+    p_serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
+    p_serve.add_argument("--max-queries", type=int, default=512, help="most queries per request (else 400)")
+    p_serve.add_argument("--quiet", action="store_true", help="do not log each request")
+    # Search
+    p_search.add_argument("--url", help="query a retrieval server instead of a local corpus")
+    p_search.add_argument("--api", choices=["flashrag", "searchr1"], default="flashrag", help="request shape for --url")
+    p_search.add_argument("-k", type=int, default=3, help="passages per query")
+    p_search.add_argument("queries", nargs="+", help="search queries")
+    p_calc.add_argument("exprs", nargs="+", help="arithmetic expressions")
+    args = parser.parse_args()
+
+    if args.command == "calc":
+        print("\n".join(calculator(args.exprs)))
+        sys.exit(0)
+    if args.command == "search" and args.url:
+        backend = RetrievalClient(args.url, api=args.api)
+    else:
+        if not args.corpus:
+            parser.error("--corpus is required" + (" (or --url)" if args.command == "search" else ""))
+        t0 = time.time()
+        backend = BM25Index.from_jsonl(args.corpus, k1=args.k1, b=args.b)
+        print(f"indexed {len(backend.passages)} passages, {len(backend.vocab)} terms in {time.time() - t0:.1f} s",
+              file=sys.stderr)
+    if args.command == "serve":
+        serve(backend, args.host, args.port, max_body=args.max_body, max_queries=args.max_queries, quiet=args.quiet)
+    else:
+        registry = ToolRegistry({"search": search_tool(backend, args.k)})
+        for q, obs in zip(args.queries, registry([("search", q) for q in args.queries])):
+            print(f"{action_open('search')} {q} {action_close('search')}{format_observation('search', obs)}")
