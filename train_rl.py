@@ -1,0 +1,612 @@
+"""
+RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's algorithm) or PPO over multi-turn rollouts in which
+the policy acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own
+observations: the internal world model learned in SFT stage 3), RL-stage 2 against the real tool. The paper's best
+schedule is one flag pair: `--sim-steps 80 --real-steps 16` (5/6 simulated, 1/6 real).
+
+One step: P prompts x G samples -> rollouts (model.rollout: token ids in, token ids out, loss_mask from the engine)
+-> reward per trajectory -> advantages (GRPO: within each group; PPO: GAE on a value head) -> old and reference
+log-probs by a no-grad forward -> --ppo-epochs x --minibatches clipped updates. Real tool calls are counted per step and
+in total: spending few of them is the point of the simulated stage.
+
+Departures from the paper / the authors' verl code, and why:
+  - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the number of masked-in
+    tokens of the minibatch, counted over all ranks and micro-batches. The original zeroed only the advantages, so KL,
+    entropy and the denominator still counted observation tokens, which the policy did not write.
+  - --ppo-epochs / --minibatches: several updates per batch, so the ratio leaves 1 and clipping acts (the original made
+    one update per batch: ratio == 1, the clip never fired).
+  - Reward = EM (or --reward f1) of the answer when the response keeps the format, else --format-penalty (default
+    -0.5): a broken trajectory always ranks below a well-formed wrong one. The format is checked on the RESPONSE only
+    (the original checked prompt+response, so the check could never fail).
+  - GRPO's division by the group std is a flag (--grpo-std-norm, on by default as in verl/DeepSeekMath; the paper's
+    formula only mean-centers: --no-grpo-std-norm). A group whose rewards are all equal gets advantage exactly 0.
+  - PPO (not in the paper) is offered for comparison: value head from model.py, GAE with gamma = lambda = 1 and the
+    reward on the last policy token; observation tokens are skipped by GAE (they are the environment's transition, not
+    actions), advantages whitened over masked-in tokens of the whole batch.
+  - Log-probs, KL and entropy use the raw (temperature 1) logits: the sampling temperature (0.6, paper) is exploration
+    noise; old and new log-probs come from the same function, so the ratio and clipping act on the policy itself.
+  - Updates run with dropout off (model.eval()), so the first minibatch of the first epoch has ratio exactly 1.
+  - --world-model CKPT: the simulated steps use the separate world model of world_model.py as the search tool
+    (env "world-model") instead of the policy's own simulation; its calls are counted as simulated, not real.
+  - Minibatches are whole prompt groups in a fixed order, so they do not depend on the number of ranks. Rollouts are
+    seeded per engine call by (seed, step, first prompt index); with --rollout-batch 1 (one prompt group per call)
+    the samples do not depend on it either, and N processes == 1 process (tested). The default batches all of a
+    rank's prompts into one engine call: faster, but then the samples change with the number of ranks.
+
+Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py stages base -> 1 -> 2 -> 3):
+  python train_rl.py --init out/sft123 --data out/world --out out/rl --algo grpo --sim-steps 80 --real-steps 16
+  python train_rl.py --init out/sft123 --data out/world --out out/rl_real --sim-steps 0 --real-steps 96  # all real
+  python train_rl.py --init out/sft123 --data out/world --out out/rl_ppo --algo ppo --sim-steps 0 --real-steps 96
+  python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80 \\
+      --real-steps 16
+  torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
+      --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7
+The defaults are the paper's (48 prompts x 5 samples, lr 7e-7, temperature 0.6, KL 1e-3, entropy 1e-3); the tiny CPU
+model needs a larger --lr and fewer, shorter rollouts (--prompts-per-step 8 --group-size 4 --max-new-tokens 256).
+After a crash: the same command plus --resume (weights, optimizer, step, RNG and tool-call totals from OUT/resume).
+Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/resume/ (every --save-every).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from evaluate import exact_match, extract_answer, f1, format_ok
+from model import build_prompt, encode_segments, load, rollout, save
+from tools import make_tools
+
+# -----------------------------------------------------------------------------
+# Reward, advantages and losses: the math of the method, each a plain function (tests/test_rl.py checks them by hand)
+
+
+def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
+    """Scalar reward of one trajectory (SPEC 5): EM (or token F1) of the extracted answer when the RESPONSE keeps the
+    format (</think>, no action after it, a \\boxed{} after it), else format_penalty. Swap this function to change the
+    reward."""
+    if not format_ok(response_text)[0]:
+        return format_penalty
+    score = {"em": exact_match, "f1": f1}[kind]
+    return score(extract_answer(response_text), golden_answers)
+
+
+def group_advantages(rewards, std_norm=True):
+    """GRPO (paper 3.3.2): A = r - mean(r) over the K samples of one prompt, divided by std(r) + 1e-6 if std_norm."""
+    # rewards: (P, K) one row per prompt group
+    A = rewards - rewards.mean(dim=1, keepdim=True)                      # (P, K)
+    if std_norm:
+        A = A / (rewards.std(dim=1, keepdim=True) + 1e-6)
+    # all-equal groups carry no signal; the mean of K equal floats can be 1 ulp off, which std division would blow up
+    same = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)          # (P, 1)
+    return A.masked_fill(same, 0.0)
+
+
+def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
+    """GAE over the masked-in (policy) tokens of each row; masked-out tokens (prompt, observations) are skipped, so the
+    next value of a policy token is the value of the next policy token. -> (advantages, returns), 0 where masked."""
+    # token_rewards, values, mask: (B, T)
+    m = mask.bool()
+    advantages = torch.zeros_like(values)
+    last_gae = torch.zeros_like(values[:, 0])                            # (B,)
+    next_value = torch.zeros_like(values[:, 0])                          # (B,) V after the last token = 0 (terminal)
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
+        gae_t = delta + gamma * lam * last_gae
+        advantages[:, t] = torch.where(m[:, t], gae_t, 0.0)
+        last_gae = torch.where(m[:, t], gae_t, last_gae)
+        next_value = torch.where(m[:, t], values[:, t], next_value)
+    returns = (advantages + values).masked_fill(~m, 0.0)
+    return advantages, returns
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
+                entropy_coef=0.0):
+    """Clipped surrogate + k3 KL to the reference + entropy bonus, ALL masked by loss_mask and divided by num_tokens
+    (masked-in tokens of the whole minibatch over ranks and micro-batches). Returns (loss, stats); each stat is a
+    masked sum / num_tokens, so summing it over micro-batches and ranks gives the minibatch mean."""
+    # logp, old_logp, ref_logp, advantages, entropy, mask: (B, T); masked positions may hold anything (even inf)
+    m = mask.bool()
+    log_ratio = (logp - old_logp).masked_fill(~m, 0.0)                   # masked before exp: no inf, no NaN gradient
+    ratio = torch.exp(log_ratio)                                         # pi_theta / pi_old
+    A = advantages.masked_fill(~m, 0.0)
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
+    ref_diff = (ref_logp - logp).masked_fill(~m, 0.0)
+    kl = torch.exp(ref_diff) - ref_diff - 1                              # k3 estimator of KL(pi_theta || pi_ref)
+    H = entropy.masked_fill(~m, 0.0)
+    loss = (-surrogate + kl_coef * kl - entropy_coef * H).masked_fill(~m, 0.0).sum() / num_tokens
+    with torch.no_grad():
+        stats = {"kl": kl.sum(), "entropy": H.sum(), "clipfrac": ((ratio - 1).abs() > clip)[m].sum(),
+                 "approx_kl": ((ratio - 1) - log_ratio).sum()}           # k3 of KL(pi_old || pi_theta)
+        stats = {k: float(v) / num_tokens for k, v in stats.items()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, num_tokens, clip=0.2):
+    """PPO clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), masked, / num_tokens."""
+    # values, old_values, returns, mask: (B, T)
+    m = mask.bool()
+    V, V_old, R = (x.masked_fill(~m, 0.0) for x in (values, old_values, returns))
+    V_clipped = V_old + (V - V_old).clamp(-clip, clip)
+    loss = 0.5 * torch.max((V - R) ** 2, (V_clipped - R) ** 2)           # (B, T)
+    return loss.masked_fill(~m, 0.0).sum() / num_tokens
+
+
+# -----------------------------------------------------------------------------
+# Plumbing shared by the steps
+
+
+def all_sum(x):
+    """Sum a tensor over ranks (a no-op in one process). NCCL reduces GPU tensors only: CPU ones go through one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    y = x.cuda() if dist.get_backend() == "nccl" else x
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the masked-in entries of all ranks; 0 where masked."""
+    m = mask.bool()
+    n, s, sq = all_sum(torch.stack([m.sum().double(), x[m].double().sum(), (x[m].double() ** 2).sum()]))
+    mean = s / n
+    var = (sq / n - mean ** 2).clamp(min=0)
+    return ((x - mean) * torch.rsqrt(var + 1e-8)).float().masked_fill(~m, 0.0)
+
+
+def read_questions(path):
+    """Question rows (id, question, golden_answers as a list, other fields kept) from a JSONL file; a bad row raises
+    ValueError naming the file, the line and the field."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            q, golds = row.get("question"), row.get("golden_answers")
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"{path}:{lineno}: field 'question' must be a non-empty string")
+            golds = [golds] if isinstance(golds, str) else golds
+            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+                raise ValueError(f"{path}:{lineno}: field 'golden_answers' must be a non-empty list of strings")
+            rows.append({**row, "id": str(row.get("id", f"line{lineno}")), "golden_answers": golds})
+    if not rows:
+        raise ValueError(f"{path}: no questions")
+    return rows
+
+
+def prompt_index(seed, step, j, num_prompts, num_questions):
+    """Question index of the j-th prompt of a step: epochs over a seeded permutation (resume-safe, rank-independent)."""
+    position = step * num_prompts + j
+    epoch, offset = divmod(position, num_questions)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(num_questions, generator=generator)[offset])
+
+
+def collate(seqs, pad_id, device):
+    """Right-pad sequences -> ids, attention (B, T) and the loss mask of the next-token targets (B, T-1)."""
+    T = max(len(s["ids"]) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), T), dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s["ids"])] = torch.tensor(s["ids"])
+        attention[i, :len(s["ids"])] = 1
+        mask[i, :len(s["ids"])] = torch.tensor(s["mask"])
+    return ids.to(device), attention.to(device), mask[:, 1:].to(device)
+
+
+def forward(model, value_head, ids, attention, need_entropy=True):
+    """Per-target log-prob, entropy and value of a padded batch; values only when value_head is given."""
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
+    logits = out.logits[:, :-1].float()                                  # (B, T-1, V) predicts ids[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T-1)
+    entropy = None
+    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
+        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
+    return logp, entropy, values
+
+
+def replace_dir(src, dst):
+    """Rename src over dst (rename cannot replace a non-empty dir: move the old one aside first, then delete it)."""
+    old = dst.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_resume(policy, tokenizer, out, args, state):
+    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir."""
+    tmp = os.path.join(out, ".resume.tmp")
+    save(policy, tokenizer, tmp, args)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    replace_dir(tmp, os.path.join(out, "resume"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    parser.add_argument("--init", required=True,
+                        help="policy start checkpoint (paper: SFT stage 1&2&3); also the frozen KL reference")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir, needed when --init is 'tiny'")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (torchrun: one GPU per rank)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
+    # Data and environment
+    parser.add_argument("--data", required=True,
+                        help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
+    parser.add_argument("--template", default=None, choices=["short", "autocoa"],
+                        help="prompt template (default: the one --init was trained with, else 'short')")
+    parser.add_argument("--corpus", default=None,
+                        help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
+    parser.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
+    parser.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"],
+                        help="retrieval server API shape")
+    parser.add_argument("--world-model", default=None,
+                        help="world_model.py checkpoint: the simulated steps use it as the search tool")
+    parser.add_argument("--sim-steps", type=int, default=80,
+                        help="steps [0, sim) run in the simulated environment (RL stage 1)")
+    parser.add_argument("--real-steps", type=int, default=16,
+                        help="then this many steps against the real tool (RL stage 2)")
+    # Rollout
+    parser.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
+    parser.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
+    parser.add_argument("--rollout-batch", type=int, default=0,
+                        help="prompt groups per engine call (0: all of a rank's prompts, fastest; 1: the samples do "
+                             "not depend on the number of ranks, N processes == 1 process)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (paper: 0.6)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
+    parser.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
+    parser.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
+    parser.add_argument("--sim-obs-tokens", type=int, default=256,
+                        help="sim env: most tokens of one observation the policy writes")
+    parser.add_argument("--train-sim-obs", action="store_true",
+                        help="also train on observations the policy simulated (default: masked, as AutoCoA)")
+    # Reward
+    parser.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
+    parser.add_argument("--format-penalty", type=float, default=-0.5,
+                        help="reward of a response that breaks the format")
+    # Optimization
+    parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"],
+                        help="advantage estimator: group-relative (paper) or GAE on a value head")
+    parser.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
+    parser.add_argument("--minibatches", type=int, default=2,
+                        help="optimizer steps per pass (whole prompt groups each)")
+    parser.add_argument("--micro-batch-size", type=int, default=4,
+                        help="sequences per forward/backward (gradient accumulation)")
+    parser.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon")
+    parser.add_argument("--kl-coef", type=float, default=1e-3,
+                        help="k3 KL-to-reference loss coefficient (0: no reference model)")
+    parser.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
+    parser.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="divide group advantages by std (paper text: only mean-centering)")
+    parser.add_argument("--gamma", type=float, default=1.0, help="PPO discount")
+    parser.add_argument("--lam", type=float, default=1.0, help="PPO GAE lambda")
+    parser.add_argument("--value-clip", type=float, default=0.2, help="PPO value clip")
+    parser.add_argument("--vf-coef", type=float, default=0.5, help="PPO value loss coefficient")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
+    # Stopping
+    parser.add_argument("--collapse-entropy", type=float, default=0.02,
+                        help="collapse if mean token entropy falls below this ...")
+    parser.add_argument("--collapse-format", type=float, default=0.5, help="... and the format-ok rate below this ...")
+    parser.add_argument("--collapse-patience", type=int, default=5,
+                        help="... for this many consecutive steps (0: never stop)")
+    # Logging and checkpoints
+    parser.add_argument("--out", required=True, help="output dir: final checkpoint, metrics.jsonl, resume/")
+    parser.add_argument("--save-every", type=int, default=0, help="write OUT/resume every N steps (0: only at the end)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate on DATA/dev.jsonl every N steps (0: off)")
+    parser.add_argument("--eval-limit", type=int, default=100, help="dev questions per evaluation")
+    args = parser.parse_args(argv)
+
+    # -----------------------------------------------------------------------------
+    # Distributed setup and derived sizes
+
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world, device = 0, 1, args.device
+    if ddp:
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    master = rank == 0
+    total_steps = args.sim_steps + args.real_steps
+    assert args.prompts_per_step % world == 0, f"--prompts-per-step {args.prompts_per_step} must divide by {world}"
+    prompts_per_rank = args.prompts_per_step // world
+    assert prompts_per_rank >= args.minibatches > 0 and prompts_per_rank % args.minibatches == 0, \
+        f"{prompts_per_rank} prompts per rank must divide into --minibatches {args.minibatches} (whole groups)"
+    assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
+    assert total_steps > 0, "--sim-steps + --real-steps must be > 0"
+    if master:
+        print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples = "
+              f"{args.prompts_per_step * args.group_size} trajectories/step; {args.ppo_epochs} epochs x "
+              f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
+    os.makedirs(args.out, exist_ok=True)
+    resume_dir = os.path.join(args.out, "resume")
+    if args.resume and not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
+        raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
+
+    # -----------------------------------------------------------------------------
+    # Models, tools, data
+
+    # float32 master weights: lr 7e-7 updates are below bfloat16's resolution, they would round to nothing
+    amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+    torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
+    policy, tokenizer = load(resume_dir if args.resume else args.init, tokenizer=args.tokenizer, device=device,
+                             value_head=args.algo == "ppo", seed=args.seed)
+    policy.eval()  # dropout off for rollouts AND updates (see docstring)
+    reference = None
+    if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
+        reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
+        reference.eval().requires_grad_(False)
+    value_head = policy.value_head if args.algo == "ppo" else None
+    model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
+    if ddp:
+        model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    template = args.template
+    if template is None:  # prompts must look like the ones SFT trained on
+        run_args = os.path.join(args.init, "run_args.json")
+        template = json.load(open(run_args)).get("template", "short") if os.path.exists(run_args) else "short"
+    questions = read_questions(os.path.join(args.data, "train.jsonl"))
+    real_tools = make_tools(url=args.url, api=args.api) if args.url else \
+        make_tools(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
+    world_model_tools = None
+    if args.world_model:
+        try:
+            from world_model import load_world_model_tools  # lazy: only this environment needs it
+        except ImportError as e:
+            raise SystemExit(f"--world-model needs world_model.py next to train_rl.py ({e})")
+        world_model_tools = load_world_model_tools(args.world_model, device=device)
+
+    start_step, totals, collapse_streak = 0, {"real_calls": 0, "sim_obs": 0, "tool_misses": 0}, 0
+    if args.resume:
+        state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, totals, collapse_streak = state["step"], state["totals"], state["collapse_streak"]
+        if master:
+            print(f"resumed from {resume_dir} at step {start_step} ({totals['real_calls']} real tool calls so far)")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if master and args.resume and os.path.exists(metrics_path):  # drop rows of steps after the resume point: redone
+        kept = []
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut short by the crash
+                    pass
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    metrics_file = open(metrics_path, "a" if args.resume else "w") if master else None
+
+    # -----------------------------------------------------------------------------
+    # Training loop
+
+    step, stop = start_step, None
+    for step in range(start_step, total_steps):
+        if step >= args.sim_steps:
+            env_name, engine_env, step_tools = "real", "real", real_tools
+        elif world_model_tools is not None:  # the world model answers like a tool; nothing real is called
+            env_name, engine_env, step_tools = "world-model", "real", world_model_tools
+        else:                                # the policy writes its own observations (internal world model)
+            env_name, engine_env, step_tools = "sim", "sim", real_tools
+
+        # --- rollouts: prompt j of the step goes to rank j % world; engine calls of --rollout-batch prompt groups,
+        # each seeded by (seed, step, its first prompt index)
+        t0 = time.time()
+        policy.eval()
+        seqs, sums = [], torch.zeros(8, dtype=torch.float64)
+        misses_before = real_tools.real_calls
+        mine = list(range(rank, args.prompts_per_step, world))
+        per_call = args.rollout_batch or len(mine)
+        for c in range(0, len(mine), per_call):
+            js = mine[c:c + per_call]
+            qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
+            texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
+            prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
+                       for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
+            with torch.no_grad(), amp():
+                rolls = rollout(policy, tokenizer, prompts, step_tools, env=engine_env,
+                                max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
+                                max_context=args.max_context, temperature=args.temperature, top_p=args.top_p,
+                                seed=(args.seed * 1_000_003 + step) * 1_000_003 + js[0],
+                                train_sim_obs=args.train_sim_obs, sim_obs_tokens=args.sim_obs_tokens)
+            for i, r in enumerate(rolls):
+                q = qs[i // args.group_size]
+                R = reward(r.text, q["golden_answers"], args.reward, args.format_penalty)
+                # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
+                real = 0 if env_name == "world-model" else r.real_calls
+                sim = r.sim_obs + (r.real_calls if env_name == "world-model" else 0)
+                seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids),
+                             "mask": [0] * len(r.prompt_ids) + list(r.loss_mask), "reward": R})
+                sums += torch.tensor([1, R, exact_match(extract_answer(r.text), q["golden_answers"]),
+                                      1 - format_ok(r.text)[0], sum(r.num_actions.values()), real, sim,
+                                      len(r.response_ids)], dtype=torch.float64)
+        tool_misses = torch.tensor([float(real_tools.real_calls - misses_before)])  # arguments that reached the tool
+        sums, tool_misses = all_sum(sums), all_sum(tool_misses)
+        rollout_s = time.time() - t0
+        n_traj = sums[0].item()
+        log = {"step": step + 1, "env": env_name, "reward": sums[1].item() / n_traj, "em": sums[2].item() / n_traj,
+               "format_violation": sums[3].item() / n_traj, "actions": sums[4].item() / n_traj,
+               "real_calls": int(sums[5]), "sim_obs": int(sums[6]), "tool_misses": int(tool_misses)}
+        totals = {"real_calls": totals["real_calls"] + log["real_calls"], "sim_obs": totals["sim_obs"] + log["sim_obs"],
+                  "tool_misses": totals["tool_misses"] + log["tool_misses"]}
+        log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=sums[7].item() / rollout_s)
+
+        # --- old log-probs, reference log-probs, values and advantages (no grad), per micro-batch
+        t0 = time.time()
+        per_minibatch = len(seqs) // args.minibatches  # whole prompt groups: same global minibatches for any world size
+        minibatches = [[seqs[i:min(i + args.micro_batch_size, start + per_minibatch)]
+                        for i in range(start, start + per_minibatch, args.micro_batch_size)]
+                       for start in range(0, len(seqs), per_minibatch)]
+        if args.algo == "grpo":
+            rewards = torch.tensor([s["reward"] for s in seqs]).view(-1, args.group_size)   # (prompts, K)
+            A = group_advantages(rewards, args.grpo_std_norm)
+            for s, a in zip(seqs, A.flatten().tolist()):
+                s["advantage"] = a
+        ev_sums = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2: explained variance
+        batches = [[] for _ in minibatches]  # tensors per micro-batch, grouped by minibatch
+        with torch.no_grad(), amp():
+            for k, minibatch in enumerate(minibatches):
+                for mb in minibatch:
+                    ids, attention, mask = collate(mb, pad_id, device)
+                    old_logp, _, old_values = forward(policy, value_head, ids, attention, need_entropy=False)
+                    ref_logp = old_logp if reference is None else \
+                        forward(reference, None, ids, attention, need_entropy=False)[0]
+                    b = {"ids": ids, "attention": attention, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp}
+                    if args.algo == "grpo":
+                        A = torch.tensor([s["advantage"] for s in mb], device=device)
+                        b["advantages"] = A[:, None].expand_as(mask)               # one advantage for all tokens
+                    else:  # the reward sits on the last policy-written token of each row
+                        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)     # (B,)
+                        token_rewards = torch.zeros_like(old_logp)
+                        token_rewards[torch.arange(len(mb), device=device), last] = torch.tensor(
+                            [s["reward"] for s in mb], device=device)
+                        token_rewards *= mask  # a row without any policy token gets no reward
+                        b["advantages"], b["returns"] = gae_advantages(token_rewards, old_values, mask, args.gamma,
+                                                                       args.lam)
+                        b["old_values"] = old_values
+                        R, d = b["returns"][mask.bool()].double(), (b["returns"] - old_values)[mask.bool()].double()
+                        ev_sums += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(),
+                                                (d ** 2).sum()]).cpu()
+                    batches[k].append(b)
+        if args.algo == "ppo":  # whitening over all masked-in tokens of the batch, all ranks
+            flat = [b for minibatch in batches for b in minibatch]
+            all_adv = torch.cat([b["advantages"].flatten() for b in flat])
+            all_mask = torch.cat([b["mask"].flatten() for b in flat])
+            whitened = masked_whiten(all_adv, all_mask).split([b["mask"].numel() for b in flat])
+            for b, w in zip(flat, whitened):
+                b["advantages"] = w.view_as(b["mask"])
+            n, sR, sR2, sd, sd2 = all_sum(ev_sums).tolist()
+            var_R, var_d = sR2 / n - (sR / n) ** 2, sd2 / n - (sd / n) ** 2
+            log["explained_variance"] = 1 - var_d / var_R if var_R > 0 else float("nan")
+
+        # --- updates: every rank makes the same number of backward passes (same prompts per rank, same split)
+        stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
+        for epoch in range(args.ppo_epochs):
+            for minibatch in batches:
+                num_tokens = all_sum(torch.tensor(float(sum(b["mask"].sum() for b in minibatch)))).item()
+                num_tokens = max(num_tokens, 1.0)
+                for i, b in enumerate(minibatch):
+                    sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
+                    with nullcontext() if sync else model.no_sync():
+                        with amp():
+                            logp, entropy, values = forward(model, value_head, b["ids"], b["attention"])
+                        loss, micro_stats = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy,
+                                                        b["mask"], num_tokens, args.clip, args.kl_coef,
+                                                        args.entropy_coef)
+                        if args.algo == "ppo":  # the one place where PPO's update differs from GRPO's
+                            v_loss = value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens,
+                                                args.value_clip)
+                            loss = loss + args.vf_coef * v_loss
+                            micro_stats["value_loss"] = v_loss.item()
+                        (loss * world).backward()  # DDP averages over ranks; the loss is already a global mean
+                    micro_stats["loss"] = loss.item()
+                    for k, v in micro_stats.items():
+                        stats[k] += v / (args.ppo_epochs * args.minibatches)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+                if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
+                    stop = f"loss or gradient is not finite at step {step + 1} (grad norm {grad_norm.item()})"
+                    break
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if stop:
+                break
+        stat_keys = list(stats)
+        reduced = all_sum(torch.tensor([stats[k] for k in stat_keys], dtype=torch.float64)).tolist()
+        log.update(dict(zip(stat_keys, reduced)), rollout_s=rollout_s, update_s=time.time() - t0)
+        if args.algo == "grpo":
+            del log["value_loss"]
+
+        # --- logging, stopping rules, evaluation, checkpoints
+        if not stop and not math.isfinite(log["loss"]):
+            stop = f"loss is not finite at step {step + 1}"
+        collapsed = log["entropy"] < args.collapse_entropy and 1 - log["format_violation"] < args.collapse_format
+        collapse_streak = collapse_streak + 1 if collapsed else 0
+        if not stop and args.collapse_patience and collapse_streak >= args.collapse_patience:
+            stop = (f"collapse: entropy {log['entropy']:.4f} < {args.collapse_entropy} and format-ok rate "
+                    f"{1 - log['format_violation']:.2f} < {args.collapse_format} for {collapse_streak} steps "
+                    f"(lower --lr, raise --entropy-coef or --kl-coef; --collapse-patience 0 disables this stop)")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            if master:
+                from evaluate import evaluate  # lazy: evaluation is optional
+                dev = read_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
+                summary = evaluate(policy, tokenizer, dev, real_tools, "agent", template=template, progress=False,
+                                   max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
+                                   max_context=args.max_context)[0]  # greedy, real tools
+                log.update(dev_em=summary["overall"]["em"], dev_f1=summary["overall"]["f1"],
+                           dev_actions=summary["overall"].get("num_actions"))
+            if ddp:
+                dist.barrier()
+        if master:
+            print(f"step {step + 1}/{total_steps} {env_name} | reward {log['reward']:.3f} | em {log['em']:.3f} | "
+                  f"fmt_bad {log['format_violation']:.2f} | act {log['actions']:.2f} | real {log['real_calls']}/"
+                  f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | kl {log['kl']:.4f} | "
+                  f"ent {log['entropy']:.3f}"
+                  f" | clip {log['clipfrac']:.3f} | akl {log['approx_kl']:.4f}"
+                  + (f" | vloss {log['value_loss']:.4f} | ev {log['explained_variance']:.3f}"
+                     if args.algo == "ppo" else "")
+                  + f" | roll {rollout_s:.1f}s upd {log['update_s']:.1f}s | {log['tokens_per_s']:.0f} tok/s"
+                  + (f" | dev_em {log['dev_em']:.3f}" if "dev_em" in log else ""), flush=True)
+            metrics_file.write(json.dumps(log) + "\n")
+            metrics_file.flush()
+        if stop:
+            if master:
+                last = f"the last good checkpoint is {resume_dir}" if os.path.exists(resume_dir) else "nothing saved"
+                print(f"stopping: {stop}; {last}", flush=True)
+            break
+        if master and args.save_every and (step + 1) % args.save_every == 0:
+            save_resume(policy, tokenizer, args.out, vars(args), {
+                "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "totals": totals, "collapse_streak": collapse_streak})
+
+    # -----------------------------------------------------------------------------
+    # Final checkpoint (not after a stop: the last good one is OUT/resume)
+
+    if master and not stop:
+        save_resume(policy, tokenizer, args.out, vars(args), {
+            "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "totals": totals, "collapse_streak": collapse_streak})
+        # model.save replaces its whole dir: build the final one beside OUT, move the logs in, swap it in
+        tmp = args.out.rstrip("/") + ".final.tmp"
+        save(policy, tokenizer, tmp, vars(args))
+        metrics_file.close()
+        for name in ("metrics.jsonl", "resume"):
+            os.replace(os.path.join(args.out, name), os.path.join(tmp, name))
+        replace_dir(tmp, args.out)
+        print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    if stop:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
