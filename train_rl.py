@@ -44,7 +44,8 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
 The defaults are the paper's (48 prompts x 5 samples, lr 7e-7, temperature 0.6, KL 1e-3, entropy 1e-3); the tiny CPU
 model needs a larger --lr and fewer, shorter rollouts (--prompts-per-step 8 --group-size 4 --max-new-tokens 256).
 After a crash: the same command plus --resume (weights, optimizer, step, RNG and tool-call totals from OUT/resume).
-Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/resume/ (every --save-every).
+Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/resume/ (every --save-every),
+OUT/sim_end/ (the model at the sim -> real switch, when both stages run: the RL-stage-1 row of Table 1).
 """
 import argparse
 import json
@@ -581,6 +582,9 @@ def main(argv=None):
                 last = f"the last good checkpoint is {resume_dir}" if os.path.exists(resume_dir) else "nothing saved"
                 print(f"stopping: {stop}; {last}", flush=True)
             break
+        if master and step + 1 == args.sim_steps and args.real_steps > 0:
+            # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row, from the same run
+            save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args))
         if master and args.save_every and (step + 1) % args.save_every == 0:
             save_resume(policy, tokenizer, args.out, vars(args), {
                 "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -597,8 +601,9 @@ def main(argv=None):
         tmp = args.out.rstrip("/") + ".final.tmp"
         save(policy, tokenizer, tmp, vars(args))
         metrics_file.close()
-        for name in ("metrics.jsonl", "resume"):
-            os.replace(os.path.join(args.out, name), os.path.join(tmp, name))
+        for name in ("metrics.jsonl", "resume", "sim_end"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.replace(os.path.join(args.out, name), os.path.join(tmp, name))
         replace_dir(tmp, args.out)
         print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
     if ddp:

@@ -206,6 +206,28 @@ def test_seeded_sampling_is_reproducible():
     assert [r.response_ids for r in a] != [r.response_ids for r in c]
 
 
+def test_per_row_seeds_do_not_depend_on_the_batch():
+    """seed=[one int per prompt]: each row draws from its own generator, and only when it samples, so a row's
+    trajectory is the same whether it shares the batch with all the others or with half of them (train_rl.py splits
+    prompts across processes and needs that), and the same as the one-row-at-a-time oracle's with the same seeds."""
+    lm, tok = make_model(True)
+    prompts = prompts_for(tok)
+    seeds = [11, 12, 13, 14]
+    kw = dict(max_new_tokens=120, max_context=400, answer_tokens=8, temperature=1.0, top_p=0.95)
+    whole = M.rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)
+    halves = M.rollout(lm, tok, prompts[:2], fake_tools(), seed=seeds[:2], **kw) + \
+        M.rollout(lm, tok, prompts[2:], fake_tools(), seed=seeds[2:], **kw)
+    for a, b in zip(whole, halves):
+        same(a, b)
+    for a, b in zip(whole, M.naive_rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)):
+        same(a, b)
+    assert any(sum(r.num_actions.values()) >= 1 for r in whole), "the scripted actions should survive sampling"
+    assert len({tuple(r.response_ids[:20]) for r in M.rollout(lm, tok, [prompts[0]] * 3, fake_tools(),
+                                                                 seed=[1, 2, 3], **kw)}) > 1, "seeds must matter"
+    with pytest.raises(ValueError, match="one per prompt"):
+        M.rollout(lm, tok, prompts, fake_tools(), seed=[1, 2], **kw)
+
+
 # -----------------------------------------------------------------------------
 # load / save / prompt / mask rule
 

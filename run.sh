@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
+#
+#   bash run.sh                      # --preset tiny: CPU, a few-million-parameter Llama, < 30 minutes on 2 cores
+#   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world (hours on CPU; see README)
+#   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
+#   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
+#
+# Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
+# (train_sft.py) -> world model (world_model.py) -> RL: real-only from SFT-1&2, simulated from SFT-1&2&3, then
+# simulated -> real (train_rl.py) -> evaluate every row on the test split (evaluate.py) -> the table.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=tiny; FRESH=0; RUN=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET="$2"; shift 2 ;;
+    --fresh) FRESH=1; shift ;;
+    --run) RUN="$2"; shift 2 ;;
+    *) echo "run.sh: unknown argument '$1' (use --preset tiny|smollm2, --fresh, --run NAME)" >&2; exit 2 ;;
+  esac
+done
+OUT="out/${RUN:-$PRESET}"
+
+# --- environment (the same one test.sh makes) ---------------------------------------------------------------------
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -c "import torch, transformers, tokenizers, numpy, tqdm" 2>/dev/null \
+  || .venv/bin/pip install -q -r requirements.txt
+PY=.venv/bin/python
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+# --- presets: every number of the run is here ------------------------------------------------------------------------
+SEED=0
+case "$PRESET" in
+  tiny)
+    INIT=tiny
+    BASE="--epochs 3 --lr 2e-3"
+    SFT1="--epochs 1"
+    SFT2="--epochs 2"
+    SFT3="--epochs 1"
+    RL="--prompts-per-step 8 --group-size 4 --lr 2e-5 --max-new-tokens 384 --ppo-epochs 2 --minibatches 2"
+    RL_STEPS=24; RL_SIM_STEPS=20          # sim->real: the paper's 5/6 simulated, 1/6 real
+    WM="--epochs 3"
+    EVAL="--limit 20 --batch-size 32 --max-new-tokens 384"
+    ;;
+  smollm2)
+    INIT=smollm2
+    BASE=""  # a pretrained model: no base stage (see below)
+    SFT1="--epochs 1 --lr 5e-6 --batch-size 16 --micro-batch 4"
+    SFT2="--epochs 2 --lr 5e-5 --batch-size 32 --micro-batch 4"
+    SFT3="--epochs 1 --lr 5e-5 --batch-size 32 --micro-batch 4"
+    RL="--prompts-per-step 8 --group-size 4 --lr 1e-6 --max-new-tokens 384"
+    RL_STEPS=24; RL_SIM_STEPS=20
+    WM="--epochs 2"
+    EVAL="--limit 20 --batch-size 16 --max-new-tokens 384"
+    ;;
+  *) echo "run.sh: unknown preset '$PRESET' (tiny or smollm2)" >&2; exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+[ "$FRESH" = 1 ] && rm -rf "${OUT:?}"/*
+TIMES="$OUT/times.tsv"; : > "$TIMES.new"
+T0=$SECONDS
+
+# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; one line per stage, time recorded.
+stage() {
+  local name="$1" target="$2"; shift 2
+  if [ -e "$target" ]; then
+    echo "== $name: $target exists, skipped"; printf '%s\t0\tskipped\n' "$name" >> "$TIMES.new"; return
+  fi
+  echo "== $name: $*"
+  local t=$SECONDS
+  "$@"
+  printf '%s\t%s\n' "$name" "$((SECONDS - t))" >> "$TIMES.new"
+  echo "== $name: done in $((SECONDS - t)) s"
+}
+
+W="$OUT/world"
+stage world "$W/summary.json" $PY data.py --out "$W" --seed $SEED
+
+# --- SFT (paper 3.2): base "reasoning model" -> stage 1 (when to act) -> 2 (how to act) -> 3 (world model) ----------
+if [ "$PRESET" = tiny ]; then
+  stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" --seed $SEED $BASE
+  BASE_CKPT="$OUT/base"
+else
+  BASE_CKPT="$INIT"   # the pretrained model is the starting "reasoning model"
+fi
+stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1
+stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2
+stage sft-12    "$OUT/sft12/config.json"  $PY train_sft.py --stage 2 --init "$OUT/sft1"   --data "$W" --out "$OUT/sft12"  --seed $SEED $SFT2
+stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
+
+# --- the separate world model (SPEC 6): trained on the teacher's logged real calls --------------------------------
+stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --out "$OUT/wm_calls.jsonl" --seed $SEED
+stage wm-train   "$OUT/wm/config.json" $PY world_model.py train --calls "$OUT/wm_calls.jsonl" --init "$INIT" \
+  --tokenizer "$W/tokenizer" --out "$OUT/wm" --seed $SEED $WM
+
+# --- RL (paper 3.3): all-real from SFT-1&2 (the paper's "SFT-1&2 + RL-stage 2"); from SFT-1&2&3 the paper's
+# schedule, simulated then real, in ONE run (same optimizer, same KL reference), whose model at the switch
+# (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row. Stage targets are config.json: it appears with the final
+# checkpoint only, so a crashed run is redone rather than skipped.
+stage rl-real "$OUT/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
+  --out "$OUT/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $SEED $RL
+stage rl-sim-real "$OUT/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
+  --out "$OUT/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $SEED $RL
+
+# --- evaluation: every row of Table 1 on the test split ------------------------------------------------------------
+evaluate_row() {  # evaluate_row LABEL CKPT MODE
+  stage "eval-$1" "$OUT/eval/$1/results.json" $PY evaluate.py --model "$2" --mode "$3" --label "$1" \
+    --questions "$W/test.jsonl" --corpus "$W/corpus.jsonl" --template short --out "$OUT/eval/$1" --seed $SEED $EVAL
+}
+evaluate_row model-only        "$BASE_CKPT"        no-action
+evaluate_row workflow          "$BASE_CKPT"        workflow
+evaluate_row sft-1             "$OUT/sft1"         agent
+evaluate_row sft-2             "$OUT/sft2"         agent
+evaluate_row sft-12            "$OUT/sft12"        agent
+evaluate_row sft-123           "$OUT/sft123"       agent
+evaluate_row sft-12+rl-real    "$OUT/rl_real"      agent
+evaluate_row sft-123+rl-sim    "$OUT/rl_sim_real/sim_end" agent
+evaluate_row sft-123+rl-sim-real "$OUT/rl_sim_real" agent
+
+mv "$TIMES.new" "$TIMES"
+$PY evaluate.py table --run "$OUT" --wall-seconds $((SECONDS - T0))
