@@ -28,10 +28,10 @@ Departures from the paper / the authors' verl code, and why:
   - Updates run with dropout off (model.eval()), so the first minibatch of the first epoch has ratio exactly 1.
   - --world-model CKPT: the simulated steps use the separate world model of world_model.py as the search tool
     (env "world-model") instead of the policy's own simulation; its calls are counted as simulated, not real.
-  - Minibatches are whole prompt groups in a fixed order, so they do not depend on the number of ranks. Rollouts are
-    seeded per engine call by (seed, step, first prompt index); with --rollout-batch 1 (one prompt group per call)
-    the samples do not depend on it either, and N processes == 1 process (tested). The default batches all of a
-    rank's prompts into one engine call: faster, but then the samples change with the number of ranks.
+  - Minibatches are whole prompt groups in a fixed order, and every trajectory samples from its own generator seeded
+    by (seed, step, prompt index, sample index) (model.rollout's per-row seeds): neither the samples nor the
+    minibatches depend on the number of ranks or on which rows share an engine call, so N processes == 1 process
+    (tested) while each rank still generates all of its prompts in one batched engine call.
 
 Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py stages base -> 1 -> 2 -> 3):
   python train_rl.py --init out/sft123 --data out/world --out out/rl --algo grpo --sim-steps 80 --real-steps 16
@@ -267,9 +267,6 @@ def main(argv=None):
     # Rollout
     parser.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
     parser.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
-    parser.add_argument("--rollout-batch", type=int, default=0,
-                        help="prompt groups per engine call (0: all of a rank's prompts, fastest; 1: the samples do "
-                             "not depend on the number of ranks, N processes == 1 process)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (paper: 0.6)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
@@ -418,37 +415,35 @@ def main(argv=None):
         else:                                # the policy writes its own observations (internal world model)
             env_name, engine_env, step_tools = "sim", "sim", real_tools
 
-        # --- rollouts: prompt j of the step goes to rank j % world; engine calls of --rollout-batch prompt groups,
-        # each seeded by (seed, step, its first prompt index)
+        # --- rollouts: prompt j of the step goes to rank j % world; all of a rank's trajectories in one engine call,
+        # trajectory k of prompt j seeded by (seed, step, j, k)
         t0 = time.time()
         policy.eval()
         seqs, sums = [], torch.zeros(8, dtype=torch.float64)
         misses_before = real_tools.real_calls
-        mine = list(range(rank, args.prompts_per_step, world))
-        per_call = args.rollout_batch or len(mine)
-        for c in range(0, len(mine), per_call):
-            js = mine[c:c + per_call]
-            qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
-            texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
-            prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
-                       for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
-            with torch.no_grad(), amp():
-                rolls = rollout(policy, tokenizer, prompts, step_tools, env=engine_env,
-                                max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
-                                max_context=args.max_context, temperature=args.temperature, top_p=args.top_p,
-                                seed=(args.seed * 1_000_003 + step) * 1_000_003 + js[0],
-                                train_sim_obs=args.train_sim_obs, sim_obs_tokens=args.sim_obs_tokens)
-            for i, r in enumerate(rolls):
-                q = qs[i // args.group_size]
-                R = reward(r.text, q["golden_answers"], args.reward, args.format_penalty)
-                # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-                real = 0 if env_name == "world-model" else r.real_calls
-                sim = r.sim_obs + (r.real_calls if env_name == "world-model" else 0)
-                seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids),
-                             "mask": [0] * len(r.prompt_ids) + list(r.loss_mask), "reward": R})
-                sums += torch.tensor([1, R, exact_match(extract_answer(r.text), q["golden_answers"]),
-                                      1 - format_ok(r.text)[0], sum(r.num_actions.values()), real, sim,
-                                      len(r.response_ids)], dtype=torch.float64)
+        js = list(range(rank, args.prompts_per_step, world))
+        qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
+        texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
+        prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
+                   for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
+        seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k
+                 for j in js for k in range(args.group_size)]
+        with torch.no_grad(), amp():
+            rolls = rollout(policy, tokenizer, prompts, step_tools, env=engine_env,
+                            max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
+                            max_context=args.max_context, temperature=args.temperature, top_p=args.top_p,
+                            seed=seeds, train_sim_obs=args.train_sim_obs, sim_obs_tokens=args.sim_obs_tokens)
+        for i, r in enumerate(rolls):
+            q = qs[i // args.group_size]
+            R = reward(r.text, q["golden_answers"], args.reward, args.format_penalty)
+            # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
+            real = 0 if env_name == "world-model" else r.real_calls
+            sim = r.sim_obs + (r.real_calls if env_name == "world-model" else 0)
+            seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids),
+                         "mask": [0] * len(r.prompt_ids) + list(r.loss_mask), "reward": R})
+            sums += torch.tensor([1, R, exact_match(extract_answer(r.text), q["golden_answers"]),
+                                  1 - format_ok(r.text)[0], sum(r.num_actions.values()), real, sim,
+                                  len(r.response_ids)], dtype=torch.float64)
         tool_misses = torch.tensor([float(real_tools.real_calls - misses_before)])  # arguments that reached the tool
         sums, tool_misses = all_sum(sums), all_sum(tool_misses)
         rollout_s = time.time() - t0

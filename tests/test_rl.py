@@ -248,7 +248,7 @@ def test_two_processes_equal_one_process(world, tmp_path):
     """torchrun with 2 CPU ranks (gloo) == 1 process: same samples (rollouts seeded per prompt), same minibatches (whole
     prompt groups), the loss normalised by the GLOBAL masked-token count. PPO, so the whitening is global too."""
     pytest.importorskip("torch.distributed")
-    extra = ("--algo", "ppo", "--sim-steps", "0", "--real-steps", "1", "--rollout-batch", "1")
+    extra = ("--algo", "ppo", "--sim-steps", "0", "--real-steps", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           os.path.join(ROOT, "train_rl.py"), *run_args(world, tmp_path / "two", *extra)],
