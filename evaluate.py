@@ -1,0 +1,616 @@
+"""
+Evaluate a model on open-domain QA the way the paper's Table 1 and Figure 3 do: EM (and F1, cover-EM, an optional
+LLM judge) per dataset and averaged, actions per question, real tool calls, and success rate by number of actions.
+
+The answer metrics (normalize_answer, exact_match, f1, cover_em, extract_answer, format_ok) live here and are imported
+by train_rl.py, so the RL reward and the evaluation score the same thing.
+
+Modes (one engine, model.rollout, for all of them):
+  agent      the model acts inside its chain of thought; actions run against the real tools (the agent model rows).
+  no-action  "model only": actions are not executed (the engine answers "Tools are disabled"), the model must answer.
+  react      the agentic-workflow baseline for instruction models: ReAct prompting with 2 in-context examples written
+             in the AutoCoA tag format, then the same engine with real tools.
+  workflow   a fixed workflow for models that cannot follow instructions: retrieve top-k with the question itself,
+             put the documents in the prompt, let the model answer (its actions, if any, are not executed).
+  agent-sim  the model acts and writes every observation itself (RL stage 1's simulated environment, the internal
+             world model): compare with agent to see what the simulation costs in EM, with zero real calls.
+
+Departures from the paper / the authors' scripts, and why:
+  - The paper judges with Qwen2.5-14B-Instruct and does not print its judge prompt; --judge takes any local HF causal LM
+    and asks a short yes/no question (JUDGE_PROMPT below), majority of --judge-votes samples.
+  - The format check looks at the RESPONSE only (the original checked prompt+response, so it could never fail).
+  - Normalisation is SQuAD's (lowercase, drop punctuation and a/an/the, collapse spaces) plus NFKC and Unicode
+    punctuation, so "Pandora’s" == "Pandora's" and full-width digits match ASCII. Punctuation is deleted, not
+    replaced by a space, exactly as SQuAD does: "1,000" == "1000" (and, the price of it, "1.5" == "15").
+    Accents are kept by default (SQuAD / FlashRAG behaviour); --strip-accents makes "Pinata" == "Piñata".
+  - An empty (normalised) prediction scores 0 everywhere and a gold alias that normalises to "" is ignored: otherwise
+    "\\boxed{the}" would exactly match a gold "The".
+  - cover-EM asks for the normalised gold as a whole-word substring of the normalised prediction, so gold "no" is not
+    "covered" by "unknown". "mention" is the same test on the whole response (thinking and observations included): a
+    loose diagnostic for models that never write \boxed{} (no-action baselines), not an accuracy.
+  - --limit takes the first N questions of each dataset (file order), so runs with the same --limit are comparable.
+    Ids need only be unique per dataset (the authors' test file reuses them); an exact duplicate line is counted once.
+  - react and workflow prompts carry their own instruction (they are not nested in --template); in react mode the
+    response is scored up to the first "\nQuestion:" after </think>, where a few-shot model starts inventing the next
+    example (predictions.jsonl keeps the full text).
+
+Usage:
+  python evaluate.py --model CKPT --questions data/test.jsonl --corpus data/corpus.jsonl --mode agent --out runs/eval
+  python evaluate.py --model smollm2 --questions ../shared/data/autocoa_test.jsonl --mode no-action \\
+      --template autocoa --limit 5 --out runs/smollm2_noaction
+  python evaluate.py --model Qwen/Qwen2.5-7B-Instruct --questions Q.jsonl --url http://127.0.0.1:8080 --api flashrag \\
+      --mode react --judge Qwen/Qwen2.5-14B-Instruct --judge-votes 3 --out runs/react --device cuda
+Evaluation is inference only and single-process; for several GPUs run one evaluate.py per checkpoint
+(CUDA_VISIBLE_DEVICES=i python evaluate.py ...), no torchrun needed.
+In-process (run.sh / train_rl.py):  summary, predictions = evaluate(model, tokenizer, questions, tools, "agent")
+"""
+import json
+import os
+import re
+import string
+import sys
+import tempfile
+import unicodedata
+from collections import Counter, defaultdict
+
+from tools import THINK_CLOSE, THINK_OPEN
+
+# -----------------------------------------------------------------------------
+# Answer metrics (SPEC 5 and 8). Pure functions of strings: train_rl.py imports these.
+
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(s, strip_accents=False):
+    """SQuAD normalisation: lowercase, drop punctuation, drop articles a/an/the, collapse whitespace (+ NFKC)."""
+    s = unicodedata.normalize("NFKC", s).lower()
+    if strip_accents:
+        s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+    # ASCII punctuation (SQuAD) plus every Unicode punctuation character (curly quotes, dashes, CJK marks).
+    s = "".join(c for c in s if c not in _PUNCT and not unicodedata.category(c).startswith("P"))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _golds(golds, strip_accents):
+    """Normalised gold aliases; one that normalises to "" (e.g. "The") can never be matched."""
+    golds = [golds] if isinstance(golds, str) else list(golds)
+    return [g for g in (normalize_answer(g, strip_accents) for g in golds) if g]
+
+
+def exact_match(pred, golds, strip_accents=False):
+    """1.0 if the normalised prediction equals any normalised gold alias, else 0.0 (None / empty pred -> 0.0)."""
+    p = normalize_answer(pred, strip_accents) if pred else ""
+    return float(bool(p) and p in _golds(golds, strip_accents))
+
+
+def f1(pred, golds, strip_accents=False):
+    """SQuAD token F1, max over gold aliases. Like HotpotQA's scorer, yes/no/noanswer must match exactly."""
+    p = normalize_answer(pred, strip_accents) if pred else ""
+    best = 0.0
+    for g in _golds(golds, strip_accents):
+        if not p or (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")) and p != g:
+            continue
+        common = Counter(p.split()) & Counter(g.split())
+        same = sum(common.values())
+        if same:
+            precision, recall = same / len(p.split()), same / len(g.split())
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def cover_em(pred, golds, strip_accents=False):
+    """1.0 if some normalised gold occurs in the normalised prediction as whole words, else 0.0."""
+    p = normalize_answer(pred, strip_accents) if pred else ""
+    return float(bool(p) and any(f" {g} " in f" {p} " for g in _golds(golds, strip_accents)))
+
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_TEXT_WRAP = re.compile(r"^\\(?:text|textbf|textit|mathrm|mbox)\s*\{(.*)\}$", re.S)
+
+
+def _last_boxed(text):
+    """Content of the last complete \\boxed{...} in text (nested braces matched), or None."""
+    found = None
+    for m in _BOXED.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:  # a truncated "\boxed{abc" (ran out of tokens) is not an answer
+            found = text[m.end():i - 1].strip()
+    if found is not None:
+        found = _TEXT_WRAP.sub(r"\1", found).strip()  # \boxed{\text{Paris}} -> Paris
+    return found
+
+
+def extract_answer(text, require_think_close=True):
+    """The answer: the last \\boxed{...} after </think> (None when there is none).
+    A response without </think> breaks the format: it yields None unless require_think_close=False, in which case the
+    last \\boxed{...} anywhere counts (lenient scoring for models that never close their thought; RL stays strict)."""
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if not sep:
+        return None if require_think_close else _last_boxed(text)
+    return _last_boxed(tail)
+
+
+_ACTION_TAG = re.compile(r"<begin_\w+>|</end_\w+>|<\w+_result>|</\w+_result>")
+
+
+def format_ok(response_text):
+    """(ok, reason) for the RESPONSE only: needs </think>, no action/observation tag after it, a \\boxed{} after it."""
+    head, sep, tail = response_text.partition(THINK_CLOSE)
+    if not sep:
+        return False, "no </think>"
+    if _ACTION_TAG.search(tail):
+        return False, "action after </think>"
+    if _last_boxed(tail) is None:
+        return False, "no \\boxed{} after </think>"
+    return True, "ok"
+
+
+# -----------------------------------------------------------------------------
+# Questions
+
+def load_questions(path, limit=None):
+    """Shared question JSONL -> list of dicts. Bad lines raise ValueError naming file, line and field.
+    limit keeps the first `limit` questions of each group: "dataset" when present, else "type", else all."""
+    questions, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(q, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(q).__name__}")
+            for field in ("id", "question", "golden_answers"):
+                if field not in q:
+                    raise ValueError(f"{where}: missing field '{field}'")
+            if not isinstance(q["question"], str) or not q["question"].strip():
+                raise ValueError(f"{where}: field 'question' must be a non-empty string")
+            golds = q["golden_answers"]
+            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+                raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of strings")
+            q["id"] = str(q["id"])
+            key = (q.get("dataset"), q["id"])  # ids repeat across datasets in the authors' test file ("dev_265")
+            if key in seen:
+                first, first_line = seen[key]
+                if first != q:
+                    raise ValueError(f"{where}: field 'id' {q['id']!r} repeats line {first_line} with other content")
+                # the authors' file has one exact duplicate (TriviaQA dev_2063, hence "501"): count it once
+                print(f"warning: {where}: exact duplicate of line {first_line}, skipped", file=sys.stderr)
+                continue
+            seen[key] = (q, lineno)
+            questions.append(q)
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    if limit is not None:
+        taken = Counter()
+        kept = []
+        for q in questions:
+            key = q.get("dataset", q.get("type"))
+            if taken[key] < limit:
+                taken[key] += 1
+                kept.append(q)
+        questions = kept
+    return questions
+
+
+# -----------------------------------------------------------------------------
+# Prompts per mode
+
+# ReAct baseline (paper 4.2, "agent workflow"): two in-context examples in the AutoCoA tag format, so the same engine
+# executes the actions. The facts are real and the observations are short, as a real retriever would return them.
+REACT_EXAMPLES = """Answer the question. Think inside <think> </think>. When you need a fact, search for it by writing <begin_search> your query </end_search>; the results will appear inside <search_result> </search_result>. You may search several times. After </think>, give the final answer as \\boxed{ANSWER}.
+
+Question: What is the capital of Australia?
+<think> I should check the capital of Australia. <begin_search> capital of Australia </end_search>
+<search_result>
+result 1: "Canberra"
+Canberra is the capital city of Australia. Founded following the federation of the colonies of Australia as the seat of government for the new nation, it is the country's largest inland city.
+</search_result>
+The capital of Australia is Canberra. </think>
+The answer is \\boxed{Canberra}
+
+Question: Who wrote the novel that the film Blade Runner is based on?
+<think> First I need the novel that Blade Runner is based on. <begin_search> Blade Runner film based on novel </end_search>
+<search_result>
+result 1: "Blade Runner"
+Blade Runner is a 1982 science fiction film directed by Ridley Scott. It is an adaptation of the 1968 novel "Do Androids Dream of Electric Sheep?"
+</search_result>
+The novel is "Do Androids Dream of Electric Sheep?". Now I need its author. <begin_search> Do Androids Dream of Electric Sheep? author </end_search>
+<search_result>
+result 1: "Do Androids Dream of Electric Sheep?"
+Do Androids Dream of Electric Sheep? is a dystopian science fiction novel by the American writer Philip K. Dick, first published in 1968.
+</search_result>
+The author is Philip K. Dick. </think>
+The answer is \\boxed{Philip K. Dick}
+
+Question: {question}"""
+
+WORKFLOW_PROMPT = """Answer the question using the documents below. Give the final answer as \\boxed{{ANSWER}}.
+
+Documents:
+{documents}
+
+Question: {question}"""
+
+
+def user_turn(tokenizer, text):
+    """model.build_prompt's wrapping (chat template when there is one, then <think>) for a prompt that brings its own
+    instruction: the react and workflow prompts are not nested inside the --template instruction."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text + THINK_OPEN
+
+
+def make_prompts(tokenizer, questions, mode, tools, template, build_prompt):
+    """Prompt text per question. workflow retrieves top-k with the question itself (one batched registry call)."""
+    if mode == "react":
+        return [user_turn(tokenizer, REACT_EXAMPLES.replace("{question}", q["question"])) for q in questions]
+    if mode == "workflow":
+        docs = tools([("search", q["question"]) for q in questions])
+        return [user_turn(tokenizer, WORKFLOW_PROMPT.format(documents=d, question=q["question"]))
+                for d, q in zip(docs, questions)]
+    return [build_prompt(tokenizer, q["question"], template=template) for q in questions]
+
+
+# -----------------------------------------------------------------------------
+# LLM judge (paper 4.1: "LLM-based accuracy"; the paper does not print its judge prompt, this is a short one)
+
+JUDGE_PROMPT = """You are grading an answer to a question. Decide whether the predicted answer means the same as one of the gold answers (different wording, spelling or detail level is fine; a different entity or number is not).
+
+Question: {question}
+Gold answers: {golds}
+Predicted answer: {prediction}
+
+Is the predicted answer correct? Reply with one word: yes or no."""
+
+
+def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, seed=0):
+    """items: (question, golds, prediction) -> list of 0/1, majority of `votes` (greedy when votes == 1).
+    A missing prediction is 0 without asking."""
+    from model import rollout
+    asks = [i for i, (_, _, p) in enumerate(items) if p]
+    texts = []
+    for i in asks:
+        question, golds, prediction = items[i]
+        content = JUDGE_PROMPT.format(question=question, golds=" | ".join(golds), prediction=prediction)
+        if getattr(judge_tokenizer, "chat_template", None):
+            content = judge_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                          add_generation_prompt=True)
+        else:
+            content += "\nAnswer:"
+        texts.append(content)
+    ids = [judge_tokenizer(t, add_special_tokens=False).input_ids for t in texts for _ in range(votes)]
+    said_yes = []
+    for start in range(0, len(ids), batch_size):
+        # 64 tokens: room for "yes"/"no" before the engine's forced-answer reserve (answer_tokens + tags) kicks in
+        outs = rollout(judge_model, judge_tokenizer, ids[start:start + batch_size], None, env="none",
+                       max_new_tokens=64, answer_tokens=8, greedy=votes == 1, temperature=0.7, seed=seed + start)
+        for o in outs:  # the verdict is the first word after any thinking, tags and punctuation removed
+            reply = re.sub(r"<[^>]*>", " ", o.text.split(THINK_CLOSE)[-1]).lower()
+            said_yes.append(re.sub(r"[^a-z]", " ", reply).split()[:1] == ["yes"])
+    verdict = [0] * len(items)
+    for k, i in enumerate(asks):
+        verdict[i] = int(sum(said_yes[k * votes:(k + 1) * votes]) * 2 > votes)
+    return verdict
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: one engine call per batch, then scoring and summaries
+
+MODES = ("agent", "no-action", "workflow", "react", "agent-sim")
+ENV_OF_MODE = {"agent": "real", "react": "real", "no-action": "none", "workflow": "none", "agent-sim": "sim"}
+NEEDS_TOOLS = ("agent", "react", "workflow")
+ACTION_BUCKETS = ("0", "1", "2", "3", "4", "5+")
+
+
+def tool_counters(tools):
+    if tools is None:
+        return {"requests": 0, "real_calls": 0, "cache_hits": 0}
+    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "cache_hits": tools.cache_hits}
+
+
+def action_bucket(n):
+    return str(n) if n < 5 else "5+"
+
+
+def _metrics(records, with_judge):
+    """Mean metrics over prediction records (each already averaged over its samples)."""
+    n = len(records)
+    keys = ["em", "f1", "cover_em", "mention", "format_ok", "answered", "num_actions"]
+    keys += ["judge"] if with_judge else []
+    return {"n": n, **{k: sum(r[k] for r in records) / max(n, 1) for k in keys}}
+
+
+def summarize(predictions, with_judge=False):
+    """Numbers for results.json from prediction records: overall, per dataset, per type, macro average (the paper's
+    Avg = mean over datasets), success by number of actions (Figure 3, counted per sample), stop reasons."""
+    summary = {"overall": _metrics(predictions, with_judge)}
+    for field in ("dataset", "type"):
+        groups = defaultdict(list)
+        for r in predictions:
+            if field in r:
+                groups[str(r[field])].append(r)
+        if groups:
+            summary[f"by_{field}"] = {g: _metrics(rs, with_judge) for g, rs in groups.items()}
+    per_group = summary.get("by_dataset") or summary.get("by_type") or {"all": summary["overall"]}
+    summary["average"] = {k: sum(m[k] for m in per_group.values()) / len(per_group)
+                          for k in summary["overall"] if k != "n"}
+    by_actions = {b: {"n": 0, "correct": 0} for b in ACTION_BUCKETS}
+    stops, formats = Counter(), Counter()
+    for r in predictions:
+        for s in r.get("samples", [r]):
+            formats[s["format"]] += 1
+            by_actions[action_bucket(s["num_actions"])]["n"] += 1
+            by_actions[action_bucket(s["num_actions"])]["correct"] += s["em"]
+            stops[s["stop_reason"]] += 1
+    for b in by_actions.values():
+        b["success_rate"] = b["correct"] / b["n"] if b["n"] else None
+    summary["by_actions"] = by_actions
+    summary["stop_reasons"], summary["format_checks"] = dict(stops), dict(formats)
+    return summary
+
+
+def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_samples=1, temperature=0.0,
+             top_p=1.0, batch_size=8, max_new_tokens=512, max_actions=10, max_context=2048, answer_tokens=32, seed=0,
+             strip_accents=False, lenient_think=False, judge=None, judge_votes=1, progress=True):
+    """Run `questions` through the engine in `mode` and score them -> (summary dict, prediction records).
+
+    tools: a ToolRegistry (required for agent / react / workflow; unused by no-action and agent-sim).
+    temperature 0 = greedy; with n_samples > 1 every metric is the mean over the samples (the paper's averaged EM).
+    judge: (model, tokenizer) of an LLM judge or None.
+    lenient_think: score a \\boxed{} even when </think> is missing (never the default)."""
+    from model import build_prompt, rollout  # lazy: the metrics above must import without torch (train_rl, data)
+    from tqdm import tqdm
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode in NEEDS_TOOLS and tools is None:
+        raise ValueError(f"mode {mode!r} needs tools (a corpus or a retrieval URL)")
+    if n_samples > 1 and temperature <= 0:
+        raise ValueError("n_samples > 1 needs temperature > 0 (greedy samples would all be the same)")
+    env = ENV_OF_MODE[mode]
+    before = tool_counters(tools)
+
+    prompts = make_prompts(tokenizer, questions, mode, tools, template, build_prompt)
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    jobs = [(qi, si) for qi in range(len(questions)) for si in range(n_samples)]
+    outs = {}
+    batches = range(0, len(jobs), batch_size)
+    for start in tqdm(batches, desc=f"eval {mode}", unit="batch", disable=not progress):
+        chunk = jobs[start:start + batch_size]
+        rolls = rollout(model, tokenizer, [prompt_ids[qi] for qi, _ in chunk], tools if env == "real" else None,
+                        env=env, max_new_tokens=max_new_tokens, max_actions=max_actions, max_context=max_context,
+                        answer_tokens=answer_tokens,
+                        temperature=temperature or 1.0, top_p=top_p, greedy=temperature <= 0, seed=seed + start)
+        outs.update(zip(chunk, rolls))
+
+    predictions = []
+    for qi, q in enumerate(questions):
+        samples = []
+        for si in range(n_samples):
+            r, golds = outs[(qi, si)], q["golden_answers"]
+            answer_text = r.text
+            if mode == "react":  # a few-shot model often goes on to invent the next "Question:"; score up to it
+                head, sep, tail = answer_text.partition(THINK_CLOSE)
+                answer_text = head + sep + tail.split("\nQuestion:")[0]
+            pred = extract_answer(answer_text, require_think_close=not lenient_think)
+            ok, reason = format_ok(answer_text)
+            samples.append({"text": r.text, "prediction": pred, "em": exact_match(pred, golds, strip_accents),
+                            "f1": f1(pred, golds, strip_accents), "cover_em": cover_em(pred, golds, strip_accents),
+                            # LaTeX commands become spaces first: "\boxed{Paris}" would normalise to "boxedparis"
+                            "mention": cover_em(re.sub(r"\\[a-zA-Z]+", " ", answer_text), golds, strip_accents),
+                            "format_ok": float(ok), "format": reason, "answered": float(pred is not None),
+                            "num_actions": sum(r.num_actions.values()), "actions": dict(r.num_actions),
+                            "real_calls": r.real_calls, "sim_obs": r.sim_obs, "stop_reason": r.stop_reason})
+        record = {"id": q["id"], **{k: q[k] for k in ("dataset", "type", "hops", "known") if k in q},
+                  "question": q["question"], "golden_answers": q["golden_answers"], "prompt": prompts[qi],
+                  "trajectory": samples[0]["text"], "prediction": samples[0]["prediction"],
+                  "stop_reason": samples[0]["stop_reason"], "format": samples[0]["format"],
+                  "actions": samples[0]["actions"]}
+        for k in ("em", "f1", "cover_em", "mention", "format_ok", "answered", "num_actions", "real_calls"):
+            record[k] = samples[0][k] if n_samples == 1 else sum(s[k] for s in samples) / n_samples
+        if n_samples > 1:
+            record["samples"] = samples
+        predictions.append((record, samples))
+
+    if judge is not None:
+        items = [(q["question"], q["golden_answers"], s["prediction"]) for q, (_, ss) in zip(questions, predictions)
+                 for s in ss]
+        verdicts = iter(judge_answers(*judge, items, votes=judge_votes, batch_size=batch_size, seed=seed))
+        for record, samples in predictions:
+            for s in samples:
+                s["judge"] = next(verdicts)
+            record["judge"] = sum(s["judge"] for s in samples) / n_samples
+
+    records = [r for r, _ in predictions]
+    summary = summarize(records, with_judge=judge is not None)
+    # registry deltas (the workflow's retrieval included) and the engine's own count of executed actions
+    calls = {k: v - before[k] for k, v in tool_counters(tools).items()}
+    summary["tool_calls"] = {**calls, "real_calls_per_question": calls["real_calls"] / len(questions),
+                             "engine_real_calls": sum(s["real_calls"] for _, ss in predictions for s in ss),
+                             "simulated_observations": sum(s["sim_obs"] for _, ss in predictions for s in ss)}
+    summary.update(mode=mode, n_questions=len(questions), n_samples=n_samples)
+    return summary, records
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(rows, metric="em"):
+    """Table-1-like markdown: one row per run, one column per dataset (or type) and Avg.
+    rows: list of (label, summary). Cells are `metric` x 100, with "/ judge" appended when the run has a judge."""
+    groups = []
+    for _, s in rows:
+        for g in s.get("by_dataset") or s.get("by_type") or {}:
+            if g not in groups:
+                groups.append(g)
+
+    def cell(m):
+        if m is None:
+            return "-"
+        return _pct(m[metric]) + (f" / {_pct(m['judge'])}" if "judge" in m else "")
+
+    head = ["run"] + groups + ["Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in rows:
+        per = s.get("by_dataset") or s.get("by_type") or {}
+        lines.append("| " + " | ".join([label] + [cell(per.get(g)) for g in groups] + [cell(s["average"])]) + " |")
+    return "\n".join(lines)
+
+
+def format_results_md(summary, label):
+    """results.md: the Table-1 row, the full metric table per group, success by #actions (Figure 3), tool calls."""
+    judge = "judge" in summary["overall"]
+    cols = ["em", "f1", "cover_em"] + (["judge"] if judge else []) + ["format_ok", "answered", "mention"]
+    out = [f"# {label}: {summary['mode']}, {summary['n_questions']} questions x {summary['n_samples']} samples", "",
+           f"EM{' / LLM judge' if judge else ''} (%), Avg = mean over groups:", "",
+           format_table([(label, summary)]), "",
+           "| group | n | " + " | ".join(cols) + " | actions/question |", "|" + "---|" * (len(cols) + 3)]
+    groups = {**summary.get("by_dataset", {}), **summary.get("by_type", {}), "overall (micro)": summary["overall"],
+              "Avg (macro)": {"n": summary["n_questions"], **summary["average"]}}
+    for g, m in groups.items():
+        out.append(f"| {g} | {m['n']} | " + " | ".join(_pct(m[c]) for c in cols) + f" | {m['num_actions']:.2f} |")
+    out += ["", "Success rate by number of actions (paper Figure 3, per sample):", "",
+            "| #actions | " + " | ".join(ACTION_BUCKETS) + " |", "|" + "---|" * (len(ACTION_BUCKETS) + 1),
+            "| n | " + " | ".join(str(summary["by_actions"][b]["n"]) for b in ACTION_BUCKETS) + " |",
+            "| EM (%) | " + " | ".join(_pct(summary["by_actions"][b]["success_rate"]) for b in ACTION_BUCKETS) + " |",
+            "", "Tool calls: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in summary["tool_calls"].items()),
+            "Stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["stop_reasons"].items())),
+            "Format checks: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["format_checks"].items())), ""]
+    return "\n".join(out)
+
+
+def write_atomic(path, text):
+    """Write text to path via a temp file in the same folder and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_by_actions(summary, path):
+    """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    b = summary["by_actions"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
+    ax1.set(xlabel="#actions", ylabel="correct answers", title="(a) correct by #actions")
+    ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
+    ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_outputs(out_dir, summary, predictions, label="run"):
+    """results.json, results.md, predictions.jsonl (+ by_actions.png when matplotlib is there), each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "predictions.jsonl"),
+                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    write_atomic(os.path.join(out_dir, "results.md"), format_results_md(summary, label))
+    plot_by_actions(summary, os.path.join(out_dir, "by_actions.png"))
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def get_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Evaluate on QA: EM / F1 / cover-EM / LLM judge, actions, tool calls")
+    # Model
+    p.add_argument("--model", required=True, help="checkpoint dir, 'tiny' (needs --tokenizer), 'smollm2', or HF name")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
+    p.add_argument("--template", choices=["short", "autocoa"], default="autocoa", help="instruction prompt template")
+    # Data
+    p.add_argument("--questions", required=True, help="question JSONL: {id, question, golden_answers[, dataset, type]}")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per dataset (per type without dataset)")
+    # Tools
+    p.add_argument("--corpus", default=None, help="JSONL corpus for in-process BM25 search (FlashRAG format)")
+    p.add_argument("--url", default=None, help="retrieval server URL instead of --corpus")
+    p.add_argument("--api", choices=["flashrag", "searchr1"], default="flashrag", help="request shape for --url")
+    p.add_argument("--topk", type=int, default=3, help="passages per search")
+    # Evaluation
+    p.add_argument("--mode", choices=MODES, default="agent", help="how the model meets the tools (see the docstring)")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per question; metrics are averaged over them")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=8, help="rollouts per engine call")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="generated tokens per response (actions included)")
+    p.add_argument("--max-actions", type=int, default=10, help="actions per trajectory before the limit message")
+    p.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens before a forced answer")
+    p.add_argument("--answer-tokens", type=int, default=32, help="tokens reserved for the forced answer (Algorithm 1)")
+    p.add_argument("--strip-accents", action="store_true", help="normalise 'Piñata' to 'pinata' before matching")
+    p.add_argument("--lenient-think", action="store_true", help="score a \\boxed{} even when </think> is missing")
+    p.add_argument("--judge", default=None, help="LLM judge: any local HF causal LM dir or name (off by default)")
+    p.add_argument("--judge-votes", type=int, default=1, help="judge samples per answer, majority vote (1 = greedy)")
+    # Output
+    p.add_argument("--out", required=True, help="output dir: results.json, results.md, predictions.jsonl")
+    p.add_argument("--label", default=None, help="row label in the tables (default: --model)")
+    args = p.parse_args(argv)
+    if args.mode in NEEDS_TOOLS and not (args.corpus or args.url):
+        p.error(f"--mode {args.mode} needs --corpus or --url (no-action and agent-sim run without tools)")
+    if args.corpus and args.url:
+        p.error("give --corpus or --url, not both")
+    assert args.n_samples >= 1 and args.judge_votes >= 1, "--n-samples and --judge-votes must be >= 1"
+    if args.n_samples > 1 and args.temperature <= 0:
+        p.error("--n-samples > 1 needs --temperature > 0")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    import torch
+    from model import load
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    questions = load_questions(args.questions, args.limit)
+    print(f"{len(questions)} questions from {args.questions}"
+          + (f" (first {args.limit} per group)" if args.limit else ""), flush=True)
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=dtype)
+    model.eval()
+    tools = None
+    if args.corpus or args.url:
+        from tools import make_tools
+        tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk)
+    judge = load(args.judge, device=args.device, dtype=dtype) if args.judge else None
+    summary, predictions = evaluate(
+        model, tokenizer, questions, tools, args.mode, template=args.template, n_samples=args.n_samples,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        max_actions=args.max_actions, max_context=args.max_context, answer_tokens=args.answer_tokens, seed=args.seed,
+        strip_accents=args.strip_accents, lenient_think=args.lenient_think, judge=judge, judge_votes=args.judge_votes)
+    summary["args"] = vars(args)
+    write_outputs(args.out, summary, predictions, label=args.label or args.model)
+    print(format_results_md(summary, args.label or args.model))
+    print(f"wrote {args.out}/results.json, results.md, predictions.jsonl")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
