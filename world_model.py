@@ -1,0 +1,574 @@
+"""
+A world model of the tools: a small causal LM fine-tuned on logged real tool calls (query -> observation) that stands in
+for the search tool anywhere a tool is accepted, and a fidelity report for every simulator we use (this separate world
+model, and a policy used as its own world model as in the paper's SFT stage 3 / RL stage 1).
+
+Subcommands:
+  collect  gather (tool, args, observation) from real calls (the teacher's DIR/tool_calls.jsonl and, optionally, RL
+           rollout logs) into one deduplicated JSONL with a train / held-out split; held-out calls are flagged
+           entity_seen (their top-1 passage occurs in some training observation) or not.
+  train    a causal LM on  <begin_search> QUERY </end_search>\\n<search_result>\\n  ->  OBS\\n</search_result>,
+           loss on the observation tokens only (model.encode_segments: the call is a "prompt" segment, the observation a
+           "policy" segment, so the one mask rule of SPEC 3 is reused).
+  serve    the world model behind the same HTTP API as `tools.py serve` (FlashRAG and Search-R1 shapes).
+  eval     fidelity on held-out calls: answer-bearing fact recall, token F1 to the real observation, and reward
+           agreement (same policy, same dev questions, real tools vs simulated), split by seen / unseen entity.
+
+The world model never sees a question or a gold answer, by construction: wm_prompt(tool, args) is the ONLY builder of
+its input and takes nothing else (ZeroSearch's simulator prompt carries the gold answer; a simulator that knows the
+answer makes RL against it a leak, not an exploration). `collect` keeps only tool, args and observation of each call,
+and tests/test_world_model.py spies on every token sequence the model runs on during a train and a serve run.
+
+Answer-bearing facts (what "fact recall" counts), concretely: the queried entity is the title of the real observation's
+top-1 passage (BM25's best match; in the embedded world every query names its entity). The facts are the attribute
+values in the bodies of the real top-3 passages about that entity: maximal runs of capitalised words (names, places)
+and numbers (years), minus the entity's own name and anything the query already spells (restating the query is not
+knowledge). "when was Dinarn Parner born" -> result 1 "was born in Fenkrorth", result 2 "was born in 1970" ->
+facts {fenkrorth, 1970}: the answer (1970) and the other values the real tool returned about the same entity. A
+simulated observation recalls a fact when the fact's normalised text occurs, as whole words, in its normalised text
+(SQuAD normalisation). The metric is per call (recalled / facts), averaged; "all_facts" is the share of calls with
+every fact recalled; "top1_recall" counts only the facts of the real top-1 passage (the tool's best answer).
+
+How this departs from the paper, and why:
+  - The paper has no separate world model: the policy is its own (SFT stage 3). This file adds a small one, like
+    ZeroSearch's simulator but without the answer in its prompt, and measures both on the same held-out calls.
+  - Only "search" is simulated. The calculator stays the real calculator: computation is cheap and exact, so simulating
+    it would only add errors.
+  - Generation is greedy by default (a deterministic simulator makes rewards comparable with the real tool's).
+  - "Seen" is measured, not declared: a held-out call's entity is seen when its real top-1 passage occurs in some
+    training observation. The report also prints a "ceiling": the recall a perfect memoriser of the training
+    observations would reach (a fact the world model was never shown can only be guessed, i.e. hallucinated).
+
+Measured (tiny preset, `python data.py` default world, 1241 training calls, 24 epochs, lr 1e-3: ~23 min on 2 shared
+CPU cores): held-out calls of seen entities fact recall 0.825 (ceiling 0.913, top-1 facts 0.922, token F1 0.935);
+unseen entities 0.047 (ceiling 0.071): it writes fluent, well-formed, wrong passages, i.e. it hallucinates, as it must.
+With 10 epochs (lr 2e-3) seen recall is only 0.309: a world model has to memorise, so it needs many passes.
+
+Commands:
+  python world_model.py collect --data DIR --out DIR/wm_calls.jsonl [--rollout-logs runs/rl/calls.jsonl ...]
+  python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
+  python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
+  python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
+A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. Training is small and single-process: there is no
+torchrun form (for a large world model, train it with train_sft.py's DDP loop on rows built by wm_example).
+In-process (train_rl.py's "world-model" environment):  tools = load_world_model_tools("runs/wm", max_obs_tokens=192)
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+import model as M
+import train_sft as SFT
+from evaluate import exact_match, extract_answer, f1, normalize_answer
+from tools import (BM25Index, ToolRegistry, action_close, action_open, calculator, make_tools, result_close,
+                   result_open, serve)
+
+# -----------------------------------------------------------------------------
+# The world model's input and training example
+
+
+def wm_prompt(tool, args):
+    """The world model's WHOLE input: the call as it appears in a trajectory, then the opened result tag. It takes only
+    (tool, args), so no question, gold answer or trajectory can reach the world model."""
+    return f"{action_open(tool)} {args.strip()} {action_close(tool)}\n{result_open(tool)}\n"
+
+
+def wm_example(tokenizer, call):
+    """call {"tool", "args", "observation"} -> (ids, loss_mask, obs_mask) of model.encode_segments: the call is prompt
+    (mask 0), the observation and its closing tag are what the world model writes (mask 1)."""
+    segments = [{"kind": "prompt", "text": wm_prompt(call["tool"], call["args"])},
+                {"kind": "policy", "text": f"{call['observation']}\n{result_close(call['tool'])}"}]
+    return M.encode_segments(tokenizer, segments)
+
+
+# -----------------------------------------------------------------------------
+# Small I/O helpers
+
+
+def read_jsonl(path, fields=()):
+    """Rows of a JSONL file; a bad line or a missing field fails with file:line and the field's name."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for field in fields:
+                if field not in row:
+                    raise ValueError(f"{path}:{lineno}: missing field '{field}'")
+            row["_where"] = f"{path}:{lineno}"
+            rows.append(row)
+    return rows
+
+
+def write_atomic(path, text):
+    """Write to a temp file in the same directory, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
+
+
+def split_results(observation):
+    """'result 1: A\\nresult 2: B' -> ["A", "B"] (a passage may span several lines)."""
+    starts = list(RESULT_LINE.finditer(observation))
+    return [observation[m.end():(starts[i + 1].start() if i + 1 < len(starts) else len(observation))].strip()
+            for i, m in enumerate(starts)]
+
+
+def passage_title(passage):
+    """'"Title"\\ntext' -> 'Title' (FlashRAG contents); the first line when it is not quoted."""
+    first = passage.split("\n", 1)[0].strip()
+    return first[1:-1] if len(first) >= 2 and first[0] == first[-1] == '"' else first
+
+
+# -----------------------------------------------------------------------------
+# Fidelity metrics (pure functions of strings; tested on hand cases)
+
+FACT = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
+
+
+def answer_facts(query, real_observation, top_k=3):
+    """The answer-bearing facts of a real search observation for this query (definition in the module docstring):
+    attribute values in the bodies of the top_k passages about the queried entity, minus its name and the query."""
+    passages = split_results(real_observation)
+    if not passages:
+        return []
+    entity = passage_title(passages[0])
+    skip = set(normalize_answer(query).split()) | set(normalize_answer(entity).split())
+    facts = []
+    for passage in passages[:top_k]:
+        if passage_title(passage) != entity or "\n" not in passage:
+            continue
+        for m in FACT.finditer(passage.split("\n", 1)[1]):
+            words = [w for w in normalize_answer(m.group()).split() if w not in skip]
+            # a capitalised sentence opener ("He", "In") is not a value
+            if words and not (len(words) == 1 and words[0] in SENTENCE_OPENERS):
+                facts.append(" ".join(words))
+    return list(dict.fromkeys(facts))
+
+
+SENTENCE_OPENERS = frozenset("he she it they his her its their in on at after before during this that these those "
+                             "there when while as by from with for".split())
+
+
+def fact_recall(facts, simulated_observation):
+    """Fraction of facts whose normalised text occurs (as whole words) in the normalised simulated observation."""
+    if not facts:
+        return None
+    sim = f" {normalize_answer(simulated_observation)} "
+    return sum(f" {fact} " in sim for fact in facts) / len(facts)
+
+
+def token_f1(simulated_observation, real_observation):
+    """SQuAD token F1 between the two observation texts (evaluate.f1, so normalisation is the project's one)."""
+    return f1(simulated_observation, [real_observation])
+
+
+# -----------------------------------------------------------------------------
+# Simulating observations: batched greedy generation that stops at the result's closing tag
+
+
+def policy_sim_segments(tokenizer, tool, args, template="short"):
+    """The minimal context in which a POLICY plays its own world model: its usual prompt with the query standing in for
+    the question, then the call and the opened result tag, exactly as the engine's env="sim" would leave it. Like
+    wm_prompt it takes only the call, so the policy gets no gold answer either."""
+    return [{"kind": "prompt", "text": M.build_prompt(tokenizer, args.strip(), template)},
+            {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
+
+
+@torch.no_grad()
+def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16, greedy=True, temperature=1.0):
+    """prompts: token id lists that end inside an opened result tag -> the observation text each row writes, up to
+    result_close(tool) or eos. HF generate with left padding (one prefill per batch, then the KV cache) and the close
+    tag as an extra stop token: model.rollout stops only at actions and eos, so it does not fit here."""
+    stop = tokenizer.convert_tokens_to_ids(result_close(tool))
+    if stop is None or stop == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        rows = prompts[b:b + batch_size]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_obs_tokens,
+                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, **sampling)
+        for new in generated[:, width:].tolist():
+            cut = next((i for i, t in enumerate(new) if t in (stop, tokenizer.eos_token_id)), len(new))
+            out.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, greedy=True, temperature=1.0,
+                           max_query_chars=300, cache_size=4096, timeout_s=3600):
+    """A ToolRegistry whose "search" is the world model at ckpt and whose "calculator" is the real calculator
+    (computation is cheap and exact: simulating it would only add errors). registry.real_calls then counts world-model
+    generations, not real retrievals. Queries longer than max_query_chars are cut so prompt + observation fit.
+    timeout_s is only a backstop (generation is local and bounded by max_obs_tokens): the registry's 30 s default
+    would turn a long CPU batch into timeout errors."""
+    model, tokenizer = M.load(ckpt, device=device, add_action_tokens=True)
+
+    def search(queries):
+        prompts = [M.encode_segments(tokenizer, [{"kind": "prompt", "text": wm_prompt("search", q[:max_query_chars])}])
+                   [0] for q in queries]
+        return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size, greedy, temperature)
+
+    return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)
+
+
+# -----------------------------------------------------------------------------
+# collect: real calls -> deduplicated JSONL with a train / held-out split
+
+
+def read_calls(tool_calls, rollout_logs=()):
+    """Real (tool, args, observation) rows from the teacher's tool_calls.jsonl and from RL rollout logs. A log row is a
+    call itself or holds a list of them under "calls"; rows marked "simulated": true are skipped (a simulator's output
+    is not the world)."""
+    rows = read_jsonl(tool_calls, fields=("tool", "args", "observation"))
+    for path in rollout_logs:
+        for row in read_jsonl(path):
+            for call in row.get("calls", [row]):
+                missing = [f for f in ("tool", "args", "observation") if f not in call]
+                if missing:
+                    raise ValueError(f"{row['_where']}: call without field '{missing[0]}'")
+                if not call.get("simulated", False):
+                    rows.append({**call, "_where": row["_where"]})
+    return rows
+
+
+def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, seed=0):
+    """Deduplicate by (tool, normalised args), drop failed calls, then split into train / held-out.
+    - Calls logged for questions outside the training split (data.py's "split" field: dev) are held out whole: their
+      entities live in another pool of the world, the natural "unseen" set.
+    - The entity of a call is the title of its real top-1 passage. A fraction unseen_frac of the remaining entities
+      goes wholly to held-out; then single calls of entities that keep other calls in train are held out until
+      heldout_frac of the training-question calls is: the "seen" set.
+    - entity_seen is then MEASURED, not assumed: a held-out call is seen when its real top-1 passage occurs in some
+      training observation (BM25 ranks one passage for many queries, so a held-out entity may still have been seen)."""
+    calls, keys = [], set()
+    for row in rows:
+        key = (row["tool"], " ".join(str(row["args"]).lower().split()))
+        passages = split_results(row["observation"])
+        if row["tool"] not in tools or key in keys or not passages:  # no passages: an error or "No results found."
+            continue
+        keys.add(key)
+        calls.append({"tool": row["tool"], "args": str(row["args"]).strip(), "observation": row["observation"],
+                      "entity": passage_title(passages[0]), "question_split": row.get("split", "train")})
+    rng = random.Random(seed)
+    heldout = {i for i, c in enumerate(calls) if c["question_split"] != "train"}
+    by_entity = defaultdict(list)
+    for i, call in enumerate(calls):
+        if i not in heldout:
+            by_entity[call["entity"]].append(i)
+    entities = sorted(by_entity)
+    rng.shuffle(entities)
+    n_unseen = round(unseen_frac * len(entities))
+    heldout |= {i for e in entities[:n_unseen] for i in by_entity[e]}
+    target = len(heldout) + round(heldout_frac * sum(len(v) for v in by_entity.values()))
+    for e in entities[n_unseen:]:  # one call per entity, entities in shuffled order, while the budget lasts
+        if len(heldout) >= target:
+            break
+        if len(by_entity[e]) >= 2:
+            heldout.add(rng.choice(by_entity[e]))
+    train_passages = {p for i, c in enumerate(calls) if i not in heldout for p in split_results(c["observation"])}
+    for i, call in enumerate(calls):
+        call["split"] = "heldout" if i in heldout else "train"
+        call["entity_seen"] = split_results(call["observation"])[0] in train_passages if i in heldout else True
+    print(f"collect: {len(rows)} rows -> {len(calls)} unique calls | {len(calls) - len(heldout)} train | "
+          f"{len(heldout)} held-out ({sum(c['split'] == 'heldout' and c['entity_seen'] for c in calls)} of them seen)")
+    return calls
+
+
+# -----------------------------------------------------------------------------
+# train: a causal LM on  call -> observation, loss on the observation only
+
+
+def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e-3, warmup_ratio=0.05, max_len=512,
+                      seed=0, log_every=10, bucket_batches=8):
+    """Teacher-forced cross-entropy on the observation tokens of wm_example(call), AdamW, warmup then cosine. The batch
+    plumbing (length-bucketed batches, padding, log-probs, schedule) is train_sft.py's; the loss is its stage-2 loss.
+    Every input goes through wm_example, i.e. wm_prompt(tool, args): the only way into the model."""
+    examples = [wm_example(tokenizer, c) for c in calls]  # (ids, loss_mask, obs_mask) rows
+    dropped = sum(len(ex[0]) > max_len for ex in examples)
+    examples = [ex for ex in examples if len(ex[0]) <= max_len]  # never cut: a cut would end mid-observation
+    assert examples, f"no call fits in --max-len {max_len}"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    print(f"train: {len(examples)} calls ({dropped} dropped as longer than {max_len} tokens) | batch {batch_size} | "
+          f"{steps_per_epoch} steps/epoch, {total} steps | lr {lr:g}", flush=True)
+    lengths = [len(ex[0]) for ex in examples]
+    losses, t0 = [], time.time()
+    model.train()
+    for step in range(total):
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0:
+            batches = SFT.epoch_batches(lengths, batch_size, bucket_batches, seed, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * SFT.lr_factor(step, total, int(warmup_ratio * total), "cosine", 0.1)
+        ids, attention, loss_mask, _ = SFT.collate([examples[i] for i in batches[step % steps_per_epoch]], pad, device)
+        logp = SFT.token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # (B, T-1)
+        mask = loss_mask[:, 1:].float()  # (B, T-1): 1 where the next token is observation text
+        loss = -(logp * mask).sum() / mask.sum()  # mean NLL of the observation tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == total:
+            recent = losses[-log_every:]
+            print(f"step {step + 1}/{total} | epoch {epoch + 1} | loss {sum(recent) / len(recent):.4f} | "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e} | {time.time() - t0:.0f} s", flush=True)
+    model.eval()
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# eval: fidelity of a simulator on held-out calls, and reward agreement of one policy under real vs simulated tools
+
+
+def fidelity_rows(calls, simulated, simulator, train_text=None):
+    """Per held-out call: its answer-bearing facts, their recall in the simulated observation, token F1 to the real.
+    train_text {entity: its training passages, joined}: "ceiling" is the recall of a perfect memoriser of the training
+    observations (a fact never shown in training cannot be recalled, only guessed)."""
+    rows = []
+    for call, sim in zip(calls, simulated):
+        facts = answer_facts(call["args"], call["observation"])
+        rows.append({"simulator": simulator, "args": call["args"], "entity": call["entity"],
+                     "entity_seen": call["entity_seen"], "facts": facts, "fact_recall": fact_recall(facts, sim),
+                     "top1_recall": fact_recall(answer_facts(call["args"], call["observation"], top_k=1), sim),
+                     "ceiling": fact_recall(facts, (train_text or {}).get(call["entity"], "")),
+                     "f1": token_f1(sim, call["observation"]), "simulated": sim, "real": call["observation"]})
+    return rows
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def summarize_fidelity(rows):
+    out = {}
+    for bucket, keep in (("seen", True), ("unseen", False), ("all", None)):
+        rs = [r for r in rows if keep is None or r["entity_seen"] == keep]
+        out[bucket] = {"n": len(rs), "fact_recall": mean(r["fact_recall"] for r in rs),
+                       "ceiling": mean(r["ceiling"] for r in rs),
+                       "all_facts": mean(None if r["fact_recall"] is None else float(r["fact_recall"] == 1)
+                                         for r in rs),
+                       "top1_recall": mean(r["top1_recall"] for r in rs), "f1": mean(r["f1"] for r in rs)}
+    return out
+
+
+def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index, train_passages, template="short",
+                     max_new_tokens=256, max_obs_tokens=192):
+    """Greedy rollouts of one policy on the same questions with the real tools and with each simulator
+    {name: (tools, env)}: fraction of questions whose EM reward is the same. A question counts as "seen" when every
+    search of its REAL rollout has its top-1 passage among the world model's training observations."""
+    prompts = [M.encode_segments(tokenizer, [{"kind": "prompt", "text": M.build_prompt(tokenizer, q["question"],
+                                                                                       template)}])[0]
+               for q in questions]
+
+    def rewards(tools, env):
+        runs = M.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True, max_new_tokens=max_new_tokens,
+                         sim_obs_tokens=max_obs_tokens)
+        return [exact_match(extract_answer(r.text) or "", q["golden_answers"]) for r, q in zip(runs, questions)], runs
+
+    real_rewards, real_runs = rewards(real_tools, "real")
+    search = re.compile(re.escape(action_open("search")) + r"(.*?)" + re.escape(action_close("search")), re.S)
+    buckets = []
+    for r in real_runs:
+        queries = [q.strip() for q in search.findall(r.text)]
+        hits = index.search(queries, 1) if queries else []
+        seen = all(h and h[0][0]["contents"].strip() in train_passages for h in hits)
+        buckets.append("no_search" if not queries else "seen" if seen else "unseen")
+    out = {"real_em": mean(real_rewards), "n": len(questions)}
+    for name, (tools, env) in simulators.items():
+        sim_rewards, _ = rewards(tools, env)
+        same = [float(a == b) for a, b in zip(real_rewards, sim_rewards)]
+        out[name] = {"em": mean(sim_rewards), "agreement": mean(same),
+                     **{f"agreement_{b}": mean(s for s, bb in zip(same, buckets) if bb == b)
+                        for b in ("seen", "unseen", "no_search")},
+                     **{f"n_{b}": buckets.count(b) for b in ("seen", "unseen", "no_search")}}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="World model of the tools: collect, train, serve, eval")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_collect = sub.add_parser("collect", help="real calls -> deduplicated JSONL with a train / held-out split")
+    p_train = sub.add_parser("train", help="fine-tune a causal LM on call -> observation")
+    p_serve = sub.add_parser("serve", help="serve the world model behind tools.py's HTTP retrieval API")
+    p_eval = sub.add_parser("eval", help="fidelity of the world model and of a policy as its own world model")
+    # Data
+    for p in (p_collect, p_eval):
+        p.add_argument("--data", help="data.py output dir (tool_calls.jsonl; eval: also dev.jsonl, corpus.jsonl)")
+    p_collect.add_argument("--rollout-logs", nargs="*", default=[], help="JSONL logs of real calls from RL rollouts")
+    p_collect.add_argument("--tools", nargs="+", default=["search"], help="tools to model (the calculator stays real)")
+    p_collect.add_argument("--heldout-frac", type=float, default=0.1,
+                           help="share of training-question calls held out (seen entities)")
+    p_collect.add_argument("--unseen-frac", type=float, default=0.05, help="share of entities held out whole (unseen)")
+    p_collect.add_argument("--seed", type=int, default=0, help="split seed")
+    p_collect.add_argument("--out", required=True, help="output JSONL of calls")
+    p_train.add_argument("--calls", required=True, help="output of `collect` (rows with split == train are used)")
+    p_eval.add_argument("--calls", help="output of `collect`; default: the --calls the world model was trained on")
+    # Model
+    p_train.add_argument("--init", default="tiny", help="tiny | smollm2 | HF dir or name")
+    p_train.add_argument("--tokenizer", help="tokenizer dir (required for --init tiny: data.py's DIR/tokenizer)")
+    p_train.add_argument("--out", required=True, help="checkpoint dir (written atomically by model.save)")
+    p_serve.add_argument("--ckpt", required=True, help="world model checkpoint")
+    p_eval.add_argument("--wm", help="world model checkpoint")
+    p_eval.add_argument("--policy", help="policy checkpoint, evaluated as its own world model and for reward agreement")
+    p_eval.add_argument("--template", default="short", choices=["short", "autocoa"], help="the policy's prompt")
+    for p in (p_train, p_serve, p_eval):
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    # Optimization
+    p_train.add_argument("--epochs", type=int, default=24, help="passes over the calls (memorising takes many)")
+    p_train.add_argument("--batch-size", type=int, default=16, help="calls per step")
+    p_train.add_argument("--lr", type=float, default=1e-3,
+                         help="peak learning rate (1e-3 suits the tiny preset; ~5e-5 a pretrained model)")
+    p_train.add_argument("--max-len", type=int, default=384,
+                         help="longest call + observation in tokens (longer: dropped)")
+    p_train.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p_train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    # Generation
+    for p in (p_serve, p_eval):
+        p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
+        p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
+    p_serve.add_argument("--host", default="127.0.0.1", help="bind address")
+    p_serve.add_argument("--port", type=int, default=8081, help="port (0 = a free one)")
+    # Evaluation
+    p_eval.add_argument("--max-calls", type=int, default=200, help="held-out calls per bucket (seen / unseen)")
+    p_eval.add_argument("--questions", type=int, default=32, help="dev questions for reward agreement (0 = skip)")
+    p_eval.add_argument("--max-new-tokens", type=int, default=256, help="rollout length for reward agreement")
+    p_eval.add_argument("--out", required=True, help="output dir: fidelity.json, fidelity_calls.jsonl")
+    return parser.parse_args(argv)
+
+
+def print_table(report):
+    print(f"{'simulator':<14} {'bucket':<7} {'n':>5} {'fact_recall':>11} {'ceiling':>8} {'all_facts':>9} "
+          f"{'top1_recall':>11} {'token_f1':>8}")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for name, buckets in report["fidelity"].items():
+        for bucket, m in buckets.items():
+            print(f"{name:<14} {bucket:<7} {m['n']:>5} {fmt(m['fact_recall']):>11} {fmt(m['ceiling']):>8} "
+                  f"{fmt(m['all_facts']):>9} {fmt(m['top1_recall']):>11} {fmt(m['f1']):>8}")
+    if report.get("reward_agreement"):
+        ra = report["reward_agreement"]
+        print(f"reward agreement on {ra['n']} dev questions (real-tool EM {fmt(ra['real_em'])}):")
+        for name, m in ra.items():
+            if isinstance(m, dict):
+                print(f"  {name:<14} EM {fmt(m['em'])} | same reward {fmt(m['agreement'])} | "
+                      f"seen {fmt(m['agreement_seen'])}"
+                      f" (n={m['n_seen']}) | unseen {fmt(m['agreement_unseen'])} (n={m['n_unseen']}) | no search "
+                      f"{fmt(m['agreement_no_search'])} (n={m['n_no_search']})")
+
+
+def main(args):
+    if args.command == "collect":
+        assert args.data, "collect needs --data DIR (its tool_calls.jsonl)"
+        rows = read_calls(os.path.join(args.data, "tool_calls.jsonl"), args.rollout_logs)
+        calls = split_calls(rows, tuple(args.tools), args.heldout_frac, args.unseen_frac, args.seed)
+        write_atomic(args.out, "".join(json.dumps(c) + "\n" for c in calls))
+        print(f"wrote {args.out}")
+
+    elif args.command == "train":
+        calls = [c for c in read_jsonl(args.calls, ("tool", "args", "observation", "split")) if c["split"] == "train"]
+        assert calls, f"{args.calls}: no rows with split == train"
+        torch.manual_seed(args.seed)
+        if args.init == "tiny":
+            assert args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
+        model, tokenizer = M.load(args.init, tokenizer=args.tokenizer, device=args.device, add_action_tokens=True,
+                                  seed=args.seed)
+        train_world_model(model, tokenizer, calls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          max_len=args.max_len, seed=args.seed, log_every=args.log_every)
+        M.save(model, tokenizer, args.out, {**vars(args), "calls": os.path.abspath(args.calls)})
+        print(f"saved {args.out}")
+
+    elif args.command == "serve":
+        registry = load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size)
+        lock = threading.Lock()  # a thread per connection; the registry and its cache are not thread-safe
+
+        def search(queries, k=3):  # the retrieval server's backend interface: passages parsed back out of the text
+            with lock:
+                observations = registry([("search", q) for q in queries])
+            return [[({"id": f"wm-{i}", "contents": p}, float(k - i)) for i, p in enumerate(split_results(obs)[:k])]
+                    for obs in observations]
+        serve(SimpleNamespace(search=search, passages=[]), args.host, args.port)
+
+    elif args.command == "eval":
+        assert args.wm or args.policy, "eval needs --wm and/or --policy"
+        calls_path = args.calls or (args.wm and json.load(open(os.path.join(args.wm, "run_args.json"))).get("calls"))
+        assert calls_path, "give --calls (the output of `collect` the world model was trained on)"
+        calls = read_jsonl(calls_path, ("tool", "args", "observation", "split", "entity", "entity_seen"))
+        train_passages = {p for c in calls if c["split"] == "train" for p in split_results(c["observation"])}
+        train_text = defaultdict(str)
+        for p in sorted(train_passages):
+            train_text[passage_title(p)] += p + "\n"
+        heldout = [c for c in calls if c["split"] == "heldout"]
+        heldout = ([c for c in heldout if c["entity_seen"]][:args.max_calls]
+                   + [c for c in heldout if not c["entity_seen"]][:args.max_calls])
+        report = {"calls": calls_path, "fidelity": {}, "args": vars(args)}
+        details = []
+        wm_tools = policy = None
+        if args.wm:
+            wm_tools = load_world_model_tools(args.wm, args.max_obs_tokens, args.device, args.batch_size)
+            rows = fidelity_rows(heldout, wm_tools([(c["tool"], c["args"]) for c in heldout]), "world_model",
+                                 train_text)
+            report["fidelity"]["world_model"] = summarize_fidelity(rows)
+            details += rows
+        if args.policy:
+            policy, tokenizer = M.load(args.policy, device=args.device, add_action_tokens=True)
+            prompts = [M.encode_segments(tokenizer, policy_sim_segments(tokenizer, c["tool"], c["args"],
+                                                                        args.template))[0] for c in heldout]
+            rows = fidelity_rows(heldout, simulate(policy, tokenizer, prompts, "search", args.max_obs_tokens,
+                                                   args.batch_size), "policy_as_wm", train_text)
+            report["fidelity"]["policy_as_wm"] = summarize_fidelity(rows)
+            details += rows
+            if args.questions:
+                assert args.data, "reward agreement needs --data DIR (dev.jsonl, corpus.jsonl)"
+                questions = read_jsonl(os.path.join(args.data, "dev.jsonl"), ("question", "golden_answers"))
+                questions = questions[:args.questions]
+                index = BM25Index.from_jsonl(os.path.join(args.data, "corpus.jsonl"))
+                simulators = {"policy_as_wm": (make_tools(corpus=index), "sim")}
+                if wm_tools is not None:
+                    simulators["world_model"] = (wm_tools, "real")  # the engine sees the world model as a real tool
+                report["reward_agreement"] = reward_agreement(policy, tokenizer, questions, make_tools(corpus=index),
+                                                              simulators, index, train_passages, args.template,
+                                                              args.max_new_tokens, args.max_obs_tokens)
+        write_atomic(os.path.join(args.out, "fidelity.json"), json.dumps(report, indent=2) + "\n")
+        write_atomic(os.path.join(args.out, "fidelity_calls.jsonl"), "".join(json.dumps(r) + "\n" for r in details))
+        print_table(report)
+        print(f"wrote {os.path.join(args.out, 'fidelity.json')}")
+
+
+if __name__ == "__main__":
+    main(parse_args())
