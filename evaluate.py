@@ -537,6 +537,75 @@ def write_outputs(out_dir, summary, predictions, label="run"):
 
 
 # -----------------------------------------------------------------------------
+# Table 1 on the embedded world: one row per evaluated checkpoint (run.sh's last step)
+
+WORLD_COLUMNS = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
+
+
+def world_row(predictions, model_dir):
+    """EM per question type on UNKNOWN-entity questions (the model must act), EM on known-fact questions, their mean,
+    EM on unknown multi-hop (2- to 4-hop), the share of known questions answered without acting, and the real tool
+    calls RL spent to make this checkpoint (read from the metrics.jsonl train_rl.py leaves in it; 0 without RL)."""
+    def em(rows):
+        return sum(r["em"] for r in rows) / len(rows) if rows else None
+    unknown = [r for r in predictions if not r.get("known")]
+    known = [r for r in predictions if r.get("known")]
+    row = {t: em([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
+    row["known"] = em(known)
+    present = [v for v in row.values() if v is not None]
+    row["avg"] = sum(present) / len(present) if present else None
+    row["unknown_multihop"] = em([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
+    row["known_no_action"] = sum(r["num_actions"] == 0 for r in known) / len(known) if known else None
+    metrics = os.path.join(model_dir, "metrics.jsonl")
+    calls = 0
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        calls = rows[-1]["real_calls_total"] if rows else 0
+    row["rl_real_calls"] = calls
+    return row
+
+
+def world_table(run_dir, labels, wall_seconds=None):
+    """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict)."""
+    rows = {}
+    for label in labels:
+        d = os.path.join(run_dir, "eval", label)
+        with open(os.path.join(d, "results.json")) as f:
+            model_dir = json.load(f)["args"]["model"]
+        with open(os.path.join(d, "predictions.jsonl")) as f:
+            predictions = [json.loads(line) for line in f if line.strip()]
+        rows[label] = world_row(predictions, model_dir)
+    cols = WORLD_COLUMNS + ["known", "avg", "unknown_multihop", "known_no_action"]
+    head = ["row"] + cols + ["RL real calls"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        lines.append("| " + " | ".join([label] + [_pct(r[c]) if r[c] is not None else "-" for c in cols]
+                                       + [str(r["rl_real_calls"])]) + " |")
+    note = ("\nEM (%) on the test split. Type columns: unknown-entity questions (answerable only by acting); known: "
+            "questions on facts the base model was taught; known_no_action: share of known questions answered without "
+            "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
+    if wall_seconds is not None:
+        note += f" Wall time of the run: {wall_seconds / 60:.1f} min."
+    return "\n".join(lines) + "\n" + note + "\n", rows
+
+
+def table_main(argv):
+    import argparse
+    p = argparse.ArgumentParser(prog="evaluate.py table", description="Table 1 of a run.sh run from its eval/ dirs")
+    p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
+    p.add_argument("--rows", nargs="+", required=True, help="row labels, in table order (eval/LABEL must exist)")
+    p.add_argument("--wall-seconds", type=float, default=None, help="wall time of the run, printed under the table")
+    args = p.parse_args(argv)
+    md, rows = world_table(args.run, args.rows, args.wall_seconds)
+    write_atomic(os.path.join(args.run, "results.md"), md)
+    write_atomic(os.path.join(args.run, "results.json"),
+                 json.dumps({"rows": rows, "wall_seconds": args.wall_seconds}, indent=2) + "\n")
+    print(md)
+    print(f"wrote {args.run}/results.md and results.json")
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 def get_args(argv=None):
@@ -613,4 +682,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["table"]:
+        table_main(sys.argv[2:])
+    else:
+        main()

@@ -121,4 +121,6 @@ evaluate_row sft-123+rl-sim    "$OUT/rl_sim_real/sim_end" agent
 evaluate_row sft-123+rl-sim-real "$OUT/rl_sim_real" agent
 
 mv "$TIMES.new" "$TIMES"
-$PY evaluate.py table --run "$OUT" --wall-seconds $((SECONDS - T0))
+$PY evaluate.py table --run "$OUT" --wall-seconds $((SECONDS - T0)) --rows model-only workflow sft-1 sft-2 sft-12 \
+  sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real
+echo "== time per stage (s):"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"

@@ -580,6 +580,7 @@ def main(argv=None):
         if master and step + 1 == args.sim_steps and args.real_steps > 0:
             # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row, from the same run
             save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args))
+            shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
         if master and args.save_every and (step + 1) % args.save_every == 0:
             save_resume(policy, tokenizer, args.out, vars(args), {
                 "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
