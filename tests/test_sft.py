@@ -1,0 +1,263 @@
+"""train_sft.py: masks, the stage-1 loss against a hand computation, data errors, length dropping, batching, and
+short runs (2-process torchrun == 1 process, resume == uninterrupted, checkpoints load with from_pretrained).
+A throwaway word-level tokenizer and a 2-layer width-64 Llama keep the whole file at a few seconds of compute."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import tools
+import train_sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("the city of ada was founded by bob in 1901 where born lives capital band company who what when is "
+         "i need to search for it . result 1 : 2 3 answer so know boxed { } \\ x y z").split()
+
+
+def make_record(rng, n_actions):
+    """A trajectory: reasoning, n_actions searches with their observations, an answer."""
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+    segments = []
+    for _ in range(n_actions):
+        segments.append({"kind": "policy", "text": f"{words(rng.randint(2, 8))} {tools.action_open('search')} "
+                                                   f"{words(3)} {tools.action_close('search')}"})
+        segments.append({"kind": "obs", "text": tools.format_observation("search", f"result 1 : {words(rng.randint(3, 12))}")})
+    segments.append({"kind": "policy", "text": f"{words(rng.randint(2, 6))} {tools.THINK_CLOSE} answer \\boxed{{ ada }}"})
+    return {"id": str(rng.random()), "question": f"who {words(rng.randint(2, 6))} ?", "golden_answers": ["ada"],
+            "segments": segments}
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """DIR with tokenizer/, base.jsonl, sft_mix.jsonl, sft_pairs.jsonl, and init/: a tiny Llama checkpoint."""
+    root = tmp_path_factory.mktemp("sft")
+    data = root / "data"
+    data.mkdir()
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + tools.special_tokens() + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<pad>", "<eos>", "<unk>"] + tools.special_tokens())
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.save_pretrained(data / "tokenizer")
+
+    rng = random.Random(0)
+    write_jsonl(data / "sft_mix.jsonl", [make_record(rng, rng.randint(0, 3)) for _ in range(24)])
+    pairs = []
+    for _ in range(16):
+        acted, guessed = make_record(rng, 1)["segments"], make_record(rng, 0)["segments"]
+        pairs.append({"id": "p", "question": "who was born in ada ?", "golden_answers": ["ada"],
+                      "prefix": [{"kind": "policy", "text": "i need to know the city"}],
+                      "chosen": acted, "rejected": guessed})
+    write_jsonl(data / "sft_pairs.jsonl", pairs)
+    write_jsonl(data / "base.jsonl", [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))}
+                                      for _ in range(40)])
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(root / "init")
+    tok.save_pretrained(root / "init")
+    return {"root": root, "data": str(data), "init": str(root / "init"), "tok": tok}
+
+
+def run_args(world, out, *extra):
+    return ["--init", world["init"], "--data", world["data"], "--out", str(out), "--device", "cpu",
+            "--micro-batch", "2", "--batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0.25", *extra]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# masks and losses
+
+def test_stage2_masks_exactly_observations_stage3_none(world):
+    tok, path = world["tok"], os.path.join(world["data"], "sft_mix.jsonl")
+    stage2, _ = train_sft.load_examples(tok, "2", path, 512)
+    stage3, _ = train_sft.load_examples(tok, "3", path, 512)
+    records = [json.loads(line) for line in open(path)]
+    assert len(stage2) == len(stage3) == len(records)
+    for record, [(ids2, loss2, obs2)], [(ids3, loss3, obs3)] in zip(records, stage2, stage3):
+        assert ids2 == ids3 and obs2 == obs3
+        prompt_len = len(ids2) - sum(loss3)  # stage 3 trains everything after the prompt
+        assert loss3 == [0] * prompt_len + [1] * (len(ids3) - prompt_len)
+        # stage 2 = stage 3 minus exactly the observation tokens
+        assert [a - b for a, b in zip(loss3, loss2)] == obs2
+        # and the observation tokens are the observations' own tokenisation, in order (token-in, token-out)
+        obs_ids = [t for seg in record["segments"] if seg["kind"] == "obs"
+                   for t in tok(seg["text"], add_special_tokens=False)["input_ids"]]
+        assert [t for t, o in zip(ids2, obs2) if o] == obs_ids
+        assert ids2[-1] == tok.eos_token_id and loss2[-1] == 1  # the eos that ends the response is trained
+
+
+def test_stage1_loss_equals_hand_computation(world):
+    tok, alpha = world["tok"], 0.2
+    pairs, _ = train_sft.load_examples(tok, "1", os.path.join(world["data"], "sft_pairs.jsonl"), 512)
+    model = AutoModelForCausalLM.from_pretrained(world["init"]).eval()
+    batch = pairs[:3]
+    P = []
+    for j in range(2):  # chosen rows, then rejected rows, padded as in training
+        ids, attention, loss_mask, _ = train_sft.collate([pair[j] for pair in batch], tok.pad_token_id, "cpu")
+        with torch.no_grad():
+            logp = train_sft.token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)
+        P.append(train_sft.mean_logprob(logp, loss_mask[:, 1:].float()))
+    P_chosen, P_rejected = P
+    L = train_sft.contrastive_loss(P_chosen, P_rejected, alpha)
+
+    def P_by_hand(row, context_len):
+        x = torch.tensor([row[0]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=x).logits[0].double(), -1)  # unpadded, on its own
+        # continuation tokens: positions context_len .. end, each predicted from the position before
+        terms = [logprobs[t - 1, row[0][t]].item() for t in range(context_len, len(row[0])) if row[1][t]]
+        return sum(terms) / len(terms)
+
+    for i, (chosen, rejected) in enumerate(batch):
+        context_len = next(t for t in range(len(chosen[0])) if chosen[0][t] != rejected[0][t] or chosen[1][t])
+        Pc, Pr = P_by_hand(chosen, context_len), P_by_hand(rejected, context_len)
+        expected = -math.log(1 / (1 + math.exp(-(Pc - Pr)))) + alpha * -Pc
+        assert P_chosen[i].item() == pytest.approx(Pc, abs=1e-4)
+        assert P_rejected[i].item() == pytest.approx(Pr, abs=1e-4)
+        assert L[i].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_stage1_context_is_not_trained(world):
+    """Only the continuation enters P(x|c): prompt and shared prefix tokens have loss_mask 0, in both rows."""
+    tok = world["tok"]
+    pairs, _ = train_sft.load_examples(tok, "1", os.path.join(world["data"], "sft_pairs.jsonl"), 512)
+    for chosen, rejected in pairs:
+        first_c, first_r = chosen[1].index(1), rejected[1].index(1)
+        assert first_c == first_r and chosen[0][:first_c] == rejected[0][:first_r]
+        prefix_ids = tok("i need to know the city", add_special_tokens=False)["input_ids"]
+        assert chosen[0][first_c - len(prefix_ids):first_c] == prefix_ids
+
+
+# -----------------------------------------------------------------------------
+# data errors, length dropping, batching
+
+@pytest.mark.parametrize("line, field", [
+    ('{"question": "q", "segments": [', "not valid JSON"),
+    ('{"segments": []}', "'question'"),
+    ('{"question": "q", "segments": [{"kind": "tool", "text": "x"}]}', "'segments[0]'"),
+    ('{"question": 3, "segments": []}', "'question'"),
+])
+def test_malformed_line_names_file_line_and_field(world, tmp_path, line, field):
+    good = json.dumps(make_record(random.Random(1), 1))
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, [good, "", line])
+    with pytest.raises(ValueError) as e:
+        train_sft.load_examples(world["tok"], "2", str(path), 512)
+    assert f"{path}:3" in str(e.value) and field in str(e.value)
+
+
+def test_over_max_len_dropped_and_counted_never_cut(world):
+    tok, path = world["tok"], os.path.join(world["data"], "sft_mix.jsonl")
+    full, _ = train_sft.load_examples(tok, "2", path, 10_000)
+    lengths = sorted(len(ex[0][0]) for ex in full)
+    max_len = lengths[len(lengths) // 2]
+    kept, dropped = train_sft.load_examples(tok, "2", path, max_len)
+    assert dropped == sum(n > max_len for n in lengths) > 0
+    assert len(kept) + dropped == len(full)
+    assert all(len(ex[0][0]) <= max_len and ex[0][0][-1] == tok.eos_token_id for ex in kept)
+    # stage 1 drops a pair when either continuation is too long
+    pairs, _ = train_sft.load_examples(tok, "1", os.path.join(world["data"], "sft_pairs.jsonl"), 10_000)
+    longest = [max(len(r[0]) for r in ex) for ex in pairs]
+    _, dropped = train_sft.load_examples(tok, "1", os.path.join(world["data"], "sft_pairs.jsonl"), sorted(longest)[8])
+    assert dropped == sum(n > sorted(longest)[8] for n in longest)
+
+
+def test_epoch_batches_cover_data_and_group_by_length():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(203)]
+    batches = train_sft.epoch_batches(lengths, 8, 8, seed=0, epoch=0)
+    assert batches == train_sft.epoch_batches(lengths, 8, 8, seed=0, epoch=0)
+    assert batches != train_sft.epoch_batches(lengths, 8, 8, seed=0, epoch=1)
+    assert all(len(b) == 8 for b in batches) and len(batches) == math.ceil(203 / 8)
+    assert sorted(set(i for b in batches for i in b)) == list(range(203))
+    pad = sum(max(lengths[i] for i in b[k:k + 2]) * 2 - sum(lengths[i] for i in b[k:k + 2])
+              for b in batches for k in range(0, 8, 2)) / sum(max(lengths[i] for i in b[k:k + 2]) * 2
+                                                               for b in batches for k in range(0, 8, 2))
+    assert pad < 0.15
+
+
+# -----------------------------------------------------------------------------
+# runs
+
+def test_resume_equals_uninterrupted_and_checkpoint_loads(world):
+    root = world["root"]
+    base = run_args(world, root / "full", "--stage", "2", "--max-steps", "4")
+    train_sft.main(train_sft.parse_args(base))
+    cut = run_args(world, root / "cut", "--stage", "2", "--max-steps", "4")
+    train_sft.main(train_sft.parse_args(cut + ["--max-steps-this-run", "2"]))
+    assert not os.path.exists(root / "cut" / "config.json") and os.path.exists(root / "cut" / "resume" / "state.pt")
+    train_sft.main(train_sft.parse_args(cut + ["--resume"]))
+
+    full, resumed = read_metrics(root / "full"), read_metrics(root / "cut")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["obs_loss"] == pytest.approx(b["obs_loss"], abs=1e-6)
+    assert full[-1]["loss"] < full[0]["loss"]
+    model_full = AutoModelForCausalLM.from_pretrained(root / "full")
+    model_cut = AutoModelForCausalLM.from_pretrained(root / "cut")
+    for (name, p), q in zip(model_full.state_dict().items(), model_cut.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert json.load(open(root / "full" / "run_args.json"))["stage"] == "2"
+
+
+@pytest.mark.parametrize("stage", ["base", "1", "3"])
+def test_stage_runs_end_to_end(world, stage):
+    out = world["root"] / f"stage_{stage}"
+    max_len = "64" if stage == "base" else "1024"  # base packs blocks of max_len tokens
+    train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", stage, "--max-steps", "2", "--max-len", max_len)))
+    metrics = read_metrics(out)
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    if stage == "1":
+        assert {"P_chosen", "P_rejected", "margin", "pair_acc"} <= set(metrics[0])
+        assert metrics[0]["margin"] == pytest.approx(metrics[0]["P_chosen"] - metrics[0]["P_rejected"])
+    if stage == "3":
+        assert any(m["obs_loss"] is not None for m in metrics)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_two_process_torchrun_matches_one_process(world, stage):
+    """The step loss is a sum over the global batch's tokens (stage 1: pairs) divided by their count, so the per-step
+    loss, and hence the whole curve, must not depend on how the batch is split across processes."""
+    root = world["root"] / f"ddp_{stage}"
+    # batch 8 = 2 ranks x micro 2 x 2 accumulation steps: exercises no_sync and the global normaliser
+    extra = ("--stage", stage, "--max-steps", "2", "--batch-size", "8")
+    train_sft.main(train_sft.parse_args(run_args(world, root / "one", *extra)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_sft.py"), *run_args(world, root / "two", *extra)]
+    try:
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun timed out; output:\n{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = read_metrics(root / "one"), read_metrics(root / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "obs_loss", "P_chosen", "P_rejected"):
+            assert (a.get(key) is None) == (b.get(key) is None) and a.get(key, 0) == pytest.approx(b.get(key, 0), abs=1e-4)
+    for p, q in zip(AutoModelForCausalLM.from_pretrained(root / "one").parameters(),
+                    AutoModelForCausalLM.from_pretrained(root / "two").parameters()):
+        assert torch.allclose(p, q, atol=1e-5)

@@ -1,0 +1,433 @@
+"""
+Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script, four stages.
+
+  base  plain language modelling on DIR/base.jsonl ({"text"}): every token trained, documents joined with eos and
+        packed into --max-len blocks. Not in the paper (it starts from R1-Distill, already a reasoning model); here it
+        turns the tiny random-init preset into a small "reasoning model" that knows the world's known facts.
+  1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}).
+        P(x|c) = (1/|x|) sum_i log pi(x_i | c, x_<i) over the continuation's trained tokens,
+        L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)). No reference model.
+  2     CoT+CoA with observation mask (paper 3.2.3, *how* to act) on DIR/sft_mix.jsonl ({"question","segments"}):
+        cross-entropy on the tokens the policy writes; observation tokens masked.
+  3     CoT+CoA without observation mask (paper 3.2.4, internal world model): the same, observation tokens trained.
+Stages chain: base -> 1 -> 2 -> 3, each --init from the previous --out.
+
+Every training row is built from token ids, never by re-tokenising decoded text (SPEC section 3):
+model.encode_segments(tok, [prompt] + segments) tokenises each segment on its own and returns (ids, loss_mask,
+obs_mask); stage 3 passes train_obs=True. Both stage 2 and 3 log the observation-token loss ("obs_loss", no gradient
+in stage 2) so the world model's learning is visible.
+
+How this departs from the paper / the original code (LLaMA-Factory), and why:
+- The loss of a step is sum(token losses) / (trained tokens in the whole GLOBAL batch), not a mean of per-device (or
+  per-micro-batch) means: every trained token weighs the same whatever the padding, the micro-batch or the number of
+  GPUs, so 1 process and N processes give the same loss curve. Stage 1 divides the per-pair losses by the pair count.
+- Sequences longer than --max-len are dropped and counted, never cut (a cut could end a row mid-observation).
+- Rows are grouped by length (sorted within a shuffled buffer of --bucket-batches global batches) to keep padding low;
+  the log shows the share of pad tokens. When the data does not fill the last global batch of an epoch, it is filled
+  with the epoch's first examples, so every rank runs the same number of backward passes (DDP would hang otherwise).
+- --batch-size counts sequences (stage 1: pairs) per optimizer step across all ranks.
+- Defaults are sized for the tiny preset on CPU. The paper's settings for real models (R1-Distill-Qwen-7B):
+  stage 1 lr 5e-6, batch 16, 2 epochs; stages 2/3 lr 5e-5, batch 32, 2 epochs.
+
+Commands (DIR from `python data.py --out DIR`):
+  python train_sft.py --stage base --init tiny --data DIR --out out/sft_base --max-len 256 --epochs 10 --batch-size 16
+  python train_sft.py --stage 1 --init out/sft_base --data DIR --out out/sft1 --epochs 1 --batch-size 16
+  python train_sft.py --stage 2 --init out/sft1 --data DIR --out out/sft12
+  python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1
+  torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
+      --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
+Interrupted runs: add --save-every N, then rerun the same command with --resume.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import build_prompt, encode_segments, load, save
+
+STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
+# Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
+STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Model
+    p.add_argument("--stage", required=True, choices=["base", "1", "2", "3"], help="SFT stage (see the docstring)")
+    p.add_argument("--init", default="tiny", help="'tiny' (random init; tokenizer from DIR/tokenizer), 'smollm2', "
+                   "or a checkpoint dir / HF model name")
+    p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
+                   "tokens to a pretrained tokenizer (resizes the embeddings)")
+    p.add_argument("--template", default="short", choices=["short", "autocoa"],
+                   help="prompt template for model.build_prompt ('autocoa' is the paper's long instruction)")
+    # Data
+    p.add_argument("--data", default="out/world", help="data dir written by data.py (its default example: out/world)")
+    p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
+                   "sft_mix}.jsonl)")
+    p.add_argument("--max-len", type=int, default=1024, help="longer rows are dropped and counted; base-stage block size")
+    p.add_argument("--bucket-batches", type=int, default=16,
+                   help="sort by length within shuffled buffers of this many global batches (less padding)")
+    # Optimization
+    p.add_argument("--epochs", type=float, default=2, help="passes over the data (paper: 2)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch: sequences (stage 1: pairs) per optimizer "
+                   "step over all ranks (paper: 16 for stage 1, 32 for stages 2/3)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences (pairs) per forward pass on one rank; "
+                   "gradient accumulation makes up the rest")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per stage: " + str(STAGE_LR) +
+                   "; paper: 5e-6 stage 1, 5e-5 stages 2/3)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup over this share of the steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--alpha", type=float, default=0.2, help="stage 1: weight of the auxiliary loss -P(chosen|c)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    # Checkpointing
+    p.add_argument("--out", required=True, help="output dir: save_pretrained checkpoint + run_args.json + metrics.jsonl")
+    p.add_argument("--save-every", type=int, default=0, help="write OUT/resume/ every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (the final save "
+                   "replaces OUT and drops resume/: a finished run has nothing to resume)")
+    p.add_argument("--max-steps-this-run", type=int, default=0,
+                   help="stop (after saving OUT/resume/) once this run has made N steps: simulates an interruption")
+    args = p.parse_args(argv)
+    args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data: JSONL records -> rows of (ids, loss_mask, obs_mask), token ids in, token ids out
+
+def read_jsonl(path, fields):
+    """Records of a JSONL file; fields maps name -> "str" or "segments". Errors name the file, line and field."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for name, kind in fields.items():
+                if name not in record:
+                    raise ValueError(f"{where}: missing field '{name}'")
+                value = record[name]
+                if kind == "str" and not isinstance(value, str):
+                    raise ValueError(f"{where}: field '{name}' must be a string")
+                if kind == "segments":
+                    if not isinstance(value, list):
+                        raise ValueError(f"{where}: field '{name}' must be a list of segments")
+                    for i, seg in enumerate(value):
+                        if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
+                                and isinstance(seg.get("text"), str)):
+                            raise ValueError(f"{where}: field '{name}[{i}]' must be "
+                                             '{"kind": "policy"|"obs", "text": str}')
+            records.append(record)
+    return records
+
+
+def load_examples(tok, stage, path, max_len, template="short"):
+    """Examples for a stage: each a list of rows (ids, loss_mask, obs_mask); stage 1 has two rows (chosen, rejected)
+    whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
+    if stage == "base":
+        stream = []
+        for r in read_jsonl(path, {"text": "str"}):
+            stream += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # documents are packed and attend across their eos boundaries, as in GPT pretraining: no padding, no waste
+        blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
+        return [[(b, [1] * len(b), [0] * len(b))] for b in blocks], 0
+
+    examples, dropped = [], 0
+    if stage == "1":
+        for r in read_jsonl(path, {"question": "str", "prefix": "segments", "chosen": "segments",
+                                   "rejected": "segments"}):
+            prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
+            context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
+            rows = []
+            for continuation in (r["chosen"], r["rejected"]):
+                ids, loss_mask, obs_mask = encode_segments(tok, continuation, add_eos=True)
+                # only the continuation counts in P(x|c): the shared context c gets mask 0
+                rows.append((context + ids, [0] * len(context) + loss_mask, context_obs + obs_mask))
+            if max(len(row[0]) for row in rows) > max_len:
+                dropped += 1
+            else:
+                examples.append(rows)
+        return examples, dropped
+
+    for r in read_jsonl(path, {"question": "str", "segments": "segments"}):
+        prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
+        row = encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)
+        if len(row[0]) > max_len:
+            dropped += 1
+        else:
+            examples.append([row])
+    return examples, dropped
+
+
+def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
+    """Global batches (lists of example indices) for one epoch, identical on every rank: shuffle, fill the last batch
+    with the epoch's first examples, sort by length within buffers of bucket_batches batches, shuffle the batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n = len(lengths)
+    order = torch.randperm(n, generator=g).tolist()
+    order = [order[i % n] for i in range(math.ceil(n / batch_size) * batch_size)]
+    batches, buffer = [], batch_size * bucket_batches
+    for start in range(0, len(order), buffer):
+        chunk = sorted(order[start:start + buffer], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def collate(rows, pad_id, device):
+    """Right-padded tensors (R, T): ids, attention mask, loss_mask, obs_mask."""
+    T = max(len(ids) for ids, _, _ in rows)
+    def pad(seqs, value):
+        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+    ids = pad([r[0] for r in rows], pad_id)
+    attention = pad([[1] * len(r[0]) for r in rows], 0)
+    return ids, attention, pad([r[1] for r in rows], 0), pad([r[2] for r in rows], 0)
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def token_logprobs(logits, ids):
+    """log pi(x_t | x_<t) for every next token. logits (R, T, V), ids (R, T) -> (R, T-1), float32."""
+    R, T, V = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1), reduction="none")
+    return -nll.view(R, T - 1)
+
+
+def mean_logprob(logp, mask):
+    """P(x|c) = 1/|x| sum_i log pi(x_i | c, x_<i) over the continuation x (mask = its trained tokens).
+    logp, mask: (R, T-1) -> (R,)"""
+    return (logp * mask).sum(1) / mask.sum(1)
+
+
+def contrastive_loss(P_chosen, P_rejected, alpha):
+    """SFT stage 1 (paper 3.2.2), per pair: L = L_contra + alpha * L_aux. P_chosen, P_rejected: (P,) -> (P,)"""
+    L_contra = -F.logsigmoid(P_chosen - P_rejected)  # (P,)  -log sigma(P(chosen|c) - P(rejected|c))
+    L_aux = -P_chosen                                # (P,)  stops P(chosen|c) falling together with P(rejected|c)
+    return L_contra + alpha * L_aux
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def write_atomic(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def main(args):
+    # -------------------------------------------------------------------------
+    # distributed setup: the same file runs under python and torchrun
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+        device = f"cuda:{local_rank}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world_size, device = 0, 1, "cuda" if cuda else "cpu"
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+
+    torch.manual_seed(args.seed)
+    if args.init == "tiny":
+        model, tok = load("tiny", tokenizer=os.path.join(args.data, "tokenizer"), device=device, seed=args.seed)
+    else:
+        model, tok = load(args.init, device=device, add_action_tokens=args.add_action_tokens)
+    assert tok.eos_token_id is not None, f"tokenizer of {args.init} has no eos token"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    # -------------------------------------------------------------------------
+    # data and derived sizes
+    path = args.train_file or os.path.join(args.data, STAGE_FILES[args.stage])
+    examples, dropped = load_examples(tok, args.stage, path, args.max_len, args.template)
+    assert examples, f"{path}: no usable examples ({dropped} dropped as longer than --max-len {args.max_len})"
+    lengths = [tuple(len(row[0]) for row in ex) for ex in examples]  # stage 1 sorts by (chosen, rejected) length
+    B, m = args.batch_size, args.micro_batch
+    assert B > 0 and m > 0 and B % (m * world_size) == 0, \
+        f"--batch-size {B} must be a multiple of --micro-batch {m} x world size {world_size}"
+    accum_steps = B // (m * world_size)   # micro-steps per rank per optimizer step
+    steps_per_epoch = math.ceil(len(examples) / B)
+    total_steps = math.ceil(steps_per_epoch * args.epochs)
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    unit = "pairs" if args.stage == "1" else "sequences"
+    log(f"stage {args.stage} | {path}: {len(examples)} {unit}, {dropped} dropped as longer than --max-len "
+        f"{args.max_len} | world {world_size} x micro {m} x accum {accum_steps} = batch {B} | "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps} | lr {args.lr:g}")
+
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    # -------------------------------------------------------------------------
+    # resume: weights, optimizer, step and RNG; the data order is a function of (seed, epoch, step)
+    step = 0
+    resume_path = os.path.join(args.out, "resume", "state.pt")
+    if args.resume and os.path.exists(resume_path):
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        for key in ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches"):
+            assert state["args"][key] == getattr(args, key), \
+                f"--resume: {key} was {state['args'][key]!r} in {resume_path}, now {getattr(args, key)!r}; the data " \
+                "order would differ from the interrupted run's"
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        if cuda and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+        log(f"resumed from {resume_path} at step {step}")
+    elif args.resume:
+        log(f"--resume: no {resume_path}, starting from scratch")
+
+    def save_resume():
+        # rank 0's RNG only: ranks differ only if the model uses dropout (the presets do not)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "cuda": torch.cuda.get_rng_state() if cuda else None}
+        write_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                      "rng": rng, "args": vars(args)}, resume_path)
+
+    # -------------------------------------------------------------------------
+    # training loop
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    batches, batches_epoch = None, -1
+    steps_this_run, run_tokens, run_pad = 0, 0.0, 0.0
+    while step < total_steps:
+        t0 = time.time()
+        epoch = step // steps_per_epoch
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(lengths, B, args.bucket_batches, args.seed, epoch), epoch
+        batch = [examples[i] for i in batches[step % steps_per_epoch]]
+        lr = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Contiguous micro-batches of the length-sorted global batch, dealt round-robin to the ranks: 1 and N
+        # processes see the same micro-batches. The normaliser counts the whole global batch (known to every rank).
+        micro_batches = [batch[k * m:(k + 1) * m] for k in range(rank, B // m, world_size)]
+        shift = slice(1, None)  # masks are per token; a token is predicted from the one before it
+        if args.stage == "1":
+            normaliser = float(B)
+        else:
+            normaliser = float(sum(sum(ex[0][1][shift]) for ex in batch))
+        obs_count = float(sum(sum(row[2][shift]) for ex in batch for row in ex))
+        sums = torch.zeros(7, device=device)  # loss, obs nll, P_chosen, P_rejected, correct, pad tokens, all tokens
+        for k, examples_k in enumerate(micro_batches):
+            sync = nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
+            with sync:
+                # One padded tensor per row kind: stage 1 forwards its chosen rows, then its rejected rows (their
+                # lengths differ a lot, one tensor for both would be a third padding); one backward for both.
+                logps, masks = [], []
+                for j in range(len(examples_k[0])):
+                    ids, attention, loss_mask, obs_mask = collate([ex[j] for ex in examples_k], pad_id, device)
+                    with autocast:
+                        logits = model(input_ids=ids, attention_mask=attention).logits
+                    logp = token_logprobs(logits, ids)                 # (R, T-1)
+                    logps.append(logp)
+                    masks.append(loss_mask[:, 1:].float())
+                    sums[1] += -(logp.detach() * obs_mask[:, 1:]).sum()
+                    sums[5] += (attention == 0).sum()
+                    sums[6] += attention.numel()
+                if args.stage == "1":
+                    P_chosen, P_rejected = (mean_logprob(logp, mask) for logp, mask in zip(logps, masks))
+                    loss = contrastive_loss(P_chosen, P_rejected, args.alpha).sum() / normaliser
+                    sums[2:5] += torch.stack([P_chosen.sum(), P_rejected.sum(), (P_chosen > P_rejected).sum()]).detach()
+                else:
+                    loss = -(logps[0] * masks[0]).sum() / normaliser  # paper 3.2.3: mask = I[x_i != o] in stage 2
+                # DDP averages gradients over ranks; our loss is already a share of the global sum, so undo the mean
+                (loss * world_size).backward()
+            sums[0] += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0
+                                                   else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(sums)
+        step += 1
+        steps_this_run += 1
+
+        # -------------------------------------------------------------------------
+        # logging (rank 0), checkpoints
+        dt = time.time() - t0
+        s = sums.tolist()
+        run_tokens, run_pad = run_tokens + s[6], run_pad + s[5]
+        metrics = {"step": step, "loss": s[0], "lr": lr, "grad_norm": grad_norm.item(), "pad": s[5] / s[6],
+                   "tok_per_s": (s[6] - s[5]) / dt}
+        if args.stage in ("2", "3"):  # null on a step whose batch holds no observation (all pure CoT)
+            metrics["obs_loss"] = s[1] / obs_count if obs_count else None
+        if args.stage == "1":
+            metrics.update(P_chosen=s[2] / B, P_rejected=s[3] / B, margin=(s[2] - s[3]) / B, pair_acc=s[4] / B)
+        if master:
+            shown = [f"step {step}/{total_steps}"] + [f"{k} {metrics[k]:.4f}" for k in
+                                                      ("loss", "obs_loss", "P_chosen", "P_rejected", "margin",
+                                                       "pair_acc") if metrics.get(k) is not None]
+            shown += [f"lr {lr:.2e}", f"pad {metrics['pad']:.0%}", f"{metrics['tok_per_s']:.0f} tok/s"]
+            print(" | ".join(shown), flush=True)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        stop_early = args.max_steps_this_run and steps_this_run >= args.max_steps_this_run and step < total_steps
+        if master and ((args.save_every and step % args.save_every == 0) or stop_early):
+            save_resume()
+        if stop_early:
+            log(f"stopping after {steps_this_run} steps this run (--max-steps-this-run); continue with --resume")
+            break
+
+    log(f"{steps_this_run} steps this run | pad {run_pad / max(run_tokens, 1):.1%} of {run_tokens:.0f} tokens")
+    if master and step >= total_steps:
+        # model.save swaps in a fresh OUT dir atomically; carry the metrics over (resume/ is obsolete and goes)
+        with open(metrics_path) as f:
+            metrics_log = f.read()
+        save(raw_model, tok, args.out, vars(args))
+        with open(metrics_path + ".tmp", "w") as f:
+            f.write(metrics_log)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        log(f"saved {args.out}")
+    if ddp:
+        # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage
+        # collector after destroy_process_group, gloo sometimes hung in its destructor once the other rank had exited.
+        del model
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
