@@ -69,7 +69,7 @@ import time
 from collections import Counter, defaultdict
 
 import tools
-from tools import THINK_CLOSE, action_close, action_open, format_observation
+from tools import THINK_CLOSE, action_close, action_open, format_observation, write_atomic
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -540,14 +540,6 @@ def train_tokenizer(texts, vocab_size):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_atomic(path, data):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-    os.replace(tmp, path)
 
 
 def write_jsonl(path, rows):

@@ -49,11 +49,10 @@ import os
 import re
 import string
 import sys
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 
-from tools import THINK_CLOSE, THINK_OPEN
+from tools import THINK_CLOSE, THINK_OPEN, read_jsonl, write_atomic
 
 # -----------------------------------------------------------------------------
 # Answer metrics (SPEC 5 and 8). Pure functions of strings: train_rl.py imports these.
@@ -156,36 +155,27 @@ def load_questions(path, limit=None):
     """Shared question JSONL -> list of dicts. Bad lines raise ValueError naming file, line and field.
     limit keeps the first `limit` questions of each group: "dataset" when present, else "type", else all."""
     questions, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(q, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(q).__name__}")
-            for field in ("id", "question", "golden_answers"):
-                if field not in q:
-                    raise ValueError(f"{where}: missing field '{field}'")
-            if not isinstance(q["question"], str) or not q["question"].strip():
-                raise ValueError(f"{where}: field 'question' must be a non-empty string")
-            golds = q["golden_answers"]
-            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-                raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of strings")
-            q["id"] = str(q["id"])
-            key = (q.get("dataset"), q["id"])  # ids repeat across datasets in the authors' test file ("dev_265")
-            if key in seen:
-                first, first_line = seen[key]
-                if first != q:
-                    raise ValueError(f"{where}: field 'id' {q['id']!r} repeats line {first_line} with other content")
-                # the authors' file has one exact duplicate (TriviaQA dev_2063, hence "501"): count it once
-                print(f"warning: {where}: exact duplicate of line {first_line}, skipped", file=sys.stderr)
-                continue
-            seen[key] = (q, lineno)
-            questions.append(q)
+    for where, q in read_jsonl(path):
+        for field in ("id", "question", "golden_answers"):
+            if field not in q:
+                raise ValueError(f"{where}: missing field '{field}'")
+        if not isinstance(q["question"], str) or not q["question"].strip():
+            raise ValueError(f"{where}: field 'question' must be a non-empty string")
+        golds = q["golden_answers"]
+        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+            raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of strings")
+        q["id"] = str(q["id"])
+        key = (q.get("dataset"), q["id"])  # ids repeat across datasets in the authors' test file ("dev_265")
+        if key in seen:
+            first, first_where = seen[key]
+            first_line = first_where.rsplit(":", 1)[1]
+            if first != q:
+                raise ValueError(f"{where}: field 'id' {q['id']!r} repeats line {first_line} with other content")
+            # the authors' file has one exact duplicate (TriviaQA dev_2063, hence "501"): count it once
+            print(f"warning: {where}: exact duplicate of line {first_line}, skipped", file=sys.stderr)
+            continue
+        seen[key] = (q, where)
+        questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions")
     if limit is not None:
@@ -490,18 +480,6 @@ def format_results_md(summary, label):
             "Stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["stop_reasons"].items())),
             "Format checks: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["format_checks"].items())), ""]
     return "\n".join(out)
-
-
-def write_atomic(path, text):
-    """Write text to path via a temp file in the same folder and a rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def plot_by_actions(summary, path):

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_close, action_open, format_observation,
                    result_close, result_open, special_tokens)

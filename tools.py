@@ -34,8 +34,10 @@ import ast
 import json
 import math
 import operator
+import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -88,6 +90,43 @@ class ToolError(Exception):
 
 
 # -----------------------------------------------------------------------------
+# File helpers every script uses (this module is the one they all import, and it needs no torch)
+
+def read_jsonl(path):
+    """-> [(where, object)] for the non-blank lines of a JSONL file, where = "FILE:LINE" so callers can name the line in
+    their own field errors. A line that is not a JSON object fails here, with its file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((where, obj))
+    return rows
+
+
+def write_atomic(path, text):
+    """Write text to a temp file in the same folder, then rename: a reader or a crash never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
 # BM25 (Okapi), in-process
 
 # Lucene's default English stop set, which Pyserini's default analyzer uses.
@@ -133,22 +172,13 @@ class BM25Index:
     def from_jsonl(cls, path, **kwargs):
         """Load a FlashRAG corpus: one {"id", "contents"} per line. Bad lines fail with file and line number."""
         passages = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    p = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(p, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(p).__name__}")
-                for field in ("id", "contents"):
-                    if field not in p:
-                        raise ValueError(f"{path}:{lineno}: missing field '{field}'")
-                if not isinstance(p["contents"], str):
-                    raise ValueError(f"{path}:{lineno}: field 'contents' must be a string")
-                passages.append(p)
+        for where, p in read_jsonl(path):
+            for field in ("id", "contents"):
+                if field not in p:
+                    raise ValueError(f"{where}: missing field '{field}'")
+            if not isinstance(p["contents"], str):
+                raise ValueError(f"{where}: field 'contents' must be a string")
+            passages.append(p)
         if not passages:
             raise ValueError(f"{path}: no passages")
         return cls(passages, **kwargs)

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from evaluate import exact_match, extract_answer, f1, format_ok
+from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from model import build_prompt, encode_segments, load, rollout, save
 from tools import make_tools
 
@@ -159,30 +159,6 @@ def masked_whiten(x, mask):
     mean = s / n
     var = (sq / n - mean ** 2).clamp(min=0)
     return ((x - mean) * torch.rsqrt(var + 1e-8)).float().masked_fill(~m, 0.0)
-
-
-def read_questions(path):
-    """Question rows (id, question, golden_answers as a list, other fields kept) from a JSONL file; a bad row raises
-    ValueError naming the file, the line and the field."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            q, golds = row.get("question"), row.get("golden_answers")
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"{path}:{lineno}: field 'question' must be a non-empty string")
-            golds = [golds] if isinstance(golds, str) else golds
-            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-                raise ValueError(f"{path}:{lineno}: field 'golden_answers' must be a non-empty list of strings")
-            rows.append({**row, "id": str(row.get("id", f"line{lineno}")), "golden_answers": golds})
-    if not rows:
-        raise ValueError(f"{path}: no questions")
-    return rows
 
 
 def prompt_index(seed, step, j, num_prompts, num_questions):
@@ -369,7 +345,7 @@ def main(argv=None):
     if template is None:  # prompts must look like the ones SFT trained on
         run_args = os.path.join(args.init, "run_args.json")
         template = json.load(open(run_args)).get("template", "short") if os.path.exists(run_args) else "short"
-    questions = read_questions(os.path.join(args.data, "train.jsonl"))
+    questions = load_questions(os.path.join(args.data, "train.jsonl"))
     real_tools = make_tools(url=args.url, api=args.api) if args.url else \
         make_tools(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     world_model_tools = None
@@ -552,7 +528,7 @@ def main(argv=None):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             if master:
                 from evaluate import evaluate  # lazy: evaluation is optional
-                dev = read_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
+                dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
                 summary = evaluate(policy, tokenizer, dev, real_tools, "agent", template=template, progress=False,
                                    max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
                                    max_context=args.max_context)[0]  # greedy, real tools

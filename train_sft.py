@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import build_prompt, encode_segments, load, save
+from tools import read_jsonl
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
 # Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
@@ -110,35 +111,25 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # data: JSONL records -> rows of (ids, loss_mask, obs_mask), token ids in, token ids out
 
-def read_jsonl(path, fields):
+def read_records(path, fields):
     """Records of a JSONL file; fields maps name -> "str" or "segments". Errors name the file, line and field."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for name, kind in fields.items():
-                if name not in record:
-                    raise ValueError(f"{where}: missing field '{name}'")
-                value = record[name]
-                if kind == "str" and not isinstance(value, str):
-                    raise ValueError(f"{where}: field '{name}' must be a string")
-                if kind == "segments":
-                    if not isinstance(value, list):
-                        raise ValueError(f"{where}: field '{name}' must be a list of segments")
-                    for i, seg in enumerate(value):
-                        if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
-                                and isinstance(seg.get("text"), str)):
-                            raise ValueError(f"{where}: field '{name}[{i}]' must be "
-                                             '{"kind": "policy"|"obs", "text": str}')
-            records.append(record)
+    for where, record in read_jsonl(path):
+        for name, kind in fields.items():
+            if name not in record:
+                raise ValueError(f"{where}: missing field '{name}'")
+            value = record[name]
+            if kind == "str" and not isinstance(value, str):
+                raise ValueError(f"{where}: field '{name}' must be a string")
+            if kind == "segments":
+                if not isinstance(value, list):
+                    raise ValueError(f"{where}: field '{name}' must be a list of segments")
+                for i, seg in enumerate(value):
+                    if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
+                            and isinstance(seg.get("text"), str)):
+                        raise ValueError(f"{where}: field '{name}[{i}]' must be "
+                                         '{"kind": "policy"|"obs", "text": str}')
+        records.append(record)
     return records
 
 
@@ -147,7 +138,7 @@ def load_examples(tok, stage, path, max_len, template="short"):
     whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
     if stage == "base":
         stream = []
-        for r in read_jsonl(path, {"text": "str"}):
+        for r in read_records(path, {"text": "str"}):
             stream += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         # documents are packed and attend across their eos boundaries, as in GPT pretraining: no padding, no waste
         blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
@@ -155,7 +146,7 @@ def load_examples(tok, stage, path, max_len, template="short"):
 
     examples, dropped = [], 0
     if stage == "1":
-        for r in read_jsonl(path, {"question": "str", "prefix": "segments", "chosen": "segments",
+        for r in read_records(path, {"question": "str", "prefix": "segments", "chosen": "segments",
                                    "rejected": "segments"}):
             prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
             context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
@@ -170,7 +161,7 @@ def load_examples(tok, stage, path, max_len, template="short"):
                 examples.append(rows)
         return examples, dropped
 
-    for r in read_jsonl(path, {"question": "str", "segments": "segments"}):
+    for r in read_records(path, {"question": "str", "segments": "segments"}):
         prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
         row = encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)
         if len(row[0]) > max_len:
@@ -236,7 +227,7 @@ def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def write_atomic(obj, path):
+def torch_save_atomic(obj, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -322,7 +313,7 @@ def main(args):
         # rank 0's RNG only: ranks differ only if the model uses dropout (the presets do not)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state() if cuda else None}
-        write_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        torch_save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                       "rng": rng, "args": vars(args)}, resume_path)
 
     # -------------------------------------------------------------------------

@@ -59,7 +59,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -70,8 +69,8 @@ import torch
 import model as M
 import train_sft as SFT
 from evaluate import exact_match, extract_answer, f1, normalize_answer
-from tools import (BM25Index, ToolRegistry, action_close, action_open, calculator, make_tools, result_close,
-                   result_open, serve)
+from tools import (BM25Index, ToolRegistry, action_close, action_open, calculator, make_tools, read_jsonl,
+                   result_close, result_open, serve, write_atomic)
 
 # -----------------------------------------------------------------------------
 # The world model's input and training example
@@ -95,34 +94,16 @@ def wm_example(tokenizer, call):
 # Small I/O helpers
 
 
-def read_jsonl(path, fields=()):
-    """Rows of a JSONL file; a bad line or a missing field fails with file:line and the field's name."""
+def read_rows(path, fields=()):
+    """Rows of a JSONL file, each with "_where" (file:line); a missing field fails with file:line and its name."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in fields:
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field '{field}'")
-            row["_where"] = f"{path}:{lineno}"
-            rows.append(row)
+    for where, row in read_jsonl(path):
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{where}: missing field '{field}'")
+        row["_where"] = where
+        rows.append(row)
     return rows
-
-
-def write_atomic(path, text):
-    """Write to a temp file in the same directory, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
@@ -247,9 +228,9 @@ def read_calls(tool_calls, rollout_logs=()):
     """Real (tool, args, observation) rows from the teacher's tool_calls.jsonl and from RL rollout logs. A log row is a
     call itself or holds a list of them under "calls"; rows marked "simulated": true are skipped (a simulator's output
     is not the world)."""
-    rows = read_jsonl(tool_calls, fields=("tool", "args", "observation"))
+    rows = read_rows(tool_calls, fields=("tool", "args", "observation"))
     for path in rollout_logs:
-        for row in read_jsonl(path):
+        for row in read_rows(path):
             for call in row.get("calls", [row]):
                 missing = [f for f in ("tool", "args", "observation") if f not in call]
                 if missing:
@@ -501,7 +482,7 @@ def main(args):
         print(f"wrote {args.out}")
 
     elif args.command == "train":
-        calls = [c for c in read_jsonl(args.calls, ("tool", "args", "observation", "split")) if c["split"] == "train"]
+        calls = [c for c in read_rows(args.calls, ("tool", "args", "observation", "split")) if c["split"] == "train"]
         assert calls, f"{args.calls}: no rows with split == train"
         torch.manual_seed(args.seed)
         if args.init == "tiny":
@@ -528,7 +509,7 @@ def main(args):
         assert args.wm or args.policy, "eval needs --wm and/or --policy"
         calls_path = args.calls or (args.wm and json.load(open(os.path.join(args.wm, "run_args.json"))).get("calls"))
         assert calls_path, "give --calls (the output of `collect` the world model was trained on)"
-        calls = read_jsonl(calls_path, ("tool", "args", "observation", "split", "entity", "entity_seen"))
+        calls = read_rows(calls_path, ("tool", "args", "observation", "split", "entity", "entity_seen"))
         train_passages = {p for c in calls if c["split"] == "train" for p in split_results(c["observation"])}
         train_text = defaultdict(str)
         for p in sorted(train_passages):
@@ -555,7 +536,7 @@ def main(args):
             details += rows
             if args.questions:
                 assert args.data, "reward agreement needs --data DIR (dev.jsonl, corpus.jsonl)"
-                questions = read_jsonl(os.path.join(args.data, "dev.jsonl"), ("question", "golden_answers"))
+                questions = read_rows(os.path.join(args.data, "dev.jsonl"), ("question", "golden_answers"))
                 questions = questions[:args.questions]
                 index = BM25Index.from_jsonl(os.path.join(args.data, "corpus.jsonl"))
                 simulators = {"policy_as_wm": (make_tools(corpus=index), "sim")}

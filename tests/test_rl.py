@@ -4,7 +4,6 @@ end-to-end run with --resume. CPU only, a 2-layer width-64 model overfit in a se
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -161,9 +160,10 @@ def test_masked_whiten():
 
 def test_bad_question_file_names_line_and_field(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text('{"question": "q", "golden_answers": ["a"]}\n{"question": "q2", "golden_answers": [3]}\n')
+    path.write_text('{"id": "1", "question": "q", "golden_answers": ["a"]}\n'
+                    '{"id": "2", "question": "q2", "golden_answers": [3]}\n')
     with pytest.raises(ValueError, match=r"train.jsonl:2: field 'golden_answers'"):
-        train_rl.read_questions(str(path))
+        train_rl.load_questions(str(path))
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -154,7 +153,7 @@ def test_stage1_context_is_not_trained(world):
 # data errors, length dropping, batching
 
 @pytest.mark.parametrize("line, field", [
-    ('{"question": "q", "segments": [', "not valid JSON"),
+    ('{"question": "q", "segments": [', "invalid JSON"),
     ('{"segments": []}', "'question'"),
     ('{"question": "q", "segments": [{"kind": "tool", "text": "x"}]}', "'segments[0]'"),
     ('{"question": 3, "segments": []}', "'question'"),
