@@ -539,7 +539,7 @@ def world_row(predictions, model_dir):
     if os.path.exists(metrics):
         with open(metrics) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        calls = rows[-1]["real_calls_total"] if rows else 0
+        calls = rows[-1].get("real_calls_total", 0) if rows else 0  # SFT checkpoints keep metrics.jsonl too
     row["rl_real_calls"] = calls
     return row
 
