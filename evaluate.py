@@ -564,7 +564,7 @@ def world_table(run_dir, labels, wall_seconds=None):
             "questions on facts the base model was taught; known_no_action: share of known questions answered without "
             "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
     if wall_seconds is not None:
-        note += f" Wall time of the run: {wall_seconds / 60:.1f} min."
+        note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
     return "\n".join(lines) + "\n" + note + "\n", rows
 
 
@@ -573,7 +573,7 @@ def table_main(argv):
     p = argparse.ArgumentParser(prog="evaluate.py table", description="Table 1 of a run.sh run from its eval/ dirs")
     p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
     p.add_argument("--rows", nargs="+", required=True, help="row labels, in table order (eval/LABEL must exist)")
-    p.add_argument("--wall-seconds", type=float, default=None, help="wall time of the run, printed under the table")
+    p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
     args = p.parse_args(argv)
     md, rows = world_table(args.run, args.rows, args.wall_seconds)
     write_atomic(os.path.join(args.run, "results.md"), md)

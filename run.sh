@@ -68,13 +68,14 @@ esac
 mkdir -p "$OUT"
 [ "$FRESH" = 1 ] && rm -rf "${OUT:?}"/*
 TIMES="$OUT/times.tsv"; : > "$TIMES.new"
-T0=$SECONDS
 
 # stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; one line per stage, time recorded.
 stage() {
   local name="$1" target="$2"; shift 2
-  if [ -e "$target" ]; then
-    echo "== $name: $target exists, skipped"; printf '%s\t0\tskipped\n' "$name" >> "$TIMES.new"; return
+  if [ -e "$target" ]; then  # keep the time of the run that made it, so times.tsv always describes the outputs
+    local made; made=$(awk -F'\t' -v n="$name" '$1 == n {t = $2} END {print t + 0}' "$TIMES" 2>/dev/null || echo 0)
+    echo "== $name: $target exists, skipped"; printf '%s\t%s\tskipped\n' "$name" "${made:-0}" >> "$TIMES.new"
+    return
   fi
   echo "== $name: $*"
   local t=$SECONDS
@@ -130,6 +131,6 @@ evaluate_row sft-123+rl-sim    "$OUT/rl_sim_real/sim_end" agent
 evaluate_row sft-123+rl-sim-real "$OUT/rl_sim_real" agent
 
 mv "$TIMES.new" "$TIMES"
-$PY evaluate.py table --run "$OUT" --wall-seconds $((SECONDS - T0)) --rows model-only workflow sft-1 sft-2 sft-12 \
+$PY evaluate.py table --run "$OUT" --wall-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" --rows model-only workflow sft-1 sft-2 sft-12 \
   sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real
 echo "== time per stage (s):"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"
