@@ -497,24 +497,51 @@ def _rows(prompts, s):
 class _SlotCache:
     """KV cache where each row writes its new tokens into its OWN next free slots (not one shared column per forward),
     so a forward may cover a subset of the rows, and a row that feeds nothing costs no slot. Buffers are preallocated
-    and doubled when full (no torch.cat per step). The engine calls prepare() before each forward; the model calls
+    and doubled when full (no torch.cat per step). A finished row is retired: the last live row moves into its buffer
+    row, so the live rows stay the first buffer rows and a forward over them reads the buffers as a view (no gathered
+    copy) and spends no attention on finished rows. The engine calls prepare() before each forward; the model calls
     update() per layer (the only Cache method a Llama-style model needs given position_ids and a ready 4-D mask)."""
 
     def __init__(self, batch, device):
-        self.keys, self.values = [], []  # per layer: (B, H, capacity, D)
+        self.keys, self.values = [], []  # per layer: (B, H, capacity, D), indexed by buffer row
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # slots holding a real token
-        self.free = [0] * batch          # next free slot per row (host: sizes are known without a sync)
-        self.rows = self.slots = None
-        self.length = 0
+        self.free = [0] * batch          # next free slot per buffer row (host: sizes are known without a sync)
+        self.where = list(range(batch))  # engine row -> buffer row
+        self.order = list(range(batch))  # buffer row -> engine row; the first `live` are not retired
+        self.live = batch
+        self.arange = torch.arange(batch, device=device)
+        self.index = self.slots = None
+        self.count = self.length = 0
 
-    def prepare(self, n, width, eager, rows=None):
-        """Next forward: rows `rows` (list; None = all), inputs (len(rows), width) right-aligned, the last n[r] of row r
-        real (n: list). -> 4-D attention mask."""
+    def live_rows(self):
+        """Engine rows not retired, in buffer order (a forward over them in this order reads a view)."""
+        return self.order[:self.live]
+
+    def retire(self, row):
+        """Engine row `row` will never feed again: move the last live row into its buffer row."""
+        a, b = self.where[row], self.live - 1
+        self.live -= 1
+        if a != b:
+            for buffers in (self.keys, self.values):
+                for buffer in buffers:
+                    buffer[a] = buffer[b]
+            self.valid[a] = self.valid[b]
+            self.free[a] = self.free[b]
+            moved = self.order[b]
+            self.order[a], self.where[moved] = moved, a
+        self.where[row] = None
+
+    def prepare(self, n, width, eager, rows):
+        """Next forward: engine rows `rows` (list), inputs (len(rows), width) right-aligned, the last n[r] of row r real
+        (n: list). -> 4-D attention mask."""
         device = self.valid.device
-        index = torch.arange(len(self.free), device=device) if rows is None else torch.tensor(rows, device=device)
-        self.rows = None if rows is None else index  # None: all rows in order, the cache is read without a copy
-        rows = range(len(self.free)) if rows is None else rows
-        free = [self.free[i] for i in rows]
+        buffer_rows = [self.where[i] for i in rows]
+        self.count = len(buffer_rows)
+        # buffer rows 0..R-1 in order (the live rows): read as a view; any other subset: a gathered copy
+        prefix = buffer_rows == list(range(self.count))
+        index = self.arange[:self.count] if prefix else torch.tensor(buffer_rows, device=device)
+        self.index = None if prefix else index
+        free = [self.free[i] for i in buffer_rows]
         need = max(free) + width
         if need > self.valid.shape[1]:
             grow = max(need, 2 * self.valid.shape[1]) - self.valid.shape[1]
@@ -528,9 +555,9 @@ class _SlotCache:
         # real tokens go to the row's next free slots; padding right after them (never valid, overwritten later)
         self.slots = torch.tensor(free, device=device)[:, None] + torch.where(offset >= 0, offset, n_t[:, None] + j)
         self.valid[index[:, None], self.slots] |= offset >= 0
-        for i, k in zip(rows, n):
+        for i, k in zip(buffer_rows, n):
             self.free[i] += k
-        self.length = max(self.free[i] for i in rows)
+        self.length = max(self.free[i] for i in buffer_rows)
         span = torch.arange(self.length, device=device)
         # query (r, j) sees its row's valid slots up to its own (a padding query sees the whole row: never empty)
         mask = (self.valid[index, None, :self.length] & (span <= self.slots[:, :, None]))[:, None]  # (R, 1, width, L)
@@ -544,16 +571,18 @@ class _SlotCache:
             self.keys.append(key.new_zeros(len(self.free), H, self.valid.shape[1], D))
             self.values.append(value.new_zeros(len(self.free), H, self.valid.shape[1], D))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        rows = (torch.arange(len(self.free), device=key.device) if self.rows is None else self.rows)[:, None]
+        if self.index is None:
+            keys, values = keys[:self.count], values[:self.count]
+        rows = (self.arange[:self.count] if self.index is None else self.index)[:, None]
         keys[rows, :, self.slots] = key.transpose(1, 2).to(keys.dtype)
         values[rows, :, self.slots] = value.transpose(1, 2).to(values.dtype)
-        if self.rows is None:
+        if self.index is None:
             return keys[:, :, :self.length], values[:, :, :self.length]
-        return keys[self.rows, :, :self.length], values[self.rows, :, :self.length]  # a copy of the few rows
+        return keys[self.index, :, :self.length], values[self.index, :, :self.length]  # a copy of the few rows
 
 
-def _forward(model, ids, n, position_ids, cache, rows=None):
-    """One cached forward of right-aligned inputs (the last n[r] slots of row r real) for rows `rows` (None = all) ->
+def _forward(model, ids, n, position_ids, cache, rows):
+    """One cached forward of right-aligned inputs (the last n[r] slots of row r real) for engine rows `rows` (list) ->
     next-token logits (R, V) at the last slot of each row (meaningful where n > 0)."""
     mask = cache.prepare(n, ids.shape[1], model.config._attn_implementation == "eager", rows)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
@@ -643,7 +672,7 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     ids = ids.to(device)
     cache = _SlotCache(B, device)
     position = (torch.arange(width, device=device) - (width - prompt_len)[:, None]).clamp(min=0)
-    next_logits = _forward(model, ids, [len(p) for p in prompts], position, cache)
+    next_logits = _forward(model, ids, [len(p) for p in prompts], position, cache, list(range(B)))
     push(list(range(B)))
 
     bar = None
@@ -702,15 +731,17 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
         if cells:
             r_, c_, t_, l_, o_ = (torch.tensor(x, device=device) for x in zip(*cells))
             resp_ids[r_, c_], resp_loss[r_, c_], resp_obs[r_, c_] = t_, l_, o_
-        # 9. Feed the cache. Decoding rows: one token each, in a forward over the whole batch (rows that ended or
-        # inject feed nothing). Injecting rows: their chunks, right-aligned so the last slot is real, in a second
+        # 9. Feed the cache. Decoding rows: one token each, in a forward over the live (not retired) rows (rows that
+        # ended this step or inject feed nothing). Injecting rows: their chunks, right-aligned so the last slot is real, in a second
         # forward over those rows only. One forward of width max(chunk) over all B rows would cost B x that width in
         # padding: on the tiny CPU bench (batch 32) it processed 3x the tokens and ran ~2x slower than two forwards.
-        n = [int(r and i not in chunks and rows[i].phase != DONE) for i, r in enumerate(is_running)]
+        live = cache.live_rows()
+        n = [int(is_running[i] and i not in chunks and rows[i].phase != DONE) for i in live]
         if any(n):
-            position = (prompt_len + counters[1] - 1)[:, None]
-            logits = _forward(model, token[:, None], n, position, cache)
-            next_logits = torch.where(torch.tensor(n, device=device).bool()[:, None], logits, next_logits)
+            idx = torch.tensor(live, device=device)
+            position = (prompt_len + counters[1] - 1)[idx, None]
+            logits = _forward(model, token[idx, None], n, position, cache, live)
+            next_logits[idx] = torch.where(torch.tensor(n, device=device).bool()[:, None], logits, next_logits[idx])
         if chunks:
             width = max(len(c) for _, c in chunks.values())
             ids = torch.full((len(chunks), width), pad, dtype=torch.long)
@@ -722,6 +753,9 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
             position = (prompt_len[idx] + first)[:, None] + torch.arange(width, device=device) \
                 - (width - torch.tensor(n_c, device=device))[:, None]
             next_logits[idx] = _forward(model, ids.to(device), n_c, position.clamp(min=0), cache, list(chunks))
+        for i in touched:
+            if rows[i].phase == DONE:
+                cache.retire(i)  # later decode forwards skip it
         push(touched)
 
     if bar is not None:
