@@ -591,7 +591,7 @@ def _forward(model, ids, n, position_ids, cache, rows):
     return out.logits[:, -1].float()
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
             progress=False, sim_obs_tokens=256):
