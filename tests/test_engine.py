@@ -120,6 +120,22 @@ def test_greedy_engine_equals_naive_with_tool_calls(tags):
     assert all(r.real_calls >= 1 for r in fast) and any("doc about paris" in r.text for r in fast)
 
 
+def test_rows_that_finish_early_leave_the_others_exact():
+    """A finished row is retired from the cache (the last live row moves into its buffer row): the rows still running,
+    which go on decoding and prefilling observations from their new buffer rows, match the oracle token for token."""
+    lm, tok = make_model(True)
+    questions = ["Which city is the capital of France? " * 3, "Q", "What is 3*4?", "Capital?" * 5]
+    prompts = [tok.encode(f"Question: {q}\n{THINK_OPEN}", add_special_tokens=False) for q in questions]
+    kw = dict(max_new_tokens=200, max_context=400, answer_tokens=8, greedy=True)
+    fast = M.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
+    for a, b in zip(fast, M.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
+        same(a, b)
+    # row 0 (the longest prompt) reaches the scripted eos first, while every other row still has actions to take
+    assert fast[0].stop_reason == "eos"
+    assert all(len(r.response_ids) > len(fast[0].response_ids) + 40 and sum(r.num_actions.values()) >= 2
+               for r in fast[1:])
+
+
 @pytest.mark.parametrize("tags", [True, False], ids=["special-token-tags", "text-tags"])
 def test_stops_at_close_tag_and_masks_line_up(tags):
     """Zero tokens past an action: each observation starts right after the token that completes </end_NAME>, and the
