@@ -33,6 +33,7 @@ what the tool returned, wrapped by tools.format_observation. Its trajectories ar
     sft_cot.jsonl    pure CoT (no tools) on known questions
     sft_coa.jsonl    CoA (tools) on the other questions
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
+    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (the tiny preset's stage 2; see "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
                      known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
@@ -43,7 +44,8 @@ Segments hold the RESPONSE only: model.build_prompt() ends with "<think>", so th
 
 Departures from the paper (why): a generated world instead of Wikipedia + a 2021 dump (CPU budget, see above); BM25
 instead of e5 dense retrieval (no download); the teacher is a script, not a prompted large model (determinism, and its
-observations are real by construction); the known/unknown split is by entity pool, not by date.
+observations are real by construction); the known/unknown split is by entity pool, not by date; renamed copies of
+the CoA data for the tiny model, which has no pretrained copying skill (see "Renamed copies").
 
 Tokenizer: byte-level BPE trained on train-side text only (known + train pools), digits split one by one, pad/eos
 and every tool tag (tools.special_tokens()) as single special tokens; small vocabulary on purpose (see --vocab-size).
@@ -102,6 +104,8 @@ def get_args(argv=None):
     p.add_argument("--max-tries", type=int, default=3, help="search reformulations the teacher tries per fact")
     p.add_argument("--mix-ratio", type=int, default=5, help="CoA trajectories per CoT trajectory in sft_mix.jsonl")
     # Tokenizer
+    p.add_argument("--renamed-copies", type=int, default=4,
+                   help="renamed copies of each CoA trajectory in sft_mix_renamed.jsonl (see 'Renamed copies'); 0: none")
     p.add_argument("--vocab-size", type=int, default=1000,
                    help="BPE vocabulary size (special tokens included). Small on purpose: with a large one whole names "
                         "become tokens, and a test entity's name is made of tokens no training text contains, which "
@@ -539,6 +543,77 @@ def train_tokenizer(texts, vocab_size):
                                    additional_special_tokens=specials[2:])
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Renamed copies: the tiny model's stand-in for a pretrained model's skill of copying unseen names
+#
+# A pretrained LLM already copies a name it has never seen from the question into its query and reads a fact about it
+# out of a passage. A 3M-parameter model trained from scratch on ~700 train entities does not: it memorises them, and
+# on a test question writes a TRAIN name into its query (measured on the unknown dev questions after stage 2 at equal
+# compute: the first query named the question's entity for 1 of 38 without renamed copies, 34 of 38 with). So sft_mix_renamed.jsonl adds, per CoA
+# trajectory, copies in which every unknown-pool name word is replaced by a fresh word (consistently within the copy;
+# never a word of any pool, so no dev/test name appears) and every year read from an observation is shifted by one
+# random offset (so differences, orders and calculator results stay true). Names and years of known-pool entities
+# stay: they are the base model's knowledge. CoT rows are repeated unchanged, keeping the 1 CoT : 5 CoA ratio.
+# A renamed copy is the same trajectory in a consistently renamed world (names map one to one, so BM25 ranks the
+# renamed passages as it ranked the originals).
+
+NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
+YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
+
+
+class Renamer:
+    def __init__(self, world, rng):
+        fixed = {"The", *COMPANY_SUFFIXES}
+        words = defaultdict(set)
+        for name, e in world.items():
+            words[e["pool"]].update(w for w in name.split() if w not in fixed)
+        self.taken = set().union(*words.values())
+        # every unknown name word: train ones, and the rare other-pool word a reformulated query surfaced (counted in
+        # summary.json) is gone from the copies too (pools have their own name parts; see make_world)
+        self.renamed = self.taken - words["known"]
+        self.band_words = {name.split()[1] for name, e in world.items() if e["type"] == "band"}
+        self.rng = rng
+
+    def __call__(self, row):
+        """A renamed copy of a CoA row ({"question","golden_answers","segments",...}); "id" gets a suffix."""
+        rng, fresh = self.rng, {}
+
+        def word(m):
+            w = m.group(0)
+            if w not in self.renamed:
+                return w
+            while w not in fresh:
+                new = make_word(rng, rng.choice([2, 3]))
+                if new not in self.taken and new + "s" not in self.taken and len(new) <= 9 \
+                        and new not in fresh.values():
+                    fresh[w] = new + ("s" if w in self.band_words else "")
+            return fresh[w]
+
+        # shift only years seen in observations and never recalled ("I know X was born in 1931."): known facts stay
+        segs = row["segments"]
+        recalled = {y for s in segs if s["kind"] == "policy" for sent in re.findall(r"I know [^.]*\.", s["text"])
+                    for y in YEAR.findall(sent)}
+        shifted = {y for s in segs if s["kind"] == "obs" for y in YEAR.findall(s["text"])} - recalled
+        offset = rng.randint(-30, 30)
+
+        def text(t):
+            t = NAME_WORD.sub(word, t)
+            return YEAR.sub(lambda m: str(int(m.group(0)) + offset) if m.group(0) in shifted else m.group(0), t)
+
+        return dict(row, id=row["id"] + "_renamed", question=text(row["question"]),
+                    golden_answers=[text(a) for a in row["golden_answers"]],
+                    segments=[dict(s, text=text(s["text"])) for s in segs])
+
+
+def renamed_mix(mix, world, copies, seed):
+    """mix + `copies` renamed copies of each CoA row (CoT rows: exact repeats), shuffled."""
+    renamer, out = Renamer(world, random.Random(seed)), []
+    for row in mix:
+        acts = any(s["kind"] == "obs" for s in row["segments"])
+        out += [row] + [dict(renamer(row), id=f"{row['id']}_renamed{i}") if acts else row for i in range(copies)]
+    random.Random(seed + 1).shuffle(out)
+    return out
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -637,6 +712,7 @@ def build(argv=None):
     n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))
     mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
     random.Random(args.seed + 3).shuffle(mix)
+    mix_renamed = renamed_mix(mix, world, args.renamed_copies, args.seed + 5)
 
     # --- tool calls (train and dev only: test calls would leak test facts into the world model)
     tool_calls = []
@@ -701,7 +777,7 @@ def build(argv=None):
                     for s, st in stats.items()},
         # all splits; chance is 1/2 for comparisons and about 1/(entities of the answer's type in reach) otherwise
         "no_tool_accuracy_unknown_by_type": {t: round(sum(v) / len(v), 4) for t, v in sorted(guess_by_type.items())},
-        "sft": {"cot": len(cot), "coa": len(coa), "mix": len(mix), "pairs": len(pairs),
+        "sft": {"cot": len(cot), "coa": len(coa), "mix": len(mix), "mix_renamed": len(mix_renamed), "pairs": len(pairs),
                 "pairs_known": sum(p["known"] for p in pairs), "base_docs": len(base), "tool_calls": len(tool_calls)},
         "mean_response_tokens": {k: round(sum(v) / len(v), 1) for k, v in sorted(lengths.items())},
         "vocab_size": len(tokenizer),
@@ -717,6 +793,7 @@ def build(argv=None):
     write_jsonl(os.path.join(out, "sft_cot.jsonl"), cot)
     write_jsonl(os.path.join(out, "sft_coa.jsonl"), coa)
     write_jsonl(os.path.join(out, "sft_mix.jsonl"), mix)
+    write_jsonl(os.path.join(out, "sft_mix_renamed.jsonl"), mix_renamed)
     write_jsonl(os.path.join(out, "sft_pairs.jsonl"), pairs)
     write_jsonl(os.path.join(out, "tool_calls.jsonl"), tool_calls)
     tmp_tok = tempfile.mkdtemp(dir=out, prefix=".tmp-tokenizer-")

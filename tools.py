@@ -328,13 +328,15 @@ class ToolRegistry:
     raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Successful results go into an LRU
     cache keyed by (tool, argument); repeated arguments within one batch reach the tool once. Counters:
     counts[tool] = requests, real_calls = distinct arguments sent to a tool, i.e. cache misses (real_counts per tool),
-    cache_hits = requests answered from the cache or by a duplicate in the same batch.
+    cache_hits = requests answered from the cache or by a duplicate in the same batch. Set `log` to a list to have every
+    successful real call appended as {"tool", "args", "observation"} (the rows world_model.py collect reads).
     Not thread-safe: one registry per rollout loop."""
 
     def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000):
         self.tools, self.cache_size, self.timeout_s = dict(tools), cache_size, timeout_s
         self.max_arg_chars = max_arg_chars
         self.cache = OrderedDict()
+        self.log = None
         self.reset_counts()
 
     @property
@@ -382,6 +384,8 @@ class ToolRegistry:
                 for row in rows:
                     out[row] = text
                 self.cache_hits += len(rows) - 1
+                if ok and self.log is not None:
+                    self.log.append({"tool": name, "args": arg, "observation": text})
                 if ok and self.cache_size > 0:  # failures are never cached: the next call tries again
                     self.cache[(name, arg)] = text
                     if len(self.cache) > self.cache_size:

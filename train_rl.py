@@ -214,6 +214,24 @@ def save_resume(policy, tokenizer, out, args, state):
     replace_dir(tmp, os.path.join(out, "resume"))
 
 
+def open_step_log(path, resume, start_step):
+    """A JSONL log with a "step" field per row, opened for appending. On --resume, rows of steps after the resume point
+    are dropped first (they are redone), and so is a last line cut short by the crash."""
+    if resume and os.path.exists(path):
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a" if resume else "w")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
@@ -365,19 +383,11 @@ def main(argv=None):
         if master:
             print(f"resumed from {resume_dir} at step {start_step} ({totals['real_calls']} real tool calls so far)")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master and args.resume and os.path.exists(metrics_path):  # drop rows of steps after the resume point: redone
-        kept = []
-        with open(metrics_path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:  # a line cut short by the crash
-                    pass
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    metrics_file = open(metrics_path, "a" if args.resume else "w") if master else None
+    metrics_file = open_step_log(metrics_path, args.resume, start_step) if master else None
+    # every real call (tool, args, observation) of this rank's rollouts: world_model.py collect --rollout-logs reads it
+    calls_path = os.path.join(args.out, "real_calls.jsonl" if rank == 0 else f"real_calls.rank{rank}.jsonl")
+    calls_file = open_step_log(calls_path, args.resume, start_step)
+    real_tools.log = []
 
     # -----------------------------------------------------------------------------
     # Training loop
@@ -421,6 +431,9 @@ def main(argv=None):
                                   1 - format_ok(r.text)[0], sum(r.num_actions.values()), real, sim,
                                   len(r.response_ids)], dtype=torch.float64)
         tool_misses = torch.tensor([float(real_tools.real_calls - misses_before)])  # arguments that reached the tool
+        calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
+        calls_file.flush()
+        real_tools.log.clear()
         sums, tool_misses = all_sum(sums), all_sum(tool_misses)
         rollout_s = time.time() - t0
         n_traj = sums[0].item()
@@ -565,6 +578,9 @@ def main(argv=None):
     # -----------------------------------------------------------------------------
     # Final checkpoint (not after a stop: the last good one is OUT/resume)
 
+    calls_file.close()
+    if ddp:
+        dist.barrier()  # every rank's call log is closed before rank 0 moves them into the final checkpoint
     if master and not stop:
         save_resume(policy, tokenizer, args.out, vars(args), {
             "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -573,7 +589,8 @@ def main(argv=None):
         tmp = args.out.rstrip("/") + ".final.tmp"
         save(policy, tokenizer, tmp, vars(args))
         metrics_file.close()
-        for name in ("metrics.jsonl", "resume", "sim_end"):
+        for name in ["metrics.jsonl", "resume", "sim_end"] + [f for f in os.listdir(args.out)
+                                                              if f.startswith("real_calls")]:
             if os.path.exists(os.path.join(args.out, name)):
                 os.replace(os.path.join(args.out, name), os.path.join(tmp, name))
         replace_dir(tmp, args.out)

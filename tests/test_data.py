@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     entities, by_type = data.make_world(args, random.Random(args.seed))  # make_world is the seed's first consumer
     d = {name: read_jsonl(os.path.join(out, name + ".jsonl"))
          for name in ("corpus", "train", "dev", "test", "base", "sft_cot", "sft_coa", "sft_mix", "sft_pairs",
-                      "tool_calls")}
+                      "tool_calls", "sft_mix_renamed")}
     return {"out": out, "summary": summary, "entities": entities, "by_type": by_type, **d}
 
 
@@ -94,7 +94,8 @@ def test_no_test_entity_leaks_into_training_text(world):
     test_pool = names_regex([n for n, e in ents.items() if e["pool"] == "test"])
     policy = lambda segs: "".join(s["text"] for s in segs if s["kind"] == "policy")  # noqa: E731
     train_side = ([q["question"] for q in world["train"]] + [r["text"] for r in world["base"]]
-                  + [policy(r["segments"]) for r in world["sft_mix"] + world["sft_cot"] + world["sft_coa"]]
+                  + [policy(r["segments"]) for r in world["sft_mix"] + world["sft_cot"] + world["sft_coa"]
+                     + world["sft_mix_renamed"]]
                   + [policy(r["prefix"] + r["chosen"] + r["rejected"]) for r in world["sft_pairs"]]
                   + [c["args"] for c in world["tool_calls"]])
     leaks = [t for t in train_side if test_pool.search(t)]
@@ -173,6 +174,47 @@ def test_teacher_accuracy_and_no_tool_chance(world):
         assert 0.5 < t["first_query_top3_hit"] < 1.0, f"{split}: first query hit rate {t['first_query_top3_hit']}"
         # forbidden to act, the teacher guesses unknown facts: chance (comparisons are 50/50, the rest ~1/|type|)
         assert t["no_tool_accuracy_unknown"] < 0.3, f"{split}: no-tool accuracy {t['no_tool_accuracy_unknown']}"
+
+
+def test_renamed_copies(world):
+    """sft_mix_renamed = sft_mix + 4 renamed copies of each CoA row (CoT rows repeated): in each copy no train-pool name
+    word is left, no other pool's word appears, names map one to one, recalled known facts are untouched, years from
+    observations move by one offset (calculator results stay true) and the answer is still the golden one."""
+    ents, mix = world["entities"], {r["id"]: r for r in world["sft_mix"]}
+    words = {pool: {w for n, e in ents.items() if e["pool"] == pool for w in n.split()} for pool in data.POOLS}
+    train_only = words["train"] - words["known"] - {"The", *data.COMPANY_SUFFIXES}
+    rows = world["sft_mix_renamed"]
+    assert len(rows) == 5 * len(mix)
+    copies = 0
+    for r in rows:
+        src = mix[r["id"].split("_renamed")[0]]
+        if r["id"] == src["id"]:
+            assert r == src
+            continue
+        copies += 1
+        assert [s["kind"] for s in r["segments"]] == [s["kind"] for s in src["segments"]]
+        text = r["question"] + trajectory_text(r["segments"])
+        found = set(re.findall(r"\b[A-Z][a-z]+\b", text))
+        assert not found & train_only, f"train name left in {r['id']}: {found & train_only}"
+        assert not found & (words["dev"] | words["test"]) - words["known"] - words["train"]
+        mapping = {}
+        for a, b in zip(re.findall(r"\b[A-Z][a-z]+\b", src["question"] + trajectory_text(src["segments"])),
+                        re.findall(r"\b[A-Z][a-z]+\b", text)):
+            assert mapping.setdefault(a, b) == b, f"{a} renamed two ways in {r['id']}"
+        assert len(set(mapping.values())) == len(mapping), f"two names renamed to one in {r['id']}"
+        recalled = lambda t: re.findall(r"I know [^.]*\.", t)  # noqa: E731
+        assert len(recalled(text)) == len(recalled(trajectory_text(src["segments"])))
+        for a, b in zip(recalled(trajectory_text(src["segments"])), recalled(text)):
+            assert re.findall(r"\d+", a) == re.findall(r"\d+", b)  # known facts keep their years
+        offsets = {int(b) - int(a) for a, b in zip(data.YEAR.findall(trajectory_text(src["segments"])),
+                                                   data.YEAR.findall(trajectory_text(r["segments"])))}
+        assert len(offsets - {0}) <= 1
+        for prev, seg in zip(r["segments"], r["segments"][1:]):
+            m = re.search(r"<begin_calculator> (.*?) </end_calculator>$", prev["text"])
+            if m:
+                assert seg["text"] == tools.format_observation("calculator", tools.calculator([m.group(1)])[0])
+        assert boxed_answer(trajectory_text(r["segments"])) in r["golden_answers"]
+    assert copies == 4 * len(world["sft_coa"])
 
 
 def test_contrastive_pairs(world):

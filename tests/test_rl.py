@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
+import tools  # noqa: E402
 import train_rl  # noqa: E402
 from tools import format_observation, make_tools, special_tokens  # noqa: E402
 from train_rl import gae_advantages, group_advantages, masked_whiten, policy_loss, reward, value_loss  # noqa: E402
@@ -285,6 +286,19 @@ def test_end_to_end_sim_then_real_with_resume(world, tmp_path):
         assert math.isfinite(rows[1][k]), k
     model, tok = M.load(str(out))                                           # the final checkpoint loads
     assert (out / "resume" / "trainer_state.pt").exists()
+    # the real calls are logged (only the real step's), one row per argument that reached the tool, and they are
+    # what world_model.py collect --rollout-logs reads: the observation is the real tool's answer
+    from world_model import read_calls
+    calls = [json.loads(line) for line in open(out / "real_calls.jsonl")]
+    assert len(calls) == rows[1]["tool_misses"] and {c["step"] for c in calls} == {2}
+    corpus = [p for _, p in tools.read_jsonl(str(world / "corpus.jsonl"))]
+    search = tools.search_tool(tools.BM25Index(corpus), k=3)
+    for c in calls:
+        if c["tool"] == "search":
+            assert c["observation"] == search([c["args"]])[0]
+    teacher_calls = tmp_path / "teacher_calls.jsonl"
+    teacher_calls.write_text(json.dumps({"tool": "search", "args": "x", "observation": "y"}) + "\n")
+    assert len(read_calls(str(teacher_calls), [str(out / "real_calls.jsonl")])) == 1 + len(calls)
     # resume and run one more real step: the step counter and the real-call total carry over; a metrics row written
     # after the resume point (a crash between two saves) is dropped, not duplicated
     with open(out / "metrics.jsonl", "a") as f:
