@@ -48,7 +48,8 @@ observations are real by construction); the known/unknown split is by entity poo
 the CoA data for the tiny model, which has no pretrained copying skill (see "Renamed copies").
 
 Tokenizer: byte-level BPE trained on train-side text only (known + train pools), digits split one by one, pad/eos
-and every tool tag (tools.special_tokens()) as single special tokens; small vocabulary on purpose (see --vocab-size).
+every tool tag (tools.special_tokens()) as single special tokens, every year 1800-2099 one token (see
+train_tokenizer); small vocabulary on purpose (see --vocab-size).
 
 Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl, sft_cot/coa/mix/pairs.jsonl,
 tool_calls.jsonl (teacher calls on train and dev questions, never test, with an extra "split" field), summary.json.
@@ -528,7 +529,12 @@ def teacher(q, env, act=True, rng=None, world=None):
 
 
 def train_tokenizer(texts, vocab_size):
-    """Byte-level BPE, digits split one by one (years always tokenise the same way), action tags as single tokens."""
+    """Byte-level BPE, action tags as single tokens, every year 1800-2099 one token, other digits split one by one.
+
+    Years are whole tokens because the tiny model must COPY them from a search result into its reasoning: a year of
+    four digit tokens ("1", "9", ...) is copied by matching one shared digit at a time, and the 3M-parameter model
+    then wrote a likely year instead (measured on dev after stage 2: "was founded in 1945." in the result, "was
+    founded in 1971." in its reasoning); one token is copied like a name piece."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<eos>"] + tools.special_tokens()
@@ -539,6 +545,7 @@ def train_tokenizer(texts, vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([str(y) for y in YEARS])  # matched before pre-tokenisation: "1911" is one token anywhere
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                    additional_special_tokens=specials[2:])
 
@@ -556,6 +563,7 @@ def train_tokenizer(texts, vocab_size):
 # A renamed copy is the same trajectory in a consistently renamed world (names map one to one, so BM25 ranks the
 # renamed passages as it ranked the originals).
 
+YEARS = range(1800, 2100)  # single tokens (train_tokenizer); world years are 1900-2039, renamed copies shift by <= 30
 NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
 YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
 

@@ -63,6 +63,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from model import build_prompt, encode_segments, load, rollout, save
 from tools import make_tools
+import train_sft as SFT  # the same padding and next-token log-probs as SFT
 
 # -----------------------------------------------------------------------------
 # Reward, advantages and losses: the math of the method, each a plain function (tests/test_rl.py checks them by hand)
@@ -171,24 +172,17 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
 
 def collate(seqs, pad_id, device):
     """Right-pad sequences -> ids, attention (B, T) and the loss mask of the next-token targets (B, T-1)."""
-    T = max(len(s["ids"]) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), T), dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s["ids"])] = torch.tensor(s["ids"])
-        attention[i, :len(s["ids"])] = 1
-        mask[i, :len(s["ids"])] = torch.tensor(s["mask"])
-    return ids.to(device), attention.to(device), mask[:, 1:].to(device)
+    ids, attention, mask = SFT.collate([(s["ids"], s["mask"]) for s in seqs], pad_id, device)
+    return ids, attention, mask[:, 1:]
 
 
 def forward(model, value_head, ids, attention, need_entropy=True):
     """Per-target log-prob, entropy and value of a padded batch; values only when value_head is given."""
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
-    logits = out.logits[:, :-1].float()                                  # (B, T-1, V) predicts ids[:, 1:]
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T-1)
+    logp = SFT.token_logprobs(out.logits, ids)                           # (B, T-1) log pi(ids[:, 1:])
     entropy = None
     if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
+        logits = out.logits[:, :-1].float()                              # (B, T-1, V)
         entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
     values = None
     if value_head is not None:

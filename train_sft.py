@@ -186,13 +186,12 @@ def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
 
 
 def collate(rows, pad_id, device):
-    """Right-padded tensors (R, T): ids, attention mask, loss_mask, obs_mask."""
-    T = max(len(ids) for ids, _, _ in rows)
+    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each mask (padded 0)."""
+    T = max(len(r[0]) for r in rows)
     def pad(seqs, value):
         return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
-    ids = pad([r[0] for r in rows], pad_id)
-    attention = pad([[1] * len(r[0]) for r in rows], 0)
-    return ids, attention, pad([r[1] for r in rows], 0), pad([r[2] for r in rows], 0)
+    masks = [pad([r[k] for r in rows], 0) for k in range(1, len(rows[0]))]
+    return (pad([r[0] for r in rows], pad_id), pad([[1] * len(r[0]) for r in rows], 0), *masks)
 
 
 # -----------------------------------------------------------------------------
