@@ -433,11 +433,24 @@ def teacher(q, env, act=True, rng=None, world=None):
     act=True: recall known facts, search the others (reformulating when a result lacks the fact), use the calculator.
     act=False: never act; an unknown fact is guessed with a random entity of the right type (rng), i.e. chance.
     env: {"world","by_type","index","search","calc","stating","args"}; world overrides env["world"] (known pairs).
-    "gap" is the policy text up to the first unknown fact: where a CoT+A pair's prefix stops."""
+    "gap" is the policy text up to the first unknown fact: where a CoT+A pair's prefix stops; "plan_text" the opening
+    plan line."""
     world = world or env["world"]
     args, stating = env["args"], env["stating"]
     segments, text, calls, first_hits, gap = [], "", [], [], None
     plan = q["plan"]
+
+    # The plan: the facts the question needs, in order, written before any of them. After each fact the model
+    # finds where it stands in this one line and reads the next step, or "." (answer now), instead of re-parsing the
+    # question: the tiny model otherwise ran on past a 1-hop answer into a 2-hop chain (measured on dev).
+    nouns = [RELATIONS[rel][2] for _, rel, _ in plan["steps"]]
+    if plan["kind"] == "chain":
+        text = " Plan: " + ", then ".join(nouns) + "."
+    else:
+        (a, _, _), (b, _, _) = plan["steps"]
+        last = "compare" if plan["kind"] == "comparison" else "subtract"
+        text = f" Plan: {nouns[0]} of {a}, then {nouns[1]} of {b}, then {last}."
+    plan_text = text
 
     def flush_policy():
         nonlocal text
@@ -522,7 +535,8 @@ def teacher(q, env, act=True, rng=None, world=None):
     for i in range(1, len(segments)):
         if segments[i]["kind"] == "policy" and segments[i - 1]["kind"] == "obs":
             segments[i]["text"] = segments[i]["text"].lstrip(" ")
-    return {"segments": segments, "answer": answer, "calls": calls, "first_hits": first_hits, "gap": gap}
+    return {"segments": segments, "answer": answer, "calls": calls, "first_hits": first_hits, "gap": gap,
+            "plan_text": plan_text}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -698,7 +712,7 @@ def build(argv=None):
         if q["known"]:
             # chosen = answer from memory; rejected = the same chain, but searching the first fact needlessly
             subject, rel, _ = q["plan"]["steps"][0]
-            need = f" I need the {RELATIONS[rel][2]} of {subject}."
+            need = r["plan_text"] + f" I need the {RELATIONS[rel][2]} of {subject}."
             searcher = dict(world[subject], pool="train")  # pretend the subject is unknown, only to script the search
             alt = teacher(q, env, world=dict(world, **{subject: searcher}))
             if alt["answer"] not in q["golden_answers"]:

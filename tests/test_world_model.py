@@ -195,7 +195,7 @@ def trained(world, tmp_path_factory):
     torch.manual_seed(0)
     model, tok = tiny(world)
     calls = [c for c in CALLS if c["split"] == "train"]
-    losses = W.train_world_model(model, tok, calls, epochs=60, batch_size=4, lr=3e-3, log_every=1000)
+    losses = W.train_world_model(model, tok, calls, epochs=100, batch_size=4, lr=3e-3, log_every=1000)
     out = tmp_path_factory.mktemp("ckpt") / "wm"
     M.save(model, tok, str(out), {"test": True})
     return out, losses
