@@ -27,13 +27,14 @@ X or Y?") and arithmetic ("How many years after X was born was Y founded?", solv
 Each has golden_answers, type, hops (facts needed) and known (every needed fact is known).
 
 The scripted teacher answers with the REAL tools (tools.BM25Index over the corpus written here, tools.calculator):
+it first writes a one-line plan of the facts the question needs ("Plan: label, then founder, then birth year."), then
 for each fact on the chain it recalls it if the subject is known, else it searches; when the fact is not in the top-3
 it reformulates (natural question -> name + relation words -> name alone, the title form). Observations are exactly
 what the tool returned, wrapped by tools.format_observation. Its trajectories are the SFT data:
     sft_cot.jsonl    pure CoT (no tools) on known questions
     sft_coa.jsonl    CoA (tools) on the other questions
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
-    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (the tiny preset's stage 2; see "Renamed copies")
+    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (the tiny preset's stages 2, 3; see "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
                      known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
@@ -442,7 +443,8 @@ def teacher(q, env, act=True, rng=None, world=None):
 
     # The plan: the facts the question needs, in order, written before any of them. After each fact the model
     # finds where it stands in this one line and reads the next step, or "." (answer now), instead of re-parsing the
-    # question: the tiny model otherwise ran on past a 1-hop answer into a 2-hop chain (measured on dev).
+    # question: the tiny model otherwise ran on past a 1-hop answer into a 2-hop chain. Measured (60 dev questions,
+    # stage 2 from the base model, renamed copies, equal compute): EM 11.7% without the plan line, 30.0% with it.
     nouns = [RELATIONS[rel][2] for _, rel, _ in plan["steps"]]
     if plan["kind"] == "chain":
         text = " Plan: " + ", then ".join(nouns) + "."

@@ -44,7 +44,9 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
 The defaults are the paper's (48 prompts x 5 samples, lr 7e-7, temperature 0.6, KL 1e-3, entropy 1e-3); the tiny CPU
 model needs a larger --lr and fewer, shorter rollouts (--prompts-per-step 8 --group-size 4 --max-new-tokens 256).
 After a crash: the same command plus --resume (weights, optimizer, step, RNG and tool-call totals from OUT/resume).
-Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/resume/ (every --save-every),
+Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/real_calls.jsonl (every real
+tool call: step, tool, args, observation; `world_model.py collect --rollout-logs` reads it; rank r > 0 writes
+real_calls.rank{r}.jsonl), OUT/resume/ (every --save-every),
 OUT/sim_end/ (the model at the sim -> real switch, when both stages run: the RL-stage-1 row of Table 1).
 """
 import argparse

@@ -45,7 +45,7 @@ unseen entities 0.047 (ceiling 0.071): it writes fluent, well-formed, wrong pass
 With 10 epochs (lr 2e-3) seen recall is only 0.309: a world model has to memorise, so it needs many passes.
 
 Commands:
-  python world_model.py collect --data DIR --out DIR/wm_calls.jsonl [--rollout-logs runs/rl/calls.jsonl ...]
+  python world_model.py collect --data DIR --out DIR/wm_calls.jsonl [--rollout-logs runs/rl/real_calls.jsonl ...]
   python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
   python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
   python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
