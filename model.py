@@ -54,7 +54,7 @@ from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_cl
 # -----------------------------------------------------------------------------
 # Models
 
-# "tiny": a Llama small enough to train on 2 CPU cores (3.2M parameters with the embedded world's 1k-token vocabulary)
+# "tiny": a Llama small enough to train on 2 CPU cores (3.5M parameters with the embedded world's 1.3k-token vocabulary)
 TINY_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=688, tie_word_embeddings=True, max_position_embeddings=2048)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -35,7 +35,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false
 SEED=0
 case "$PRESET" in
   tiny)
-    # Sized for 2 CPU cores (~8k training tokens/s on the 3M-parameter preset): long enough for the tiny model to
+    # Sized for 2 CPU cores (~8k training tokens/s on the 3.5M-parameter preset): long enough for the tiny model to
     # learn to copy unseen names into queries and read the results, short enough for the 30-minute budget.
     INIT=tiny
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16"
