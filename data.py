@@ -600,7 +600,7 @@ class Renamer:
         self.rng = rng
 
     def __call__(self, row):
-        """A renamed copy of a CoA row ({"question","golden_answers","segments",...}); "id" gets a suffix."""
+        """A renamed copy of a CoA row ({"question","golden_answers","segments",...}); other fields are kept."""
         rng, fresh = self.rng, {}
 
         def word(m):
@@ -625,7 +625,7 @@ class Renamer:
             t = NAME_WORD.sub(word, t)
             return YEAR.sub(lambda m: str(int(m.group(0)) + offset) if m.group(0) in shifted else m.group(0), t)
 
-        return dict(row, id=row["id"] + "_renamed", question=text(row["question"]),
+        return dict(row, question=text(row["question"]),
                     golden_answers=[text(a) for a in row["golden_answers"]],
                     segments=[dict(s, text=text(s["text"])) for s in segs])
 
