@@ -34,7 +34,7 @@ what the tool returned, wrapped by tools.format_observation. Its trajectories ar
     sft_cot.jsonl    pure CoT (no tools) on known questions
     sft_coa.jsonl    CoA (tools) on the other questions
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
-    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (the tiny preset's stages 2, 3; see "Renamed copies")
+    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
                      known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
@@ -106,10 +106,11 @@ def get_args(argv=None):
     p.add_argument("--max-tries", type=int, default=3, help="search reformulations the teacher tries per fact")
     p.add_argument("--mix-ratio", type=int, default=5, help="CoA trajectories per CoT trajectory in sft_mix.jsonl")
     p.add_argument("--renamed-copies", type=int, default=4,
-                   help="renamed copies of each CoA trajectory in sft_mix_renamed.jsonl (see 'Renamed copies'); 0: none")
+                   help="renamed copies of each CoA trajectory in sft_mix_renamed.jsonl ('Renamed copies'); 0: none")
     # Tokenizer
     p.add_argument("--vocab-size", type=int, default=1000,
-                   help="BPE vocabulary size (special tokens included; the 300 year tokens come on top). Small on purpose: with a large one whole names "
+                   help="BPE vocabulary size (special tokens included; the 300 year tokens come on top). "
+                        "Small on purpose: with a large one whole names "
                         "become tokens, and a test entity's name is made of tokens no training text contains, which "
                         "a small model cannot copy from a result. Test-answer tokens that never occur in sft_mix+base "
                         "(default world, measured): 1.3%% at 1000, 5%% at 1500, 60%% at 3000; 0.2%% at 600, but with "
@@ -571,17 +572,18 @@ def train_tokenizer(texts, vocab_size):
 # Renamed copies: the tiny model's stand-in for a pretrained model's skill of copying unseen names
 #
 # A pretrained LLM already copies a name it has never seen from the question into its query and reads a fact about it
-# out of a passage. A 3M-parameter model trained from scratch on ~700 train entities does not: it memorises them, and
-# on a test question writes a TRAIN name into its query (measured on the unknown dev questions after stage 2 at equal
-# compute: the first query named the question's entity for 1 of 38 without renamed copies, 34 of 38 with). So sft_mix_renamed.jsonl adds, per CoA
-# trajectory, copies in which every unknown-pool name word is replaced by a fresh word (consistently within the copy;
-# never a word of any pool, so no dev/test name appears) and every year read from an observation is shifted by one
-# random offset (so differences, orders and calculator results stay true). Names and years of known-pool entities
-# stay: they are the base model's knowledge. CoT rows are repeated unchanged, keeping the 1 CoT : 5 CoA ratio.
+# out of a passage. A 3.5M-parameter model trained from scratch on ~700 train entities does not: it memorises them,
+# and on a test question writes a TRAIN name into its query (measured on the unknown dev questions after stage 2 at
+# equal compute: the first query named the question's entity for 1 of 38 without renamed copies, 34 of 38 with).
+# So sft_mix_renamed.jsonl adds, per CoA trajectory, copies in which every unknown-pool name word is replaced by a
+# fresh word (consistently within the copy; never a word of any pool, so no dev/test name appears) and every year
+# read from an observation is shifted by one random offset (so differences, orders and calculator results stay true).
+# Names and years of known-pool entities stay: they are the base model's knowledge. CoT rows are repeated unchanged,
+# keeping the 1 CoT : 5 CoA ratio.
 # A renamed copy is the same trajectory in a consistently renamed world (names map one to one, so BM25 ranks the
 # renamed passages as it ranked the originals).
 
-YEARS = range(1800, 2100)  # single tokens (train_tokenizer); world years are 1900-2039, renamed copies shift by <= 30
+YEARS = range(1800, 2100)  # single tokens (train_tokenizer); world years 1900-2039, renamed copies shift them <= 30
 NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
 YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")
 
