@@ -213,6 +213,26 @@ TOOLS_DISABLED = "Tools are disabled. Answer from your own knowledge."
 SEGMENT_KINDS = ("prompt", "policy", "obs")
 
 
+def checkpoint_template(checkpoint, override=None):
+    """The prompt template a checkpoint was trained with (its run_args.json "template"), unless `override` is given;
+    "short" for a checkpoint without one (a base model, "tiny", a hub name). Every script asks this, so evaluating or
+    continuing a checkpoint never silently uses a prompt it never saw."""
+    if override is not None:
+        return override
+    path = os.path.join(str(checkpoint), "run_args.json")
+    if not os.path.exists(path):
+        return "short"
+    try:
+        template = json.load(open(path, encoding="utf-8")).get("template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object with a 'template' field ({e})") from e
+    if template is None:
+        return "short"
+    if template not in TEMPLATES:
+        raise ValueError(f"{path}: field 'template' is {template!r}, expected one of {list(TEMPLATES)}")
+    return template
+
+
 def build_prompt(tokenizer, question, template="short"):
     """The prompt text, ending with THINK_OPEN (the policy's first token comes right after it). A tokenizer with a
     chat template gets the filled template as one user message, with the generation prompt."""
