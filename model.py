@@ -102,11 +102,30 @@ def _smollm2_dir():
     return cache
 
 
+@torch.no_grad()
+def _init_added_embeddings(model, tok, pieces, old_rows):
+    """Start each added tag's input (and untied output) embedding at the mean of the rows of the ids its text tokenised
+    into before it was added, so a pretrained model can emit "</end_search>" as one token about as readily as it wrote
+    those pieces (a random row is a token it never predicts). A tag with no usable piece gets the mean row."""
+    added = {tok.convert_tokens_to_ids(t) for t in pieces}
+    keep = torch.tensor([i not in added for i in range(old_rows)])  # trained rows (a padded vocab may hold the new ids)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    for weight in matrices:
+        mean = weight[:old_rows][keep.to(weight.device)].mean(0)
+        for tag, ids in pieces.items():
+            ids = [i for i in ids if i < old_rows and i not in added and i != tok.unk_token_id]
+            weight[tok.convert_tokens_to_ids(tag)] = weight[ids].mean(0) if ids else mean
+
+
 def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_tokens=False, value_head=False, seed=0,
          config_overrides=None):
     """-> (model, tokenizer). name_or_path: "tiny" (random init, needs tokenizer=DIR; always has the action tags as
     special tokens), "smollm2", or any save_pretrained dir / hub name. add_action_tokens adds the tags as special tokens
-    (one id each) and resizes the embeddings. value_head=True attaches a new ValueHead unless the dir has one, which is
+    (one id each), resizes the embeddings and starts each new row at the mean of the rows of the tag's old pieces
+    (_init_added_embeddings). value_head=True attaches a new ValueHead unless the dir has one, which is
     always loaded back. config_overrides: LlamaConfig fields for "tiny" (tests use smaller ones); seed: its init."""
     if name_or_path == "tiny":
         if tokenizer is None:
@@ -116,10 +135,12 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     else:
         path = _smollm2_dir() if name_or_path == "smollm2" else name_or_path
         tok = AutoTokenizer.from_pretrained(tokenizer or path)
+    pieces = {}  # added tag -> the ids its text tokenised into before it was added (their mean initialises it)
     if add_action_tokens:
         vocab = tok.get_vocab()
         missing = [t for t in special_tokens() if t not in vocab]
         if missing:
+            pieces = {t: tok.encode(t, add_special_tokens=False) for t in missing}
             tok.add_tokens(missing, special_tokens=True)
     if tok.pad_token is None:  # batching needs a pad id; its embedding is never attended to
         tok.pad_token = tok.eos_token
@@ -132,8 +153,11 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
             model = LlamaForCausalLM(config)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    if model.get_input_embeddings().num_embeddings < len(tok):
+    old_rows = model.get_input_embeddings().num_embeddings
+    if old_rows < len(tok):
         model.resize_token_embeddings(len(tok), mean_resizing=False)
+    if pieces and name_or_path != "tiny":  # tiny is random anyway: its weights (and RNG draws) stay as they were
+        _init_added_embeddings(model, tok, pieces, old_rows)
     head_file = os.path.join(str(name_or_path), "value_head.pt")
     model.value_head = None
     if value_head or os.path.exists(head_file):
