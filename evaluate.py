@@ -592,6 +592,8 @@ def get_args(argv=None):
     # Model
     p.add_argument("--model", required=True, help="checkpoint dir, 'tiny' (needs --tokenizer), 'smollm2', or HF name")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
+    p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
+                   "tokens to a pretrained tokenizer (as train_sft.py does; new rows start at their pieces' mean)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
     p.add_argument("--template", choices=["short", "autocoa"], default="autocoa", help="instruction prompt template")
@@ -640,7 +642,8 @@ def main(argv=None):
     questions = load_questions(args.questions, args.limit)
     print(f"{len(questions)} questions from {args.questions}"
           + (f" (first {args.limit} per group)" if args.limit else ""), flush=True)
-    model, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=dtype)
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=dtype,
+                            add_action_tokens=args.add_action_tokens)
     model.eval()
     tools = None
     if args.corpus or args.url:
