@@ -232,7 +232,10 @@ Question: {question}"""
 
 def user_turn(tokenizer, text):
     """model.build_prompt's wrapping (chat template when there is one, then <think>) for a prompt that brings its own
-    instruction: the react and workflow prompts are not nested inside the --template instruction."""
+    instruction: the react and workflow prompts are not nested inside the --template instruction. The text ends with a
+    newline, as the trained template does ("Question: {question}\n"), so the prompt ends "...\n<think>" in every mode."""
+    if not text.endswith("\n"):
+        text += "\n"
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -596,7 +599,9 @@ def get_args(argv=None):
                    "tokens to a pretrained tokenizer (as train_sft.py does; new rows start at their pieces' mean)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
-    p.add_argument("--template", choices=["short", "autocoa"], default="autocoa", help="instruction prompt template")
+    p.add_argument("--template", choices=["short", "autocoa"], default=None,
+                   help="instruction prompt template (default: the one --model was trained with, its run_args.json "
+                   "'template'; 'short' for a model without one)")
     # Data
     p.add_argument("--questions", required=True, help="question JSONL: {id, question, golden_answers[, dataset, type]}")
     p.add_argument("--limit", type=int, default=None, help="first N questions per dataset (per type without dataset)")
@@ -637,7 +642,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     import torch
-    from model import load
+    from model import checkpoint_template, load
+    args.template = checkpoint_template(args.model, args.template)  # the prompt the checkpoint saw; recorded in args
+    print(f"template {args.template}", flush=True)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     questions = load_questions(args.questions, args.limit)
     print(f"{len(questions)} questions from {args.questions}"

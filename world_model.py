@@ -428,7 +428,8 @@ def parse_args(argv=None):
     p_serve.add_argument("--ckpt", required=True, help="world model checkpoint")
     p_eval.add_argument("--wm", help="world model checkpoint")
     p_eval.add_argument("--policy", help="policy checkpoint, evaluated as its own world model and for reward agreement")
-    p_eval.add_argument("--template", default="short", choices=["short", "autocoa"], help="the policy's prompt")
+    p_eval.add_argument("--template", default=None, choices=["short", "autocoa"],
+                        help="the policy's prompt (default: the one --policy was trained with, its run_args.json)")
     for p in (p_train, p_serve, p_eval):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     # Optimization
@@ -528,6 +529,7 @@ def main(args):
             details += rows
         if args.policy:
             policy, tokenizer = M.load(args.policy, device=args.device, add_action_tokens=True)
+            args.template = M.checkpoint_template(args.policy, args.template)
             prompts = [M.encode_segments(tokenizer, policy_sim_segments(tokenizer, c["tool"], c["args"],
                                                                         args.template))[0] for c in heldout]
             rows = fidelity_rows(heldout, simulate(policy, tokenizer, prompts, "search", args.max_obs_tokens,

@@ -243,7 +243,7 @@ def test_evaluate_modes(scripted_engine):
     assert "result 1: doc for Where? ANSWER=Paris" in preds[0]["prompt"]
     summary, preds = ev.evaluate(None, CharTokenizer(), qs, tools, "react", progress=False)
     assert preds[0]["prompt"].count("<begin_search>") >= 3 and preds[0]["prompt"].count("Question:") == 3
-    assert preds[0]["prompt"].endswith("ANSWER=Paris ACTIONS=0<think>")
+    assert preds[0]["prompt"].endswith("ANSWER=Paris ACTIONS=0\n<think>")  # the trained template's newline
     assert "Wrong" in preds[0]["trajectory"] and preds[0]["prediction"] == "Paris"  # the invented example is cut
     summary, preds = ev.evaluate(None, CharTokenizer(), qs, None, "agent-sim", progress=False)
     assert scripted_engine["envs"][-1] == "sim" and summary["tool_calls"]["requests"] == 0
@@ -437,6 +437,54 @@ def test_agent_mode_acts_through_the_real_server(tmp_path, retrieval_server):
     assert summary["tool_calls"]["requests"] == 2 and summary["tool_calls"]["real_calls"] == 1
     assert summary["by_actions"]["1"] == {"n": 2, "correct": 1.0, "success_rate": 0.5}
     assert summary["by_type"]["t1"]["em"] == 1.0 and summary["average"]["em"] == 0.5
+
+
+def test_react_and_workflow_prompts_end_like_the_trained_template():
+    """Regression (issue 13): react and workflow prompts ended "Question: X<think>", without the newline the trained
+    template puts before <think> (model.SHORT_TEMPLATE ends "Question: {question}\n"; build_prompt appends <think>).
+    Every mode's prompt must end "Question: X\n<think>", with a chat template too (the newline inside the user turn)."""
+    import model as model_mod
+    registry = tools_mod.ToolRegistry({"search": lambda qs: [f"result 1: doc for {q}" for q in qs]})
+    qs = [{"id": "0", "question": "Where is Oslo?", "golden_answers": ["Norway"]}]
+    trained = model_mod.build_prompt(CharTokenizer(), qs[0]["question"], "short")
+    assert trained.endswith("Question: Where is Oslo?\n<think>")
+    for mode in ("react", "workflow", "agent"):
+        [prompt] = ev.make_prompts(CharTokenizer(), qs, mode, registry, "short", model_mod.build_prompt)
+        assert prompt.endswith("Question: Where is Oslo?\n<think>"), (mode, prompt[-40:])
+        assert not prompt.endswith("\n\n<think>")
+
+    class ChatTokenizer(CharTokenizer):
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+    for mode in ("react", "workflow", "agent"):
+        [prompt] = ev.make_prompts(ChatTokenizer(), qs, mode, registry, "short", model_mod.build_prompt)
+        assert prompt.endswith("Question: Where is Oslo?\n</user><assistant><think>"), (mode, prompt[-40:])
+
+
+def test_template_defaults_to_the_checkpoints(tmp_path, capsys):
+    """Regression (issue 13): --template defaulted to "autocoa" while train_sft.py defaults to "short", so a checkpoint
+    evaluated without the flag silently got a prompt it never saw. Without --template the checkpoint's run_args.json
+    template is used (model.checkpoint_template); the flag still overrides it."""
+    import model as model_mod
+    assert ev.get_args(["--model", "m", "--questions", "q", "--out", "o", "--mode", "no-action"]).template is None
+    model, tokenizer = model_mod.load("tiny", tokenizer=make_tokenizer(tmp_path / "tok"), config_overrides=dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64))
+    ckpt = str(tmp_path / "ckpt")
+    model_mod.save(model, tokenizer, ckpt, {"stage": "2", "template": "short"})
+    qfile = write_lines(tmp_path / "q.jsonl", [json.dumps({"id": "a", "question": "capital of Norway",
+                                                            "golden_answers": ["Oslo"]})])
+    base = ["--model", ckpt, "--questions", qfile, "--mode", "no-action", "--max-new-tokens", "2",
+            "--answer-tokens", "1"]
+    short = model_mod.build_prompt(tokenizer, "capital of Norway", "short")
+    autocoa = model_mod.build_prompt(tokenizer, "capital of Norway", "autocoa")
+    for extra, expected, name in (([], short, "short"), (["--template", "autocoa"], autocoa, "autocoa")):
+        out = tmp_path / f"out_{name}"
+        ev.main(base + extra + ["--out", str(out)])
+        [pred] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert pred["prompt"] == expected
+        assert json.loads((out / "results.json").read_text())["args"]["template"] == name
 
 
 def test_cli_tools_requirements(capsys):
