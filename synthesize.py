@@ -1,0 +1,533 @@
+"""
+SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any retriever: questions JSONL (the shared
+format: {"id","question","golden_answers", ...}) + a teacher + tools -> the files train_sft.py reads, unchanged:
+    OUT/sft_cot.jsonl    CoT: the teacher reasons without tools (a prompt that forbids them); right answers only
+    OUT/sft_coa.jsonl    CoA: the teacher acts (the authors' instruction prompt), real tools answer; right answers only
+    OUT/sft_mix.jsonl    1 CoT : 5 CoA (paper: 1,000 CoT + 5,000 CoA for stages 2 and 3)
+    OUT/sft_pairs.jsonl  CoT+A contrastive pairs for stage 1
+    OUT/summary.json     acceptance per kind and per dataset/type, reject reasons, actions per trajectory, tokens
+Rows are data.py's: {"id","question","golden_answers",..., "segments":[{"kind":"policy"|"obs","text"}]} (the RESPONSE
+after the prompt's "<think>"; train_sft.py rebuilds the prompt with its --template) and for pairs
+{"id","question","golden_answers","prefix","chosen","rejected","case"}.
+
+Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine model.rollout (batched; it
+stops at the action's close tag, calls the real tool, prefills the observation). Segments are cut from the engine's
+token ids by its obs_mask (policy = sampled or forced tokens, obs = observation tokens), each run decoded once; nothing
+is re-tokenised to find a span. summary.json reports how many segment texts re-encode to exactly the teacher's ids
+(train_sft.py tokenises each segment on its own). `--teacher-url URL`: an OpenAI-compatible /v1/completions server (vLLM,
+SGLang serving a 32B teacher). The client (urllib) sends prompt + response so far with every action close tag as a
+stop string; when the text stops inside an open action it appends the close tag, runs the tool itself (ToolRegistry),
+appends the observation and continues: the same trajectory shape, at text level. A server that is down or answers an
+HTTP error stops the run with the URL and the status.
+
+Acceptance (paper: "correct answers"): a trajectory is kept only when the teacher finished it (eos, not a forced
+answer), evaluate.format_ok holds, CoT did not act / CoA acted at least once, and the answer is right: EM
+(evaluate.exact_match of evaluate.extract_answer) or F1 >= --min-f1. The best per question and kind is kept (highest
+max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests with untrained teachers only).
+
+CoT+A pairs, where the split point is. For a question where CoA is right and CoT wrong (no CoT sample accepted), case
+"act": the shared prefix is the accepted CoA trajectory's reasoning up to its first action open tag (<begin_NAME>), i.e.
+where the teacher met its first knowledge gap: for the HF teacher the longest run of its token ids whose decoded text
+ends at or before the tag, for the URL teacher the text before the tag. chosen = the rest of that CoA trajectory
+(action, observation, ..., right answer); rejected = the teacher continuing the SAME prefix after the CoT prompt (tools
+forbidden), kept only if it does not act, is well formed and answers wrong. The reverse, case "no_act" (CoT right, no CoA
+sample accepted): the prefix is a well-formed, acting, wrong CoA sample's reasoning up to its first action; chosen = the
+teacher's tool-free continuation of it after the CoT prompt that answers right; rejected = the acting rest (wrong).
+--pair-samples continuations are tried per pair. At training time the context is train_sft's prompt + prefix.
+
+How this departs from the paper (and why):
+- The paper does not say how it "inserts or removes the action trigger at a specific point"; we split at the first
+  action open tag and obtain the other branch by continuing the same prefix under the no-tool CoT prompt (a teacher
+  under the CoA prompt mostly acts again), rather than editing text by hand.
+- The paper samples CoT and CoA data from disjoint 10k-question halves; here every question gets both (--samples each),
+  which the pairs need. Select disjoint question files yourself to follow the paper.
+- Long jobs: questions run in batches of --batch-questions; after each batch one line per question is appended to
+  OUT/records.jsonl (fsync'd). A rerun skips the ids already there (same run arguments required; --fresh restarts),
+  and the final files are rebuilt from records.jsonl each run and written atomically (temp file + rename). Sampling
+  seeds are per (question, kind, sample), so a resumed run samples what an uninterrupted one would.
+
+Commands:
+  python synthesize.py --questions ../shared/data/hotpotqa_train.jsonl --limit 20 --teacher smollm2 \\
+      --corpus corpus.jsonl --samples 2 --max-new-tokens 256 --out out/synth_smollm2
+  python synthesize.py --questions Q.jsonl --teacher-url http://127.0.0.1:8000 --teacher-model \\
+      deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --teacher-tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-32B \\
+      --url http://127.0.0.1:8080 --api flashrag --samples 4 --max-new-tokens 4096 --max-context 16384 --out out/synth
+  python train_sft.py --stage 1 --init CKPT --data out/synth --template autocoa --out ckpt/sft1   (and stages 2, 3)
+(Inference only, one process: no torchrun form. Serve the teacher with vLLM/SGLang for several GPUs.)
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import tools
+from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
+from tools import LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_close, format_observation, write_atomic
+
+COT_TEMPLATE = """You are an intelligent reasoning assistant. Answer the user's question using only your own knowledge: you have no tools, so never search and never write <begin_search> or any other tool tag. Think step by step inside <think></think>, then give your final answer in the format \\boxed{YOUR_ANSWER}.
+
+Now, please answer the user's question below: 
+{question}
+
+"""
+TOOLS_DISABLED = "Tools are disabled. Answer from your own knowledge."  # model.TOOLS_DISABLED (no torch import here)
+ACTION_OPEN = re.compile(r"<begin_(\w+)>")
+RESUME_KEYS = ("questions", "teacher", "teacher_url", "samples", "temperature", "top_p", "seed", "max_new_tokens",
+               "coa_prompt_file", "cot_prompt_file", "min_f1", "keep_all", "pair_samples", "batch_questions")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    # Data
+    p.add_argument("--questions", required=True, help="questions JSONL {id, question, golden_answers, ...}")
+    p.add_argument("--limit", type=int, default=0, help="use the first N questions of the file (0: all)")
+    p.add_argument("--out", required=True, help="output dir (records.jsonl, sft_*.jsonl, summary.json)")
+    p.add_argument("--fresh", action="store_true", help="discard OUT/records.jsonl and start over")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after N new questions (simulates an interruption)")
+    # Teacher
+    p.add_argument("--teacher", default=None, help="HF causal LM: 'smollm2', a hub name or a save_pretrained dir")
+    p.add_argument("--teacher-url", default=None, help="OpenAI-compatible server (…/v1/completions) instead of --teacher")
+    p.add_argument("--teacher-model", default=None, help="model name sent to --teacher-url (default: its first /v1/models)")
+    p.add_argument("--teacher-tokenizer", default=None, help="tokenizer whose chat template wraps the prompt "
+                   "(--teacher-url; default: none, the raw prompt text)")
+    p.add_argument("--teacher-concurrency", type=int, default=8, help="--teacher-url: trajectories in flight at once")
+    p.add_argument("--teacher-timeout", type=float, default=600, help="--teacher-url: seconds per HTTP request")
+    p.add_argument("--add-action-tokens", action="store_true", help="--teacher: add the tags as special tokens "
+                   "(only for a teacher trained with them; a plain LM writes them as text)")
+    p.add_argument("--device", default="auto", help="--teacher: 'auto' (cuda if available), 'cpu' or 'cuda'")
+    # Prompts
+    p.add_argument("--coa-prompt-file", default=None, help="CoA instruction with {question} (default: the authors' "
+                   "template, model.TEMPLATES['autocoa'])")
+    p.add_argument("--cot-prompt-file", default=None, help="CoT instruction with {question} (default: COT_TEMPLATE)")
+    # Tools
+    p.add_argument("--corpus", default=None, help="JSONL corpus {id, contents} for the in-process BM25 search")
+    p.add_argument("--url", default=None, help="retrieval server instead of --corpus")
+    p.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"], help="retrieval server API")
+    p.add_argument("--topk", type=int, default=3, help="passages per search (SPEC: 3)")
+    # Sampling
+    p.add_argument("--samples", type=int, default=4, help="trajectories per question and kind (CoT, CoA)")
+    p.add_argument("--pair-samples", type=int, default=2, help="tool-free continuations tried per CoT+A pair (0: no pairs)")
+    p.add_argument("--batch-questions", type=int, default=8, help="questions per batch: each kind runs "
+                   "batch x samples rows in one engine call (or in flight over HTTP); records are appended per batch")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy, needs --samples 1)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generated tokens per trajectory (forced answer included)")
+    p.add_argument("--max-context", type=int, default=4096, help="prompt + response tokens (--teacher)")
+    p.add_argument("--answer-tokens", type=int, default=32, help="tokens kept for a forced answer (Algorithm 1)")
+    p.add_argument("--max-actions", type=int, default=10, help="actions per trajectory before the limit message")
+    p.add_argument("--seed", type=int, default=0, help="base seed (per question/kind/sample seeds derive from it)")
+    # Acceptance and mix
+    p.add_argument("--min-f1", type=float, default=1.0, help="accept a non-EM answer when its F1 >= this (1.0: EM only)")
+    p.add_argument("--keep-all", action="store_true", help="accept every trajectory (smoke tests with untrained teachers)")
+    p.add_argument("--mix-ratio", type=int, default=5, help="CoA rows per CoT row in sft_mix.jsonl (paper: 5)")
+    args = p.parse_args(argv)
+    assert (args.teacher is None) != (args.teacher_url is None), "give exactly one of --teacher and --teacher-url"
+    assert args.samples >= 1 and args.batch_questions >= 1 and args.pair_samples >= 0, "sizes must be positive"
+    assert args.samples == 1 or args.temperature > 0, "--samples > 1 needs --temperature > 0 (greedy repeats itself)"
+    assert not (args.corpus and args.url), "give --corpus or --url, not both"
+    return args
+
+
+def seed_of(args, qid, kind, i):
+    """Per (question, kind, sample) seed: a row samples the same whatever batch it lands in (resume == no interruption)."""
+    return (args.seed * 1_000_003 + zlib.crc32(f"{qid}/{kind}/{i}".encode())) % (2 ** 31)
+
+
+def wrap(tokenizer, template, question):
+    """model.build_prompt's wrapping for any instruction text: chat template if the tokenizer has one, then <think>."""
+    text = template.replace("{question}", question)  # not str.format: templates have literal braces
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return text + THINK_OPEN
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Teachers: prompt(template, question) -> prompt P (token ids or text); P + prefix (same type) continues a trajectory;
+# run([(P, seed)], registry, env) -> trajectories {"segments", "pieces", "text", "actions", "stop", "tokens"}, where
+# pieces[i] is segment i as the teacher produced it (token ids for --teacher, text for --teacher-url).
+
+
+class HFTeacher:
+    def __init__(self, args):
+        import torch
+        import model as M
+        self.M, self.args = M, args
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if args.device == "auto" else args.device)
+        self.model, self.tok = M.load(args.teacher, device=device, add_action_tokens=args.add_action_tokens)
+        self.name, self.exact = args.teacher, Counter()
+
+    def prompt(self, template, question):
+        return self.tok(wrap(self.tok, template, question), add_special_tokens=False).input_ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def run(self, jobs, registry, env):
+        a = self.args
+        rolls = self.M.rollout(self.model, self.tok, [p for p, _ in jobs], registry if env == "real" else None, env=env,
+                               max_new_tokens=a.max_new_tokens, max_actions=a.max_actions, max_context=a.max_context,
+                               answer_tokens=a.answer_tokens, temperature=a.temperature or 1.0, top_p=a.top_p,
+                               greedy=a.temperature <= 0, seed=[s for _, s in jobs])
+        out = []
+        for r in rolls:
+            ids, obs = list(r.response_ids), list(r.obs_mask)
+            if ids and ids[-1] == self.tok.eos_token_id and r.stop_reason in ("eos", "forced_answer"):
+                ids, obs = ids[:-1], obs[:-1]  # train_sft appends eos itself
+            segments, pieces, start = [], [], 0
+            for t in range(1, len(ids) + 1):  # runs of equal obs_mask: obs = observation, policy = everything else
+                if t == len(ids) or obs[t] != obs[start]:
+                    text = self.decode(ids[start:t])
+                    segments.append({"kind": "obs" if obs[start] else "policy", "text": text})
+                    pieces.append(ids[start:t])
+                    self.exact[self.tok.encode(text, add_special_tokens=False) == ids[start:t]] += 1
+                    start = t
+            out.append({"segments": segments, "pieces": pieces, "text": r.text, "actions": sum(r.num_actions.values()),
+                        "stop": r.stop_reason, "tokens": len(r.response_ids)})
+        return out
+
+    def split(self, ids, pos):
+        """The longest token prefix of a policy segment whose text ends at or before character pos -> (ids, rest ids)."""
+        k = 0
+        while k < len(ids) and len(self.decode(ids[:k + 1])) <= pos:
+            k += 1
+        return ids[:k], ids[k:]
+
+
+class TeacherError(RuntimeError):
+    pass
+
+
+class URLTeacher:
+    def __init__(self, args):
+        self.args, self.lock, self.exact = args, threading.Lock(), Counter()
+        base = args.teacher_url.rstrip("/")
+        base = base[:-len("/completions")] if base.endswith("/completions") else base
+        base = base if base.endswith("/v1") else base + "/v1"
+        self.endpoint = base + "/completions"
+        self.tok = None
+        if args.teacher_tokenizer:
+            from transformers import AutoTokenizer
+            self.tok = AutoTokenizer.from_pretrained(args.teacher_tokenizer)
+        self.name = args.teacher_model or self._request(base + "/models", None)["data"][0]["id"]
+
+    def _request(self, url, body):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.args.teacher_timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode("utf-8", "replace")
+            raise TeacherError(f"teacher server {url} answered HTTP {e.code} {e.reason}: {detail}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise TeacherError(f"teacher server {url} unreachable ({getattr(e, 'reason', e)}): is it running?") from None
+        except json.JSONDecodeError as e:
+            raise TeacherError(f"teacher server {url} answered something that is not JSON ({e})") from None
+
+    def prompt(self, template, question):
+        return wrap(self.tok, template, question)
+
+    def complete(self, prompt, max_tokens, seed, stop):
+        a = self.args
+        body = {"model": self.name, "prompt": prompt, "max_tokens": max(1, max_tokens), "temperature": a.temperature,
+                "top_p": a.top_p, "seed": seed, "stop": stop or None}
+        out = self._request(self.endpoint, body)
+        try:
+            choice = out["choices"][0]
+            text, finish = choice["text"], choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError):
+            raise TeacherError(f"teacher server {self.endpoint} answered without choices[0].text: {str(out)[:300]}")
+        used = (out.get("usage") or {}).get("completion_tokens")
+        return text, finish, used if used is not None else max(1, len(text) // 4)  # a server without usage: ~4 chars
+
+    def one(self, prompt, seed, registry, env):
+        """One trajectory: generate to an action's close tag (a stop string), act, append the observation, go on."""
+        a = self.args
+        names = list(dict.fromkeys([*TOOL_NAMES, *(registry.names if registry else [])]))
+        stops = [action_close(n) for n in names]
+        segments, text, current, actions, tokens, stop = [], "", "", 0, 0, None
+        while stop is None:
+            piece, finish, used = self.complete(prompt + text, a.max_new_tokens - a.answer_tokens - tokens, seed, stops)
+            tokens, current, text = tokens + used, current + piece, text + piece
+            opened = list(ACTION_OPEN.finditer(current))
+            name = opened[-1].group(1) if opened else None
+            if finish == "stop" and name in names and action_close(name) not in current[opened[-1].end():]:
+                current += action_close(name)  # the server drops the stop string; an open action means we hit it
+                text += action_close(name)
+                actions += 1
+                argument = current[opened[-1].end():-len(action_close(name))].strip()
+                if actions > a.max_actions:
+                    observation = LIMIT_MESSAGE
+                elif env == "none":
+                    observation = TOOLS_DISABLED
+                else:
+                    with self.lock:  # one registry for all threads: it is not thread-safe
+                        observation = registry([(name, argument)])[0]
+                segments.append({"kind": "policy", "text": current})
+                segments.append({"kind": "obs", "text": format_observation(name, observation)})
+                text += segments[-1]["text"]
+                current = ""
+            elif finish == "length" or tokens >= a.max_new_tokens - a.answer_tokens:
+                if THINK_CLOSE in current:
+                    stop = "max_new_tokens"
+                else:  # force the answer (Algorithm 1, lines 24-27)
+                    current += THINK_CLOSE + "\n"
+                    piece, _, used = self.complete(prompt + text + THINK_CLOSE + "\n", a.answer_tokens, seed, None)
+                    current, text, tokens = current + piece, text + THINK_CLOSE + "\n" + piece, tokens + used
+                    stop = "forced_answer"
+            else:
+                stop = "eos"
+        if current:
+            segments.append({"kind": "policy", "text": current})
+        return {"segments": segments, "pieces": [s["text"] for s in segments], "text": text, "actions": actions,
+                "stop": stop, "tokens": tokens}
+
+    def run(self, jobs, registry, env):
+        with ThreadPoolExecutor(self.args.teacher_concurrency) as pool:
+            return list(pool.map(lambda job: self.one(job[0], job[1], registry, env), jobs))
+
+    def split(self, text, pos):
+        return text[:pos], text[pos:]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Acceptance and pairs
+
+
+def judge(traj, golds, kind, args):
+    """-> (accepted, reason, score). score = max(EM, F1) of the extracted answer."""
+    pred = extract_answer(traj["text"])
+    score = max(exact_match(pred, golds), f1(pred, golds))
+    if args.keep_all:
+        return True, "kept", score
+    ok, why = format_ok(traj["text"])
+    if traj["stop"] != "eos":
+        return False, f"unfinished ({traj['stop']})", score
+    if not ok:
+        return False, f"format: {why}", score
+    if kind == "cot" and traj["actions"]:
+        return False, "acted", score
+    if kind == "coa" and not traj["actions"]:
+        return False, "no action", score
+    if exact_match(pred, golds) < 1 and f1(pred, golds) < args.min_f1:
+        return False, "wrong", score
+    return True, "accepted", score
+
+
+def public(q):
+    return {k: q[k] for k in ("id", "question", "golden_answers", "dataset", "type", "level", "hops", "known") if k in q}
+
+
+def split_at_first_action(teacher, traj):
+    """-> (prefix piece, prefix segments, rest segments) at the first action open tag, or None (no open tag)."""
+    first, piece = traj["segments"][0], traj["pieces"][0]
+    found = ACTION_OPEN.search(first["text"]) if first["kind"] == "policy" else None
+    if not found:
+        return None
+    head, tail = teacher.split(piece, found.start())
+    head_text = teacher.decode(head) if isinstance(head, list) else head
+    rest_text = teacher.decode(tail) if isinstance(tail, list) else tail
+    prefix = [{"kind": "policy", "text": head_text}] if head_text else []
+    return head, prefix, [{"kind": "policy", "text": rest_text}] + traj["segments"][1:]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One batch of questions -> one record per question
+
+
+def synthesize_batch(batch, teacher, registry, prompts, args):
+    k = args.samples
+    results = {}
+    for kind, env in (("cot", "none"), ("coa", "real")):
+        jobs = [(prompts[kind](q["question"]), seed_of(args, q["id"], kind, i)) for q in batch for i in range(k)]
+        trajs = teacher.run(jobs, registry, env)
+        for j, q in enumerate(batch):
+            results[(q["id"], kind)] = [(t, *judge(t, q["golden_answers"], kind, args)) for t in trajs[j * k:(j + 1) * k]]
+    # CoT+A candidates: (question, case, acting trajectory) -> tool-free continuations of its prefix after the CoT prompt
+    candidates = []
+    for q in batch:
+        cot, coa = results[(q["id"], "cot")], results[(q["id"], "coa")]
+        cot_ok, coa_ok = any(r[1] for r in cot), any(r[1] for r in coa)
+        if args.keep_all or args.pair_samples == 0 or cot_ok == coa_ok:
+            continue
+        if coa_ok:
+            acting = max((r for r in coa if r[1]), key=lambda r: (r[3], -r[0]["tokens"]))[0]
+        else:
+            acting = next((r[0] for r in coa if r[2] == "wrong"), None)
+        cut = acting and split_at_first_action(teacher, acting)
+        if cut:
+            candidates.append((q, "act" if coa_ok else "no_act", cut))
+    jobs = [(prompts["cot"](q["question"]) + cut[0], seed_of(args, q["id"], "pair", i))
+            for q, _, cut in candidates for i in range(args.pair_samples)]
+    conts = teacher.run(jobs, registry, "none") if jobs else []
+    pairs, pair_tokens = {}, Counter()
+    for c, (q, case, (_, prefix, rest)) in enumerate(candidates):
+        tries = conts[c * args.pair_samples:(c + 1) * args.pair_samples]
+        pair_tokens[q["id"]] += sum(t["tokens"] for t in tries)
+        for t in tries:
+            _, reason, _ = judge(t, q["golden_answers"], "cot", args)
+            if reason == ("wrong" if case == "act" else "accepted"):  # finished, well formed, no action, (not) right
+                chosen, rejected = (rest, t["segments"]) if case == "act" else (t["segments"], rest)
+                pairs[q["id"]] = {**public(q), "prefix": prefix, "chosen": chosen, "rejected": rejected, "case": case}
+                break
+    records = []
+    for q in batch:
+        rec = {"id": q["id"], "group": str(q.get("dataset") or q.get("type") or q.get("level") or "all"),
+               "pair": pairs.get(q["id"]), "stats": {}}
+        for kind in ("cot", "coa"):
+            rs = results[(q["id"], kind)]
+            kept = [r for r in rs if r[1]]
+            best = max(kept, key=lambda r: (r[3], -r[0]["tokens"]))[0] if kept else None
+            rec[kind] = {**public(q), "segments": best["segments"], "actions": best["actions"]} if best else None
+            rec["stats"][kind] = {"samples": len(rs), "accepted": len(kept), "reasons": dict(Counter(r[2] for r in rs)),
+                                  "tokens": sum(r[0]["tokens"] for r in rs), "actions": [r[0]["actions"] for r in rs],
+                                  "accepted_actions": [r[0]["actions"] for r in kept]}
+        rec["stats"]["pair"] = {"candidate": any(c[0]["id"] == q["id"] for c in candidates),
+                                "tokens": pair_tokens[q["id"]]}
+        records.append(rec)
+    return records
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Records (append-only, resumable) -> final files
+
+
+def read_records(path):
+    """Complete lines of records.jsonl; a torn last line (a crash mid-write) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    good = raw[:raw.rfind(b"\n") + 1]
+    if len(good) != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(good))
+    return [json.loads(line) for line in good.decode("utf-8").splitlines() if line.strip()]
+
+
+def build_outputs(records, args, exact):
+    cot = [r["cot"] for r in records if r["cot"]]
+    coa = [r["coa"] for r in records if r["coa"]]
+    pairs = [r["pair"] for r in records if r["pair"]]
+    n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))  # data.py's rule: 1 CoT per mix_ratio CoA
+    mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
+    random.Random(args.seed + 3).shuffle(mix)
+
+    def rate(a, b):
+        return round(a / b, 4) if b else None
+
+    acceptance, by_group, reasons = {}, defaultdict(dict), {}
+    for kind in ("cot", "coa"):
+        st = [r["stats"][kind] for r in records]
+        samples, accepted = sum(s["samples"] for s in st), sum(s["accepted"] for s in st)
+        acceptance[kind] = {"samples": samples, "accepted": accepted, "sample_rate": rate(accepted, samples),
+                            "questions": len(st), "questions_kept": sum(s["accepted"] > 0 for s in st),
+                            "question_rate": rate(sum(s["accepted"] > 0 for s in st), len(st)),
+                            "tokens": sum(s["tokens"] for s in st),
+                            "tokens_per_sample": rate(sum(s["tokens"] for s in st), samples)}
+        reasons[kind] = dict(sum((Counter(s["reasons"]) for s in st), Counter()).most_common())
+        for group in sorted({r["group"] for r in records}):
+            gs = [r["stats"][kind] for r in records if r["group"] == group]
+            by_group[group][kind] = {"questions": len(gs), "sample_rate": rate(sum(s["accepted"] for s in gs),
+                                                                                sum(s["samples"] for s in gs)),
+                                     "question_rate": rate(sum(s["accepted"] > 0 for s in gs), len(gs))}
+    coa_actions = [a for r in records for a in r["stats"]["coa"]["actions"]]
+    kept_actions = [a for r in records for a in r["stats"]["coa"]["accepted_actions"]]
+    summary = {
+        "teacher": args.teacher or args.teacher_url, "questions": len(records), "samples": args.samples,
+        "acceptance": acceptance, "acceptance_by_group": dict(by_group), "reject_reasons": reasons,
+        "actions_per_trajectory": {"coa_all": rate(sum(coa_actions), len(coa_actions)),
+                                   "coa_accepted": rate(sum(kept_actions), len(kept_actions)),
+                                   "coa_accepted_histogram": dict(sorted(Counter(map(str, kept_actions)).items()))},
+        "pairs": {"candidates": sum(r["stats"]["pair"]["candidate"] for r in records), "kept": len(pairs),
+                  "act": sum(p["case"] == "act" for p in pairs), "no_act": sum(p["case"] == "no_act" for p in pairs),
+                  "continuation_tokens": sum(r["stats"]["pair"]["tokens"] for r in records)},
+        "files": {"sft_cot": len(cot), "sft_coa": len(coa), "sft_mix": len(mix), "sft_pairs": len(pairs)},
+    }
+    if exact:  # this run's segments only (resumed rows were counted by the run that made them)
+        summary["segments_retokenise_exact_this_run"] = rate(exact[True], exact[True] + exact[False])
+    for name, rows in (("sft_cot", cot), ("sft_coa", coa), ("sft_mix", mix), ("sft_pairs", pairs)):
+        write_atomic(os.path.join(args.out, name + ".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                     for r in rows))
+    write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    questions = load_questions(args.questions)
+    questions = questions[:args.limit] if args.limit else questions
+    assert len({q["id"] for q in questions}) == len(questions), f"{args.questions}: ids repeat (needed for resume)"
+    records_path, args_path = os.path.join(args.out, "records.jsonl"), os.path.join(args.out, "run_args.json")
+    if args.fresh and os.path.exists(records_path):
+        os.remove(records_path)
+    records = read_records(records_path)
+    if records and os.path.exists(args_path):
+        before = json.load(open(args_path))
+        changed = [k for k in RESUME_KEYS if before.get(k) != vars(args)[k]]
+        if changed:
+            raise SystemExit(f"{records_path} was made with other {', '.join('--' + k.replace('_', '-') for k in changed)}"
+                             f" ({', '.join(f'{before.get(k)!r}' for k in changed)}); rerun with them or add --fresh")
+    write_atomic(args_path, json.dumps(vars(args), indent=2) + "\n")
+    done = {r["id"] for r in records}
+    todo = [q for q in questions if q["id"] not in done]
+    if args.stop_after:
+        todo = todo[:args.stop_after]
+    print(f"{len(questions)} questions, {sum(q['id'] in done for q in questions)} done already, {len(todo)} to run | {args.samples} CoT + {args.samples} CoA samples each | out {args.out}")
+
+    teacher = HFTeacher(args) if args.teacher else URLTeacher(args)
+    registry = tools.make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk) \
+        if (args.corpus or args.url) else tools.make_tools()
+    if not (args.corpus or args.url):
+        print("warning: no --corpus or --url: search actions get an unknown-tool observation", file=sys.stderr)
+    templates = {"coa": open(args.coa_prompt_file, encoding="utf-8").read() if args.coa_prompt_file else None,
+                 "cot": open(args.cot_prompt_file, encoding="utf-8").read() if args.cot_prompt_file else COT_TEMPLATE}
+    if templates["coa"] is None:
+        from model import TEMPLATES
+        templates["coa"] = TEMPLATES["autocoa"]
+    for kind, text in templates.items():
+        assert "{question}" in text, f"the {kind} prompt has no {{question}} slot"
+    prompts = {kind: (lambda question, t=text: teacher.prompt(t, question)) for kind, text in templates.items()}
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc="synthesize", unit="q")
+    new = []
+    try:
+        with open(records_path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), args.batch_questions):
+                batch_records = synthesize_batch(todo[start:start + args.batch_questions], teacher, registry, prompts,
+                                                 args)
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch_records))
+                f.flush()
+                os.fsync(f.fileno())
+                new += batch_records
+                bar.update(len(batch_records))
+                bar.set_postfix(cot=f"{sum(r['cot'] is not None for r in new)}/{len(new)}",
+                                coa=f"{sum(r['coa'] is not None for r in new)}/{len(new)}",
+                                pairs=sum(r["pair"] is not None for r in new))
+    except TeacherError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        bar.close()
+    by_id = {r["id"]: r for r in read_records(records_path)}
+    ordered = [by_id[q["id"]] for q in questions if q["id"] in by_id]  # question-file order: same files after a resume
+    summary = build_outputs(ordered, args, teacher.exact)
+    a = summary["acceptance"]
+    print(f"{len(ordered)} questions | CoT accepted {a['cot']['accepted']}/{a['cot']['samples']} samples, "
+          f"{a['cot']['questions_kept']} questions | CoA accepted {a['coa']['accepted']}/{a['coa']['samples']}, "
+          f"{a['coa']['questions_kept']} questions | pairs {summary['pairs']['kept']} | "
+          f"this run {len(new)} questions in {time.time() - t0:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
