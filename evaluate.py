@@ -134,15 +134,23 @@ def extract_answer(text, require_think_close=True):
 
 
 _ACTION_TAG = re.compile(r"<begin_\w+>|</end_\w+>|<\w+_result>|</\w+_result>")
+_RESULT_TAG = re.compile(r"</?\w+_result>")
+_ANSWERED_ACTION = re.compile(r"</end_(\w+)>\s*<\1_result>.*?</\1_result>", re.S)  # an action + its observation
 
 
 def format_ok(response_text):
-    """(ok, reason) for the RESPONSE only: needs </think>, no action/observation tag after it, a \\boxed{} after it."""
+    """(ok, reason) for the RESPONSE only: needs </think>, no action/observation tag after it, a \\boxed{} after it,
+    and every result block right after an action of its tool. Pass the POLICY's text (Rollout.policy_text: observation
+    contents removed by the engine's masks), never text search over observations: a passage holding "</think>" or
+    "\\boxed{X}" must not change the score. A result tag anywhere else was written by the policy: a fabricated
+    observation, a format violation."""
     head, sep, tail = response_text.partition(THINK_CLOSE)
     if not sep:
         return False, "no </think>"
     if _ACTION_TAG.search(tail):
         return False, "action after </think>"
+    if _RESULT_TAG.search(_ANSWERED_ACTION.sub(" ", head)):
+        return False, "observation written by the policy"
     if _last_boxed(tail) is None:
         return False, "no \\boxed{} after </think>"
     return True, "ok"
@@ -389,7 +397,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
         samples = []
         for si in range(n_samples):
             r, golds = outs[(qi, si)], q["golden_answers"]
-            answer_text = r.text
+            answer_text = r.policy_text  # the policy's own tokens: tool output never supplies the answer or the format
             if mode == "react":  # a few-shot model often goes on to invent the next "Question:"; score up to it
                 head, sep, tail = answer_text.partition(THINK_CLOSE)
                 answer_text = head + sep + tail.split("\nQuestion:")[0]

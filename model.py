@@ -38,15 +38,21 @@ How this departs from the paper / the original code, and why:
 
 No command of its own: scripts import it. (Distributed scripts call rollout() on the unwrapped model on every rank.)
 """
+import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import Cache
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_close, action_open, format_observation,
                    result_close, result_open, special_tokens)
@@ -269,9 +275,25 @@ def build_prompt(tokenizer, question, template="short"):
     return text + THINK_OPEN
 
 
+_RESULT_WRAP = re.compile(r"(\s*<(\w+)_result>)(.*)(</\2_result>\s*)\Z", re.S)
+
+
+def encode_observation(tokenizer, text):
+    """Observation text -> ids, where the text between its outer result tags is DATA: a passage that contains
+    "</think>", "<begin_search>" or any other special token's string is tokenised as plain text
+    (split_special_tokens), so tool output can never write the tags that steer the engine or the score. The outer
+    <NAME_result> ... </NAME_result> keep their special-token ids. With tags that are not special tokens there is
+    nothing to protect and the whole text is one piece (splitting it could change a BPE merge at the boundary)."""
+    m = _RESULT_WRAP.match(text)
+    wrapped = m and len(tokenizer.encode(result_open(m.group(2)), add_special_tokens=False)) == 1
+    pieces = [(m.group(1), False), (m.group(3), True), (m.group(4), False)] if wrapped else [(text, True)]
+    return [i for piece, data in pieces
+            for i in tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=data)]
+
+
 def encode_segments(tokenizer, segments, train_obs=False, add_eos=False):
     """THE mask rule (SPEC 3). Each segment is tokenised on its own (no special tokens added) and the ids concatenated,
-    so a span's tokens never depend on its neighbours. -> (ids, loss_mask, obs_mask), lists of equal length.
+    so a span's tokens never depend on its neighbours; observations through encode_observation (tool output is data). -> (ids, loss_mask, obs_mask), lists of equal length.
     loss_mask: 1 on "policy", 1 on "obs" only if train_obs, 0 on "prompt". obs_mask: 1 on "obs".
     add_eos appends tokenizer.eos_token_id as a policy token."""
     ids, loss_mask, obs_mask = [], [], []
@@ -280,7 +302,7 @@ def encode_segments(tokenizer, segments, train_obs=False, add_eos=False):
         if kind not in SEGMENT_KINDS or not isinstance(text, str):
             raise ValueError(f"segment {i}: needs kind in {SEGMENT_KINDS} and a str text, got kind={kind!r} "
                              f"text={type(text).__name__}")
-        seg_ids = tokenizer.encode(text, add_special_tokens=False)
+        seg_ids = encode_observation(tokenizer, text) if kind == "obs" else tokenizer.encode(text, add_special_tokens=False)
         ids += seg_ids
         loss_mask += [int(kind == "policy" or (kind == "obs" and train_obs))] * len(seg_ids)
         obs_mask += [int(kind == "obs")] * len(seg_ids)
@@ -298,8 +320,11 @@ class Rollout:
     response_ids: list
     loss_mask: list        # 1 = the policy sampled it and it is trained on (SPEC 3)
     obs_mask: list         # 1 = observation (real, disabled/limit text, or simulated by the policy)
-    logprobs: list         # log-softmax of the temperature-scaled logits at the sampled token; 0.0 where injected
+    logprobs: list         # log-prob of the sampled token under the distribution it was drawn from (logits / T,
+                           # renormalised over the top-p nucleus); 0.0 where injected
     text: str              # decoded response (special tokens kept: the tags may be special tokens)
+    policy_text: str       # the response as the POLICY wrote it: each observation replaced by its empty result block,
+                           # so answer extraction and the format check never read tool output (OBSERVATION_STUB)
     num_actions: dict      # tool name -> actions the row emitted (past max_actions too)
     real_calls: int        # tool requests this row sent to the ToolRegistry (its cache may still answer some)
     sim_obs: int           # observations the policy wrote itself (env="sim")
@@ -326,6 +351,7 @@ class _Row:
     num_actions: dict = field(default_factory=dict)
     real_calls: int = 0
     sim_obs: int = 0
+    obs_names: list = field(default_factory=list)  # tool name of each observation, in order (for policy_text)
     stop_reason: str = ""
 
 
@@ -455,7 +481,8 @@ def _environment(rows, segment_texts, tools, s):
     observation longer than the row's context budget is cut to it (_settle then forces the answer)."""
     def observe(row, name, text):
         room = _limits(row, s)[1] - row.length
-        _queue(row, s.tokenizer.encode(format_observation(name, text), add_special_tokens=False)[:max(room, 0)], 0, 1)
+        _queue(row, encode_observation(s.tokenizer, format_observation(name, text))[:max(room, 0)], 0, 1)
+        row.obs_names.append(name)
 
     calls = []
     for row, text in zip(rows, segment_texts):
@@ -468,6 +495,7 @@ def _environment(rows, segment_texts, tools, s):
             # reserve always has room for it)
             _queue(row, s.tokenizer.encode(f"\n{result_open(name)}\n", add_special_tokens=False), 0, 1)
             row.phase, row.sim_name, row.phase_count, row.sim_obs = SIM, name, 0, row.sim_obs + 1
+            row.obs_names.append(name)
         else:
             calls.append((row, name, _action_argument(text, name)))
     observations = tools([(name, arg) for _, name, arg in calls]) if calls else []
@@ -492,9 +520,10 @@ def _generators(seed, batch, device):
 
 
 def _sample(logits, temperature, top_p, greedy, generator):
-    """logits (B, V) -> token (B,), logprob (B,) under the temperature-scaled distribution (top-p only restricts what
-    can be drawn; the logprob is the policy's, as the RL trainer recomputes it). generator: None, one generator, or a
-    list with one per row (None: that row takes the argmax and draws nothing)."""
+    """logits (B, V) -> token (B,), logprob (B,) of the token under the distribution it was drawn from: softmax(z / T),
+    renormalised over the top-p nucleus when top_p < 1 (the RL trainer scores softmax(z / T) and, with --tis-cap,
+    corrects the difference with these). generator: None, one generator, or a list with one per row (None: that row
+    takes the argmax and draws nothing)."""
     logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, V)
     if greedy:
         token = logp.argmax(-1)
@@ -504,6 +533,7 @@ def _sample(logits, temperature, top_p, greedy, generator):
             sorted_p, order = probs.sort(-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            logp = torch.log(probs / probs.sum(-1, keepdim=True))  # -inf outside the nucleus: never drawn
         if isinstance(generator, list):
             token = probs.argmax(-1)
             for b, g in enumerate(generator):
@@ -514,11 +544,27 @@ def _sample(logits, temperature, top_p, greedy, generator):
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def policy_text(tokenizer, ids, obs_mask, obs_names):
+    """The text the policy wrote: ids decoded with each observation span (a run of obs_mask 1) replaced by the empty
+    result block of its tool, format_observation(name, ""). Tool output (or, in env="sim", the policy's own simulated
+    observation) can then never supply the answer, a </think> or a tag; a result tag the policy wrote itself stays
+    visible, and evaluate.format_ok rejects it (a fabricated observation)."""
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    parts, start, names = [], 0, iter(obs_names)
+    for i in range(len(ids) + 1):
+        boundary = i == len(ids) or (i > 0 and obs_mask[i] != obs_mask[i - 1])
+        if boundary and i > start:
+            parts.append(format_observation(next(names, "search"), "") if obs_mask[start] else decode(ids[start:i]))
+            start = i
+    return "".join(parts)
+
+
 def _result(tokenizer, prompt, row, ids, loss, obs, logp):
-    text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id and row.stop_reason in ("eos", "forced_answer") \
-        else ids
+    n = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id and row.stop_reason in ("eos", "forced_answer") \
+        else len(ids)
     return Rollout(list(prompt), ids, loss, obs, logp,
-                   tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                   tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                   policy_text(tokenizer, ids[:n], obs[:n], row.obs_names),
                    dict(row.num_actions), row.real_calls, row.sim_obs, row.stop_reason)
 
 
@@ -538,15 +584,24 @@ def _rows(prompts, s):
 # -----------------------------------------------------------------------------
 # The engine: continuous batching over one KV cache with a slot per token of each row, stops exactly at actions
 
-class _SlotCache:
+class _SlotCache(Cache):
     """KV cache where each row writes its new tokens into its OWN next free slots (not one shared column per forward),
     so a forward may cover a subset of the rows, and a row that feeds nothing costs no slot. Buffers are preallocated
     and doubled when full (no torch.cat per step). A finished row is retired: the last live row moves into its buffer
     row, so the live rows stay the first buffer rows and a forward over them reads the buffers as a view (no gathered
     copy) and spends no attention on finished rows. The engine calls prepare() before each forward; the model calls
-    update() per layer (the only Cache method a Llama-style model needs given position_ids and a ready 4-D mask)."""
+    update() per layer (the only Cache method a Llama-style model needs given position_ids and a ready 4-D mask).
+    A transformers Cache subclass (transformers 5 deprecates other objects); its base class's per-layer storage is
+    unused. `kwarg` is the forward() argument it goes in: "cache" (transformers >= 5.x) or "past_key_values"."""
 
-    def __init__(self, batch, device):
+    def __init__(self, batch, device, model=None):
+        try:
+            super().__init__(layers=[])
+        except TypeError:  # base-class signatures differ across transformers versions; nothing of it is used
+            pass
+        params = inspect.signature(model.forward).parameters if model is not None else {}
+        new_name = "cache" in params or ("past_key_values" not in params and _TRANSFORMERS_MAJOR >= 5)  # a wrapper's
+        self.kwarg = "cache" if new_name else "past_key_values"                                       # **kwargs
         self.keys, self.values = [], []  # per layer: (B, H, capacity, D), indexed by buffer row
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # slots holding a real token
         self.free = [0] * batch          # next free slot per buffer row (host: sizes are known without a sync)
@@ -629,9 +684,10 @@ def _forward(model, ids, n, position_ids, cache, rows):
     """One cached forward of right-aligned inputs (the last n[r] slots of row r real) for engine rows `rows` (list) ->
     next-token logits (R, V) at the last slot of each row (meaningful where n > 0)."""
     mask = cache.prepare(n, ids.shape[1], model.config._attn_implementation == "eager", rows)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+    # no autocast here: the caller's (train_rl --bf16, evaluate --dtype) applies, so the engine samples from exactly
+    # the numerics it was asked for
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                **{cache.kwarg: cache})
     return out.logits[:, -1].float()
 
 
@@ -714,7 +770,7 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
     ids = ids.to(device)
-    cache = _SlotCache(B, device)
+    cache = _SlotCache(B, device, model)
     position = (torch.arange(width, device=device) - (width - prompt_len)[:, None]).clamp(min=0)
     next_logits = _forward(model, ids, [len(p) for p in prompts], position, cache, list(range(B)))
     push(list(range(B)))
@@ -845,8 +901,7 @@ def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_token
             row.inject = []
             if row.phase == DONE:
                 break
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
+            logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
             token, token_logp = _sample(logits, temperature, top_p, greedy, generator)
             ids.append(int(token))
             loss.append(int(row.phase != SIM or train_sim_obs))

@@ -23,8 +23,17 @@ Departures from the paper / the authors' verl code, and why:
   - PPO (not in the paper) is offered for comparison: value head from model.py, GAE with gamma = lambda = 1 and the
     reward on the last policy token; observation tokens are skipped by GAE (they are the environment's transition, not
     actions), advantages whitened over masked-in tokens of the whole batch.
-  - Log-probs, KL and entropy use the raw (temperature 1) logits: the sampling temperature (0.6, paper) is exploration
-    noise; old and new log-probs come from the same function, so the ratio and clipping act on the policy itself.
+  - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy all
+    come from logits / --temperature (as verl does), so the ratio starts at 1 against the policy that acted. (Scoring
+    at temperature 1 while sampling at 0.6 updates a policy that did not produce the samples: a non-zero update on
+    logits that do not affect reward, a path to entropy collapse.) Top-p is NOT part of the scored policy (the
+    truncated distribution has no gradient for the dropped tokens; verl does the same); the engine reports each token's
+    log-prob under the distribution it was really drawn from, the step log's `logp_gap` is the mean |engine - trainer|
+    over sampled tokens (< 1e-4 on CPU fp32 at top_p 1, tested), and --tis-cap C multiplies each token's surrogate by
+    min(pi_old / pi_engine, C), truncated importance sampling, for where they differ (top-p, bf16 kernels).
+  - real_calls = calls that reached the real search tool (the paper's cost); cache hits, calculator calls and error
+    observations (malformed actions, unknown tools) are counted apart. The in-loop dev evaluation uses its own tool
+    registry: its calls are never logged or counted as rollout calls.
   - Updates run with dropout off (model.eval()), so the first minibatch of the first epoch has ratio exactly 1.
   - --world-model CKPT: the simulated steps use the separate world model of world_model.py as the search tool
     (env "world-model") instead of the policy's own simulation; its calls are counted as simulated, not real.
@@ -63,7 +72,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
-from model import build_prompt, encode_segments, load, rollout, save
+from model import build_prompt, checkpoint_template, encode_segments, load, rollout, save
 from tools import make_tools
 import train_sft as SFT  # the same padding and next-token log-probs as SFT
 
@@ -111,16 +120,19 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
-                entropy_coef=0.0):
+                entropy_coef=0.0, tis_weight=None):
     """Clipped surrogate + k3 KL to the reference + entropy bonus, ALL masked by loss_mask and divided by num_tokens
-    (masked-in tokens of the whole minibatch over ranks and micro-batches). Returns (loss, stats); each stat is a
-    masked sum / num_tokens, so summing it over micro-batches and ranks gives the minibatch mean."""
-    # logp, old_logp, ref_logp, advantages, entropy, mask: (B, T); masked positions may hold anything (even inf)
+    (masked-in tokens of the whole minibatch over ranks and micro-batches). tis_weight: per-token truncated importance
+    weight min(pi_old / pi_engine, C) on the surrogate, or None. Returns (loss, stats); each stat is a masked sum /
+    num_tokens, so summing it over micro-batches and ranks gives the minibatch mean."""
+    # logp, old_logp, ref_logp, advantages, entropy, mask, tis_weight: (B, T); masked positions may hold anything
     m = mask.bool()
     log_ratio = (logp - old_logp).masked_fill(~m, 0.0)                   # masked before exp: no inf, no NaN gradient
     ratio = torch.exp(log_ratio)                                         # pi_theta / pi_old
     A = advantages.masked_fill(~m, 0.0)
     surrogate = torch.min(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
+    if tis_weight is not None:                                           # samples came from pi_engine, not pi_old
+        surrogate = surrogate * tis_weight.masked_fill(~m, 0.0)
     ref_diff = (ref_logp - logp).masked_fill(~m, 0.0)
     kl = torch.exp(ref_diff) - ref_diff - 1                              # k3 estimator of KL(pi_theta || pi_ref)
     H = entropy.masked_fill(~m, 0.0)
@@ -173,18 +185,32 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
 
 
 def collate(seqs, pad_id, device):
-    """Right-pad sequences -> ids, attention (B, T) and the loss mask of the next-token targets (B, T-1)."""
+    """Right-pad sequences -> ids, attention (B, T), the loss mask of the next-token targets (B, T-1) and the engine's
+    log-prob of each target (B, T-1; 0 where the engine sampled nothing)."""
     ids, attention, mask = SFT.collate([(s["ids"], s["mask"]) for s in seqs], pad_id, device)
-    return ids, attention, mask[:, 1:]
+    T = ids.shape[1]
+    engine_logp = torch.tensor([s["engine_logp"] + [0.0] * (T - len(s["engine_logp"])) for s in seqs], device=device)
+    return ids, attention, mask[:, 1:], engine_logp[:, 1:]
 
 
-def forward(model, value_head, ids, attention, need_entropy=True):
-    """Per-target log-prob, entropy and value of a padded batch; values only when value_head is given."""
+def tool_usage(registry):
+    """Cumulative counters of a ToolRegistry: real_calls = arguments that reached a real tool other than the (local,
+    free) calculator, i.e. the paper's cost; cache hits, calculator calls and error observations apart."""
+    reached = registry.real_counts
+    return {"real_calls": sum(n for name, n in reached.items() if name != "calculator"),
+            "calculator_calls": reached.get("calculator", 0), "cache_hits": registry.cache_hits,
+            "tool_errors": registry.errors}
+
+
+def forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
+    """Per-target log-prob, entropy and value of a padded batch under softmax(logits / temperature), the distribution
+    the engine sampled from; values only when value_head is given."""
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
-    logp = SFT.token_logprobs(out.logits, ids)                           # (B, T-1) log pi(ids[:, 1:])
+    scaled = out.logits.float() / temperature                            # (B, T, V)
+    logp = SFT.token_logprobs(scaled, ids)                               # (B, T-1) log pi_T(ids[:, 1:])
     entropy = None
     if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
-        logits = out.logits[:, :-1].float()                              # (B, T-1, V)
+        logits = scaled[:, :-1]                                          # (B, T-1, V)
         entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
     values = None
     if value_head is not None:
@@ -203,11 +229,38 @@ def replace_dir(src, dst):
 
 
 def save_resume(policy, tokenizer, out, args, state):
-    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir."""
+    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir. The
+    state is written last, so a dir holding trainer_state.pt is complete (find_resume relies on it)."""
     tmp = os.path.join(out, ".resume.tmp")
     save(policy, tokenizer, tmp, args)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
+    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
     replace_dir(tmp, os.path.join(out, "resume"))
+
+
+def find_resume(out):
+    """The complete resume dir under OUT, also after a kill inside replace_dir (resume moved aside to resume.old, the
+    new one still at .resume.tmp): the newest complete one, else None."""
+    for name in ("resume", ".resume.tmp", "resume.old"):  # newest first
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+def save_final(policy, tokenizer, out, args):
+    """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs, resume/ and
+    sim_end/ are never moved: a kill at any point leaves them in place, and since OUT/resume already holds the final
+    step, a rerun with --resume only redoes this save."""
+    tmp = out.rstrip("/") + ".final.tmp"
+    save(policy, tokenizer, tmp, args)
+    for name in os.listdir(out):  # files of an older checkpoint that this one does not have (e.g. value_head.pt)
+        weights = name == "value_head.pt" or name.endswith((".safetensors", ".bin", ".safetensors.index.json"))
+        if weights and not os.path.exists(os.path.join(tmp, name)):
+            os.remove(os.path.join(out, name))
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    shutil.rmtree(tmp)
 
 
 def open_step_log(path, resume, start_step):
@@ -246,6 +299,8 @@ def main(argv=None):
     parser.add_argument("--corpus", default=None,
                         help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
     parser.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
+    parser.add_argument("--max-obs-chars", type=int, default=4000,
+                        help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
     parser.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"],
                         help="retrieval server API shape")
     parser.add_argument("--world-model", default=None,
@@ -258,7 +313,8 @@ def main(argv=None):
     parser.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
     parser.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (paper: 0.6)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling (the trainer scores softmax(z/T) without it: see --tis-cap)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
     parser.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     parser.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
@@ -282,6 +338,9 @@ def main(argv=None):
     parser.add_argument("--micro-batch-size", type=int, default=4,
                         help="sequences per forward/backward (gradient accumulation)")
     parser.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon")
+    parser.add_argument("--tis-cap", type=float, default=0.0,
+                        help="truncated importance sampling: weight each token's surrogate by min(pi_old/pi_engine, "
+                             "C) against the engine's own log-probs (top-p, bf16 mismatch; 0: off)")
     parser.add_argument("--kl-coef", type=float, default=1e-3,
                         help="k3 KL-to-reference loss coefficient (0: no reference model)")
     parser.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
@@ -301,7 +360,8 @@ def main(argv=None):
     # Logging and checkpoints
     parser.add_argument("--out", required=True, help="output dir: final checkpoint, metrics.jsonl, resume/")
     parser.add_argument("--save-every", type=int, default=0, help="write OUT/resume every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/resume (after a kill at any point, also during the final save)")
     parser.add_argument("--eval-every", type=int, default=0, help="evaluate on DATA/dev.jsonl every N steps (0: off)")
     parser.add_argument("--eval-limit", type=int, default=100, help="dev questions per evaluation")
     args = parser.parse_args(argv)
@@ -331,8 +391,14 @@ def main(argv=None):
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
     os.makedirs(args.out, exist_ok=True)
     resume_dir = os.path.join(args.out, "resume")
-    if args.resume and not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
-        raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
+    if args.resume:
+        found = find_resume(args.out)
+        if found is None:
+            raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
+        if master and found != resume_dir:  # a kill inside the swap: finish it
+            replace_dir(found, resume_dir)
+        if ddp:
+            dist.barrier()
 
     # -----------------------------------------------------------------------------
     # Models, tools, data
@@ -342,6 +408,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
     policy, tokenizer = load(resume_dir if args.resume else args.init, tokenizer=args.tokenizer, device=device,
                              value_head=args.algo == "ppo", seed=args.seed)
+    if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
+        policy.value_head = None
     policy.eval()  # dropout off for rollouts AND updates (see docstring)
     reference = None
     if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
@@ -355,13 +423,13 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    template = args.template
-    if template is None:  # prompts must look like the ones SFT trained on
-        run_args = os.path.join(args.init, "run_args.json")
-        template = json.load(open(run_args)).get("template", "short") if os.path.exists(run_args) else "short"
+    # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
+    template = args.template = checkpoint_template(args.init, args.template)
     questions = load_questions(os.path.join(args.data, "train.jsonl"))
-    real_tools = make_tools(url=args.url, api=args.api) if args.url else \
-        make_tools(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
+    tool_source = dict(url=args.url, api=args.api) if args.url else \
+        dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
+    real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
+    eval_tools = None  # the dev evaluation's own registry (cache, counters): never mixed with the rollouts' calls
     world_model_tools = None
     if args.world_model:
         try:
@@ -370,12 +438,15 @@ def main(argv=None):
             raise SystemExit(f"--world-model needs world_model.py next to train_rl.py ({e})")
         world_model_tools = load_world_model_tools(args.world_model, device=device)
 
-    start_step, totals, collapse_streak = 0, {"real_calls": 0, "sim_obs": 0, "tool_misses": 0}, 0
+    counted = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_errors")
+    start_step, totals, collapse_streak = 0, dict.fromkeys(counted, 0), 0
     if args.resume:
         state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_step, totals, collapse_streak = state["step"], state["totals"], state["collapse_streak"]
+        # the tool cache decides which calls reach the tool: without it a resumed run's counts and call log differ
+        real_tools.cache.update(((t, a), o) for t, a, o in state["tool_cache"][rank])
         if master:
             print(f"resumed from {resume_dir} at step {start_step} ({totals['real_calls']} real tool calls so far)")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -387,6 +458,17 @@ def main(argv=None):
 
     # -----------------------------------------------------------------------------
     # Training loop
+
+    def save_state(done_steps):
+        """OUT/resume: weights, optimizer, RNG, totals and every rank's tool cache (collective: all ranks call it)."""
+        caches = [[[t, a, o] for (t, a), o in real_tools.cache.items()]]
+        if ddp:
+            caches = [None] * world
+            dist.all_gather_object(caches, [[t, a, o] for (t, a), o in real_tools.cache.items()])
+        if master:
+            save_resume(policy, tokenizer, args.out, vars(args), {
+                "step": done_steps, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "totals": totals, "collapse_streak": collapse_streak, "tool_cache": caches})
 
     step, stop = start_step, None
     for step in range(start_step, total_steps):
@@ -402,7 +484,7 @@ def main(argv=None):
         t0 = time.time()
         policy.eval()
         seqs, sums = [], torch.zeros(8, dtype=torch.float64)
-        misses_before = real_tools.real_calls
+        usage_before = tool_usage(real_tools)
         js = list(range(rank, args.prompts_per_step, world))
         qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
         texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
@@ -417,28 +499,29 @@ def main(argv=None):
                             seed=seeds, train_sim_obs=args.train_sim_obs, sim_obs_tokens=args.sim_obs_tokens)
         for i, r in enumerate(rolls):
             q = qs[i // args.group_size]
-            R = reward(r.text, q["golden_answers"], args.reward, args.format_penalty)
+            # the policy's own text: what a passage says can neither be the answer nor break (or fake) the format
+            R = reward(r.policy_text, q["golden_answers"], args.reward, args.format_penalty)
             # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-            real = 0 if env_name == "world-model" else r.real_calls
             sim = r.sim_obs + (r.real_calls if env_name == "world-model" else 0)
             seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids),
-                         "mask": [0] * len(r.prompt_ids) + list(r.loss_mask), "reward": R})
-            sums += torch.tensor([1, R, exact_match(extract_answer(r.text), q["golden_answers"]),
-                                  1 - format_ok(r.text)[0], sum(r.num_actions.values()), real, sim,
-                                  len(r.response_ids)], dtype=torch.float64)
-        tool_misses = torch.tensor([float(real_tools.real_calls - misses_before)])  # arguments that reached the tool
+                         "mask": [0] * len(r.prompt_ids) + list(r.loss_mask),
+                         "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs), "reward": R})
+            sums += torch.tensor([1, R, exact_match(extract_answer(r.policy_text), q["golden_answers"]),
+                                  1 - format_ok(r.policy_text)[0], sum(r.num_actions.values()), sim,
+                                  len(r.response_ids), r.real_calls], dtype=torch.float64)
+        usage = tool_usage(real_tools)
+        usage = all_sum(torch.tensor([float(usage[k] - usage_before[k]) for k in counted if k != "sim_obs"]))
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
         calls_file.flush()
         real_tools.log.clear()
-        sums, tool_misses = all_sum(sums), all_sum(tool_misses)
+        sums = all_sum(sums)
         rollout_s = time.time() - t0
         n_traj = sums[0].item()
         log = {"step": step + 1, "env": env_name, "reward": sums[1].item() / n_traj, "em": sums[2].item() / n_traj,
                "format_violation": sums[3].item() / n_traj, "actions": sums[4].item() / n_traj,
-               "real_calls": int(sums[5]), "sim_obs": int(sums[6]), "tool_misses": int(tool_misses)}
-        totals = {"real_calls": totals["real_calls"] + log["real_calls"], "sim_obs": totals["sim_obs"] + log["sim_obs"],
-                  "tool_misses": totals["tool_misses"] + log["tool_misses"]}
-        log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=sums[7].item() / rollout_s)
+               "sim_obs": int(sums[5]), "tool_requests": int(sums[7]), **{k: int(v) for k, v in zip([k for k in counted if k != "sim_obs"], usage)}}
+        totals = {k: totals[k] + log[k] for k in counted}
+        log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=sums[6].item() / rollout_s)
 
         # --- old log-probs, reference log-probs, values and advantages (no grad), per micro-batch
         t0 = time.time()
@@ -453,14 +536,21 @@ def main(argv=None):
                 s["advantage"] = a
         ev_sums = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2: explained variance
         batches = [[] for _ in minibatches]  # tensors per micro-batch, grouped by minibatch
+        gap = torch.zeros(2, dtype=torch.float64)  # sum |engine logp - old logp| over sampled tokens, their count
+        T = args.temperature
         with torch.no_grad(), amp():
             for k, minibatch in enumerate(minibatches):
                 for mb in minibatch:
-                    ids, attention, mask = collate(mb, pad_id, device)
-                    old_logp, _, old_values = forward(policy, value_head, ids, attention, need_entropy=False)
+                    ids, attention, mask, engine_logp = collate(mb, pad_id, device)
+                    old_logp, _, old_values = forward(policy, value_head, ids, attention, T, need_entropy=False)
                     ref_logp = old_logp if reference is None else \
-                        forward(reference, None, ids, attention, need_entropy=False)[0]
+                        forward(reference, None, ids, attention, T, need_entropy=False)[0]
                     b = {"ids": ids, "attention": attention, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp}
+                    m = mask.bool()
+                    gap += torch.stack([(engine_logp - old_logp)[m].abs().sum().double(), m.sum().double()]).cpu()
+                    if args.tis_cap > 0:  # pi_old / pi_engine, truncated: the samples came from the engine
+                        b["tis_weight"] = torch.exp((old_logp - engine_logp).masked_fill(~m, 0.0)).clamp(
+                            max=args.tis_cap)
                     if args.algo == "grpo":
                         A = torch.tensor([s["advantage"] for s in mb], device=device)
                         b["advantages"] = A[:, None].expand_as(mask)               # one advantage for all tokens
@@ -477,6 +567,8 @@ def main(argv=None):
                         ev_sums += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(),
                                                 (d ** 2).sum()]).cpu()
                     batches[k].append(b)
+        gap = all_sum(gap)
+        log["logp_gap"] = (gap[0] / gap[1].clamp(min=1)).item()
         if args.algo == "ppo":  # whitening over all masked-in tokens of the batch, all ranks
             flat = [b for minibatch in batches for b in minibatch]
             all_adv = torch.cat([b["advantages"].flatten() for b in flat])
@@ -498,10 +590,10 @@ def main(argv=None):
                     sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
                     with nullcontext() if sync else model.no_sync():
                         with amp():
-                            logp, entropy, values = forward(model, value_head, b["ids"], b["attention"])
+                            logp, entropy, values = forward(model, value_head, b["ids"], b["attention"], T)
                         loss, micro_stats = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy,
                                                         b["mask"], num_tokens, args.clip, args.kl_coef,
-                                                        args.entropy_coef)
+                                                        args.entropy_coef, b.get("tis_weight"))
                         if args.algo == "ppo":  # the one place where PPO's update differs from GRPO's
                             v_loss = value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens,
                                                 args.value_clip)
@@ -538,7 +630,8 @@ def main(argv=None):
             if master:
                 from evaluate import evaluate  # lazy: evaluation is optional
                 dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
-                summary = evaluate(policy, tokenizer, dev, real_tools, "agent", template=template, progress=False,
+                eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
+                summary = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template, progress=False,
                                    max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
                                    max_context=args.max_context)[0]  # greedy, real tools
                 log.update(dev_em=summary["overall"]["em"], dev_f1=summary["overall"]["f1"],
@@ -548,7 +641,8 @@ def main(argv=None):
         if master:
             print(f"step {step + 1}/{total_steps} {env_name} | reward {log['reward']:.3f} | em {log['em']:.3f} | "
                   f"fmt_bad {log['format_violation']:.2f} | act {log['actions']:.2f} | real {log['real_calls']}/"
-                  f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | kl {log['kl']:.4f} | "
+                  f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | logp_gap {log['logp_gap']:.1e} | "
+                  f"kl {log['kl']:.4f} | "
                   f"ent {log['entropy']:.3f}"
                   f" | clip {log['clipfrac']:.3f} | akl {log['approx_kl']:.4f}"
                   + (f" | vloss {log['value_loss']:.4f} | ev {log['explained_variance']:.3f}"
@@ -566,31 +660,20 @@ def main(argv=None):
             # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row, from the same run
             save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args))
             shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
-        if master and args.save_every and (step + 1) % args.save_every == 0:
-            save_resume(policy, tokenizer, args.out, vars(args), {
-                "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "totals": totals, "collapse_streak": collapse_streak})
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_state(step + 1)
 
     # -----------------------------------------------------------------------------
     # Final checkpoint (not after a stop: the last good one is OUT/resume)
 
     calls_file.close()
-    if ddp:
-        dist.barrier()  # every rank's call log is closed before rank 0 moves them into the final checkpoint
-    if master and not stop:
-        save_resume(policy, tokenizer, args.out, vars(args), {
-            "step": step + 1, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "totals": totals, "collapse_streak": collapse_streak})
-        # model.save replaces its whole dir: build the final one beside OUT, move the logs in, swap it in
-        tmp = args.out.rstrip("/") + ".final.tmp"
-        save(policy, tokenizer, tmp, vars(args))
-        metrics_file.close()
-        for name in ["metrics.jsonl", "resume", "sim_end"] + [f for f in os.listdir(args.out)
-                                                              if f.startswith("real_calls")]:
-            if os.path.exists(os.path.join(args.out, name)):
-                os.replace(os.path.join(args.out, name), os.path.join(tmp, name))
-        replace_dir(tmp, args.out)
-        print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
+    if not stop:
+        if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
+            save_state(total_steps)
+        if master:
+            metrics_file.close()
+            save_final(policy, tokenizer, args.out, vars(args))
+            print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

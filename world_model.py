@@ -377,7 +377,7 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
     def rewards(tools, env):
         runs = M.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True, max_new_tokens=max_new_tokens,
                          sim_obs_tokens=max_obs_tokens)
-        return [exact_match(extract_answer(r.text) or "", q["golden_answers"]) for r, q in zip(runs, questions)], runs
+        return [exact_match(extract_answer(r.policy_text) or "", q["golden_answers"]) for r, q in zip(runs, questions)], runs
 
     real_rewards, real_runs = rewards(real_tools, "real")
     search = re.compile(re.escape(action_open("search")) + r"(.*?)" + re.escape(action_close("search")), re.S)

@@ -164,6 +164,7 @@ class ScriptedRollout:
     def __init__(self, text, num_actions, real_calls, stop_reason="eos"):
         self.text, self.num_actions, self.real_calls, self.stop_reason = text, num_actions, real_calls, stop_reason
         self.sim_obs = 0
+        self.policy_text = text  # the scripted texts hold no observation
 
 
 class CharTokenizer:
