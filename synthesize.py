@@ -82,7 +82,7 @@ Now, please answer the user's question below:
 TOOLS_DISABLED = "Tools are disabled. Answer from your own knowledge."  # model.TOOLS_DISABLED (no torch import here)
 ACTION_OPEN = re.compile(r"<begin_(\w+)>")
 RESUME_KEYS = ("questions", "teacher", "teacher_url", "samples", "temperature", "top_p", "seed", "max_new_tokens",
-               "coa_prompt_file", "cot_prompt_file", "min_f1", "keep_all", "pair_samples", "batch_questions")
+               "coa_prompt_file", "cot_prompt_file", "min_f1", "keep_all", "pair_samples")
 
 
 def get_args(argv=None):
@@ -134,6 +134,7 @@ def get_args(argv=None):
     assert args.samples >= 1 and args.batch_questions >= 1 and args.pair_samples >= 0, "sizes must be positive"
     assert args.samples == 1 or args.temperature > 0, "--samples > 1 needs --temperature > 0 (greedy repeats itself)"
     assert not (args.corpus and args.url), "give --corpus or --url, not both"
+    assert 0 < args.answer_tokens < args.max_new_tokens, "--answer-tokens must be in (0, --max-new-tokens)"
     return args
 
 
@@ -164,7 +165,7 @@ class HFTeacher:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
         self.model, self.tok = M.load(args.teacher, device=device, add_action_tokens=args.add_action_tokens)
-        self.name, self.exact = args.teacher, Counter()
+        self.name = args.teacher
 
     def prompt(self, template, question):
         return self.tok(wrap(self.tok, template, question), add_special_tokens=False).input_ids
@@ -183,16 +184,18 @@ class HFTeacher:
             ids, obs = list(r.response_ids), list(r.obs_mask)
             if ids and ids[-1] == self.tok.eos_token_id and r.stop_reason in ("eos", "forced_answer"):
                 ids, obs = ids[:-1], obs[:-1]  # train_sft appends eos itself
-            segments, pieces, start = [], [], 0
+            segments, pieces, start, exact = [], [], 0, 0
             for t in range(1, len(ids) + 1):  # runs of equal obs_mask: obs = observation, policy = everything else
                 if t == len(ids) or obs[t] != obs[start]:
                     text = self.decode(ids[start:t])
                     segments.append({"kind": "obs" if obs[start] else "policy", "text": text})
                     pieces.append(ids[start:t])
-                    self.exact[self.tok.encode(text, add_special_tokens=False) == ids[start:t]] += 1
+                    encode = self.M.encode_observation if obs[start] and hasattr(self.M, "encode_observation") \
+                        else (lambda tok, x: tok.encode(x, add_special_tokens=False))  # what train_sft will do
+                    exact += encode(self.tok, text) == ids[start:t]
                     start = t
             out.append({"segments": segments, "pieces": pieces, "text": r.text, "actions": sum(r.num_actions.values()),
-                        "stop": r.stop_reason, "tokens": len(r.response_ids)})
+                        "stop": r.stop_reason, "tokens": len(r.response_ids), "exact": [exact, len(segments)]})
         return out
 
     def split(self, ids, pos):
@@ -209,7 +212,7 @@ class TeacherError(RuntimeError):
 
 class URLTeacher:
     def __init__(self, args):
-        self.args, self.lock, self.exact = args, threading.Lock(), Counter()
+        self.args, self.lock = args, threading.Lock()
         base = args.teacher_url.rstrip("/")
         base = base[:-len("/completions")] if base.endswith("/completions") else base
         base = base if base.endswith("/v1") else base + "/v1"
@@ -290,7 +293,7 @@ class URLTeacher:
         if current:
             segments.append({"kind": "policy", "text": current})
         return {"segments": segments, "pieces": [s["text"] for s in segments], "text": text, "actions": actions,
-                "stop": stop, "tokens": tokens}
+                "stop": stop, "tokens": tokens, "exact": [0, 0]}
 
     def run(self, jobs, registry, env):
         with ThreadPoolExecutor(self.args.teacher_concurrency) as pool:
@@ -303,13 +306,22 @@ class URLTeacher:
 # Acceptance and pairs
 
 
+def policy_text(segments):
+    """The text the teacher wrote: each observation replaced by its empty result block (model.policy_text's rule), so
+    a passage holding "</think>" or "\\boxed{X}" never supplies the answer or the format."""
+    return "".join(format_observation(re.match(r"\s*<(\w+)_result>", s["text"]).group(1), "")
+                   if s["kind"] == "obs" and re.match(r"\s*<(\w+)_result>", s["text"]) else s["text"]
+                   for s in segments)
+
+
 def judge(traj, golds, kind, args):
-    """-> (accepted, reason, score). score = max(EM, F1) of the extracted answer."""
-    pred = extract_answer(traj["text"])
+    """-> (accepted, reason, score). score = max(EM, F1) of the extracted answer (from the teacher's own text)."""
+    text = policy_text(traj["segments"])
+    pred = extract_answer(text)
     score = max(exact_match(pred, golds), f1(pred, golds))
     if args.keep_all:
         return True, "kept", score
-    ok, why = format_ok(traj["text"])
+    ok, why = format_ok(text)
     if traj["stop"] != "eos":
         return False, f"unfinished ({traj['stop']})", score
     if not ok:
@@ -389,7 +401,8 @@ def synthesize_batch(batch, teacher, registry, prompts, args):
             rec[kind] = {**public(q), "segments": best["segments"], "actions": best["actions"]} if best else None
             rec["stats"][kind] = {"samples": len(rs), "accepted": len(kept), "reasons": dict(Counter(r[2] for r in rs)),
                                   "tokens": sum(r[0]["tokens"] for r in rs), "actions": [r[0]["actions"] for r in rs],
-                                  "accepted_actions": [r[0]["actions"] for r in kept]}
+                                  "accepted_actions": [r[0]["actions"] for r in kept],
+                                  "exact": [sum(r[0]["exact"][j] for r in rs) for j in (0, 1)]}
         rec["stats"]["pair"] = {"candidate": any(c[0]["id"] == q["id"] for c in candidates),
                                 "tokens": pair_tokens[q["id"]]}
         records.append(rec)
@@ -412,7 +425,7 @@ def read_records(path):
     return [json.loads(line) for line in good.decode("utf-8").splitlines() if line.strip()]
 
 
-def build_outputs(records, args, exact):
+def build_outputs(records, args):
     cot = [r["cot"] for r in records if r["cot"]]
     coa = [r["coa"] for r in records if r["coa"]]
     pairs = [r["pair"] for r in records if r["pair"]]
@@ -451,8 +464,9 @@ def build_outputs(records, args, exact):
                   "continuation_tokens": sum(r["stats"]["pair"]["tokens"] for r in records)},
         "files": {"sft_cot": len(cot), "sft_coa": len(coa), "sft_mix": len(mix), "sft_pairs": len(pairs)},
     }
-    if exact:  # this run's segments only (resumed rows were counted by the run that made them)
-        summary["segments_retokenise_exact_this_run"] = rate(exact[True], exact[True] + exact[False])
+    # --teacher: share of segment texts that re-encode to the teacher's own ids (all samples; --teacher-url: none)
+    exact = [sum(r["stats"][k]["exact"][j] for r in records for k in ("cot", "coa")) for j in (0, 1)]
+    summary["segments_retokenise_exact"] = rate(*exact)
     for name, rows in (("sft_cot", cot), ("sft_coa", coa), ("sft_mix", mix), ("sft_pairs", pairs)):
         write_atomic(os.path.join(args.out, name + ".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                      for r in rows))
@@ -520,7 +534,7 @@ def main(argv=None):
         bar.close()
     by_id = {r["id"]: r for r in read_records(records_path)}
     ordered = [by_id[q["id"]] for q in questions if q["id"] in by_id]  # question-file order: same files after a resume
-    summary = build_outputs(ordered, args, teacher.exact)
+    summary = build_outputs(ordered, args)
     a = summary["acceptance"]
     print(f"{len(ordered)} questions | CoT accepted {a['cot']['accepted']}/{a['cot']['samples']} samples, "
           f"{a['cot']['questions_kept']} questions | CoA accepted {a['coa']['accepted']}/{a['coa']['samples']}, "
