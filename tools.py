@@ -31,11 +31,13 @@ Commands:
 """
 import argparse
 import ast
+import io
 import json
 import math
 import operator
 import os
 import re
+import selectors
 import sys
 import tempfile
 import threading
@@ -44,7 +46,8 @@ import urllib.error
 import urllib.request
 from array import array
 from collections import Counter, OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 
@@ -94,17 +97,25 @@ class ToolError(Exception):
 
 def read_jsonl(path):
     """-> [(where, object)] for the non-blank lines of a JSONL file, where = "FILE:LINE" so callers can name the line in
-    their own field errors. A line that is not a JSON object fails here, with its file and line."""
+    their own field errors. A line that is not UTF-8, not JSON or not a JSON object fails here, with its file and line.
+    Lines are decoded one at a time (binary read): a text-mode read fails with a bare UnicodeDecodeError, no line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                 f"line; re-save the file as UTF-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             rows.append((where, obj))
@@ -214,14 +225,29 @@ def retrieval_request(api, queries, k):
 
 
 class RetrievalClient:
-    """Same search() as BM25Index, over HTTP. Connection errors and 5xx are retried with backoff; 4xx are not."""
+    """Same search() as BM25Index, over HTTP. Connection errors and 5xx are retried with backoff; 4xx are not. A reply
+    is read up to max_reply_bytes and no further: a bigger one (a runaway server, a misrouted URL serving a file) is a
+    ToolError, not retried, and never held whole in memory (a 200 MB reply used to be read, parsed and cached)."""
 
-    def __init__(self, url, api="flashrag", timeout_s=10, retries=2):
+    def __init__(self, url, api="flashrag", timeout_s=10, retries=2, max_reply_bytes=8 << 20):
         if api not in ("flashrag", "searchr1"):
             raise ValueError(f"api must be 'flashrag' or 'searchr1', got {api!r}")
         url = url.rstrip("/")
         self.url = url if url.endswith("/retrieve") else url + "/retrieve"
-        self.api, self.timeout_s, self.retries = api, timeout_s, retries
+        self.api, self.timeout_s, self.retries, self.max_reply_bytes = api, timeout_s, retries, max_reply_bytes
+
+    def _read_reply(self, response):
+        """The reply body, refused (ToolError) as soon as it is known to pass max_reply_bytes: by its Content-Length
+        before reading a byte, else after reading one byte more than the cap."""
+        too_big = ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
+                            f"not read further")
+        length = response.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > self.max_reply_bytes:
+            raise too_big
+        data = response.read(self.max_reply_bytes + 1)
+        if len(data) > self.max_reply_bytes:
+            raise too_big
+        return data
 
     def search(self, queries, k=3):
         data = json.dumps(retrieval_request(self.api, list(queries), k)).encode()
@@ -232,10 +258,10 @@ class RetrievalClient:
             request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    body = json.loads(response.read())
+                    body = json.loads(self._read_reply(response))  # a ToolError here is not retried: same reply again
                 break
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
+                last = f"HTTP {e.code}: {e.read(200).decode(errors='replace')}"  # only what the message shows
                 if e.code < 500:
                     raise ConnectionError(f"{self.url}: {last}") from None
             except (OSError, ValueError) as e:  # URLError, timeouts, resets are OSErrors; bad JSON is a ValueError
@@ -321,20 +347,39 @@ def calculator(exprs):
 # -----------------------------------------------------------------------------
 # Registry: the engine's one entry point
 
+TRUNCATED = "... [truncated]"  # ends every observation cut at max_obs_chars, so the model (and a reader) can see it
+
+
+def clip_observation(text, max_chars):
+    """text cut to max_chars characters + TRUNCATED when longer (None = no limit). Idempotent: a clipped text clips to
+    itself, so a cached observation can go through it again."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    return text[:max_chars] + TRUNCATED
+
+
 class ToolRegistry:
     """(tool name, argument) rows -> observation texts, one batched call per tool.
 
     Every failure is that row's observation, never an exception: unknown tool, empty or over-long argument, a tool that
-    raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Successful results go into an LRU
-    cache keyed by (tool, argument); repeated arguments within one batch reach the tool once. Counters:
-    counts[tool] = requests, real_calls = distinct arguments sent to a tool, i.e. cache misses (real_counts per tool),
-    cache_hits = requests answered from the cache or by a duplicate in the same batch. Set `log` to a list to have every
-    successful real call appended as {"tool", "args", "observation"} (the rows world_model.py collect reads).
+    raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Every observation longer than
+    max_obs_chars is cut to it and ends with TRUNCATED, before it is cached, logged or returned: a 10 MB search result
+    once made one rollout take 69 s and 3.6 GB (the engine tokenizes and appends all of it). Successful results go into
+    an LRU cache keyed by (tool, argument); repeated arguments within one batch reach the tool once.
+    Counters (reset_counts() zeroes them; snapshot() copies them, so a trainer can diff before / after a step):
+      counts[tool]      requests, whatever became of them (unknown names included);
+      real_counts[tool] distinct arguments that reached the tool, i.e. cache misses sent to it (timeouts and failures
+                        included: the tool did run); real_calls is their sum over tools;
+      cache_hits        requests answered from the cache or by a duplicate in the same batch;
+      errors            error observations returned: unknown tool, empty or over-long argument (these never reach a
+                        tool), tool failure, timeout (every row that gets one, duplicates included).
+    Set `log` to a list to have every successful real call appended as {"tool", "args", "observation"} (the rows
+    world_model.py collect reads; the observation as the model saw it, i.e. clipped).
     Not thread-safe: one registry per rollout loop."""
 
-    def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000):
+    def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000, max_obs_chars=4000):
         self.tools, self.cache_size, self.timeout_s = dict(tools), cache_size, timeout_s
-        self.max_arg_chars = max_arg_chars
+        self.max_arg_chars, self.max_obs_chars = max_arg_chars, max_obs_chars
         self.cache = OrderedDict()
         self.log = None
         self.reset_counts()
@@ -345,7 +390,12 @@ class ToolRegistry:
 
     def reset_counts(self):
         self.counts, self.real_counts = Counter(), Counter()
-        self.real_calls = self.cache_hits = 0
+        self.real_calls = self.cache_hits = self.errors = 0
+
+    def snapshot(self):
+        """The counters as plain numbers: {"reached": {tool: n}, "cache_hits", "errors", "requests"}."""
+        return {"reached": dict(self.real_counts), "cache_hits": self.cache_hits, "errors": self.errors,
+                "requests": sum(self.counts.values())}
 
     def __call__(self, calls):
         out = [None] * len(calls)
@@ -354,11 +404,15 @@ class ToolRegistry:
             self.counts[name] += 1
             arg = arg.strip() if isinstance(arg, str) else arg
             if name not in self.tools:
-                out[row] = f"Error: unknown tool '{name}'. Available tools: {', '.join(self.tools)}."
+                out[row] = clip_observation(f"Error: unknown tool '{name}'. Available tools: {', '.join(self.tools)}.",
+                                            self.max_obs_chars)
+                self.errors += 1
             elif not isinstance(arg, str) or not arg:
                 out[row] = f"Error: empty argument for {name}."
+                self.errors += 1
             elif len(arg) > self.max_arg_chars:
                 out[row] = f"Error: argument too long for {name} ({len(arg)} characters, limit {self.max_arg_chars})."
+                self.errors += 1
             elif (name, arg) in self.cache:
                 self.cache.move_to_end((name, arg))
                 out[row] = self.cache[(name, arg)]
@@ -381,9 +435,11 @@ class ToolRegistry:
             self.real_calls += len(by_arg)
             self.real_counts[name] += len(by_arg)
             for (arg, rows), (text, ok) in zip(by_arg.items(), results.get(name, timed_out)):
+                text = clip_observation(text, self.max_obs_chars)
                 for row in rows:
                     out[row] = text
                 self.cache_hits += len(rows) - 1
+                self.errors += 0 if ok else len(rows)
                 if ok and self.log is not None:
                     self.log.append({"tool": name, "args": arg, "observation": text})
                 if ok and self.cache_size > 0:  # failures are never cached: the next call tries again
@@ -408,9 +464,10 @@ class ToolRegistry:
             return [(f"Error: {name} failed: {type(e).__name__}: {e}", False)]
 
 
-def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, timeout_s=30):
+def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, timeout_s=30, max_obs_chars=4000):
     """search (over a JSONL corpus path or a BM25Index, or a server at url) + calculator. With neither corpus nor url,
-    only the calculator is registered (a search action then gets the unknown-tool observation)."""
+    only the calculator is registered (a search action then gets the unknown-tool observation). Observations longer
+    than max_obs_chars are cut (ToolRegistry)."""
     if corpus is not None and url is not None:
         raise ValueError("give corpus or url, not both")
     tools = {}
@@ -419,7 +476,7 @@ def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, time
     elif url is not None:
         tools["search"] = search_tool(RetrievalClient(url, api=api, timeout_s=min(10, timeout_s)), k)
     tools["calculator"] = calculator
-    return ToolRegistry(tools, cache_size=cache_size, timeout_s=timeout_s)
+    return ToolRegistry(tools, cache_size=cache_size, timeout_s=timeout_s, max_obs_chars=max_obs_chars)
 
 
 # -----------------------------------------------------------------------------
@@ -444,23 +501,125 @@ def parse_retrieve(body, max_queries, max_k):
     return api, queries, k, bool(body.get(s_field, True))
 
 
-def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512, max_k=100, quiet=False):
-    """Serve index.search forever (ThreadingHTTPServer: one thread per connection). index: anything with
-    search(queries, k) and passages (world_model.py serves its simulator this way). The socket listens before the
-    "serving ... on http://HOST:PORT/retrieve" line is printed (tests parse it for --port 0). Returns on Ctrl-C."""
+class DeadlineIO(io.RawIOBase):
+    """A socket as a raw stream in which every read and write gets only the time left before `deadline` (monotonic
+    seconds). A per-recv socket timeout alone lets a client that sends or reads 1 byte/s hold a thread for ever."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def _arm(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(left)
+
+    def readinto(self, buffer):
+        self._arm()
+        return self.sock.recv_into(buffer)
+
+    def write(self, data):
+        self._arm()
+        self.sock.sendall(data)  # since Python 3.5 the timeout bounds the whole sendall, not each send
+        return len(data)
+
+
+class BoundedHTTPServer(HTTPServer):
+    """An HTTPServer with a fixed pool of max_workers threads (ThreadingHTTPServer starts one per connection, without
+    limit: 300 idle connections made 182 threads, 40 clients not reading a 5 MB answer took 582 MB). The accept loop
+    keeps every connection in a selector until its request starts arriving, so an idle socket costs a file descriptor,
+    not a thread, and is closed after request_timeout seconds of silence. A worker then serves ONE request (the reply
+    says Connection: close: a kept-alive connection idling between requests would hold its worker) under deadlines
+    (DeadlineIO): request_timeout seconds to read the request, and again to write the reply. Search time is not
+    counted: a slow backend is not the client's fault and cannot be interrupted anyway."""
+    request_queue_size = 128  # listen backlog: a burst of clients waits in the kernel instead of being refused
+
+    def __init__(self, address, handler, max_workers=16, request_timeout=30.0):
+        if max_workers < 1 or request_timeout <= 0:
+            raise ValueError(f"need max_workers >= 1 and request_timeout > 0, got {max_workers}, {request_timeout}")
+        super().__init__(address, handler)
+        self.max_workers, self.request_timeout = max_workers, request_timeout
+        self.pool = ThreadPoolExecutor(max_workers, thread_name_prefix="retrieve")
+        self.stopping = threading.Event()
+
+    def serve_forever(self, poll_interval=0.5):
+        waiting = {}  # connection -> (client address, monotonic time it is closed if still silent)
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            try:
+                while not self.stopping.is_set():
+                    for key, _ in selector.select(poll_interval):
+                        if key.fileobj is self.socket:
+                            try:
+                                conn, address = self.socket.accept()
+                            except OSError:  # the client gave up already, or out of file descriptors: try later
+                                continue
+                            waiting[conn] = (address, time.monotonic() + self.request_timeout)
+                            selector.register(conn, selectors.EVENT_READ)
+                        else:  # bytes (or EOF) arrived: the request is a worker's now
+                            conn = key.fileobj
+                            selector.unregister(conn)
+                            self.pool.submit(self.work, conn, waiting.pop(conn)[0])
+                    now = time.monotonic()
+                    for conn in [c for c, (_, deadline) in waiting.items() if deadline < now]:
+                        selector.unregister(conn)
+                        del waiting[conn]
+                        self.shutdown_request(conn)
+            finally:
+                for conn in waiting:
+                    self.shutdown_request(conn)
+
+    def work(self, conn, address):
+        try:
+            self.finish_request(conn, address)  # the handler serves one request under its deadlines
+        except OSError:  # reset, broken pipe: the client left; nothing to answer
+            pass
+        except Exception:
+            self.handle_error(conn, address)
+        finally:
+            self.shutdown_request(conn)
+
+    def shutdown(self):
+        self.stopping.set()
+
+    def server_close(self):
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512, max_k=100, quiet=False,
+          max_workers=16, request_timeout=30.0):
+    """Serve index.search forever on a BoundedHTTPServer (max_workers threads; each request read, and its reply
+    written, within request_timeout seconds). index: anything with search(queries, k) and passages (world_model.py
+    serves its simulator this way). The socket listens before the "serving ... on http://HOST:PORT/retrieve" line is
+    printed (tests parse it for --port 0). Returns on Ctrl-C."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 30  # a client that stalls mid-request frees its thread after this many seconds
+        timeout = request_timeout
         protocol_version = "HTTP/1.1"
+
+        def setup(self):  # StreamRequestHandler's, with DeadlineIO in place of its socket files
+            self.connection = self.request
+            self.io = DeadlineIO(self.connection, time.monotonic() + request_timeout)
+            self.rfile, self.wfile = io.BufferedReader(self.io), self.io
+
+        def handle(self):
+            self.close_connection = True  # one request per connection (BoundedHTTPServer says why)
+            self.handle_one_request()  # a TimeoutError in it is logged and ends the request
 
         def reply(self, code, obj):
             data = json.dumps(obj).encode()
+            self.io.deadline = time.monotonic() + request_timeout  # the reply's own deadline: search time is free
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            if code >= 400:
-                self.send_header("Connection", "close")
-                self.close_connection = True
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -483,6 +642,8 @@ def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512,
                 api, queries, k, with_scores = parse_retrieve(json.loads(self.rfile.read(length)), max_queries, max_k)
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
                 return self.reply(400, {"error": f"bad request: {e}"})
+            except RecursionError:  # e.g. 100k nested brackets: the decoder's recursion limit, not a server fault
+                return self.reply(400, {"error": "bad request: JSON nested too deeply"})
             try:
                 rows = index.search(queries, k)
             except Exception as e:  # a bug, not the client's fault: say so and keep serving
@@ -499,9 +660,9 @@ def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512,
             if not quiet:
                 super().log_message(fmt, *args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = BoundedHTTPServer((host, port), Handler, max_workers=max_workers, request_timeout=request_timeout)
     print(f"serving {len(index.passages)} passages on http://{host}:{server.server_address[1]}/retrieve "
-          f"(FlashRAG and Search-R1 APIs)", flush=True)
+          f"(FlashRAG and Search-R1 APIs; {max_workers} workers, {request_timeout:g} s per request)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -529,6 +690,10 @@ if __name__ == "__main__":
     p_serve.add_argument("--port", type=int, default=8080, help="port (0 = pick a free one, printed at start)")
     p_serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
     p_serve.add_argument("--max-queries", type=int, default=512, help="most queries per request (else 400)")
+    p_serve.add_argument("--max-workers", type=int, default=16,
+                         help="worker threads, i.e. requests served at once (an idle connection takes none)")
+    p_serve.add_argument("--request-timeout", type=float, default=30.0,
+                         help="seconds a client gets to send its request, and again to read the reply (else dropped)")
     p_serve.add_argument("--quiet", action="store_true", help="do not log each request")
     # Search
     p_search.add_argument("--url", help="query a retrieval server instead of a local corpus")
@@ -551,7 +716,8 @@ if __name__ == "__main__":
         print(f"indexed {len(backend.passages)} passages, {len(backend.vocab)} terms in {time.time() - t0:.1f} s",
               file=sys.stderr)
     if args.command == "serve":
-        serve(backend, args.host, args.port, max_body=args.max_body, max_queries=args.max_queries, quiet=args.quiet)
+        serve(backend, args.host, args.port, max_body=args.max_body, max_queries=args.max_queries, quiet=args.quiet,
+              max_workers=args.max_workers, request_timeout=args.request_timeout)
     else:
         registry = ToolRegistry({"search": search_tool(backend, args.k)})
         for q, obs in zip(args.queries, registry([("search", q) for q in args.queries])):

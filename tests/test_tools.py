@@ -372,3 +372,320 @@ def test_client_rejects_reply_of_the_wrong_shape():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: bad input files, unbounded observations and replies, registry counters, a server that slow clients cannot
+# exhaust
+
+
+def test_read_jsonl_non_utf8_and_deep_lines_name_file_and_line(tmp_path):
+    """A non-UTF-8 byte used to surface as a bare UnicodeDecodeError (no file, no line) and a deeply nested line as a
+    RecursionError; both are now a ValueError naming FILE:LINE."""
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(CORPUS[0]).encode() + b"\n\n" + b'{"id": "x", "contents": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:3: not valid UTF-8 \(byte 0xe9"):
+        tools.read_jsonl(path)
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:3: not valid UTF-8"):
+        tools.BM25Index.from_jsonl(path)
+    path = write_jsonl(tmp_path / "deep.jsonl", [json.dumps(CORPUS[0]), "[" * 100_000 + "]" * 100_000])
+    with pytest.raises(ValueError, match=r"deep\.jsonl:2: invalid JSON \(nested too deeply\)"):
+        tools.read_jsonl(path)
+    path = tmp_path / "crlf.jsonl"  # Windows line ends and UTF-8 text still read as before
+    path.write_bytes(b'{"id": "a", "contents": "\xc3\xa9t\xc3\xa9"}\r\n\r\n{"id": "b", "contents": "x"}\r\n')
+    assert [(w.rsplit(":", 1)[1], o["id"]) for w, o in tools.read_jsonl(path)] == [("1", "a"), ("3", "b")]
+    assert tools.read_jsonl(path)[0][1]["contents"] == "été"
+
+
+def test_registry_clips_long_observations():
+    """A tool that returns 10 MB gives an observation of at most max_obs_chars + the visible marker, and the clipped
+    text (not the 10 MB) is what gets cached and logged. Before: the whole 10 MB went into the rollout (69 s, 3.6 GB)."""
+    calls = []
+
+    def huge(args):
+        calls.extend(args)
+        return ["y" * 10_000_000 if a == "big" else a for a in args]
+
+    def loud(args):
+        raise RuntimeError("z" * 100_000)  # a failure's own message is an observation too
+
+    reg = tools.ToolRegistry({"huge": huge, "loud": loud})
+    assert reg.max_obs_chars == 4000  # the default
+    reg.log = []
+    big, small, err = reg([("huge", "big"), ("huge", "small"), ("loud", "x")])
+    assert len(big) <= 4000 + len(tools.TRUNCATED) and big.endswith("... [truncated]") and big.startswith("yyy")
+    assert small == "small"
+    assert len(err) <= 4000 + len(tools.TRUNCATED) and err.endswith(tools.TRUNCATED)
+    assert reg.cache[("huge", "big")] == big and reg.log[0]["observation"] == big
+    assert reg([("huge", "big")]) == [big] and calls == ["big", "small"]  # a cache hit returns the same clipped text
+    reg = tools.make_tools(max_obs_chars=10)
+    assert reg.max_obs_chars == 10
+    assert reg([("calculator", "2 ** 100")]) == [str(2 ** 100)[:10] + tools.TRUNCATED]
+    assert tools.clip_observation(tools.clip_observation("a" * 50, 10), 10) == "a" * 10 + tools.TRUNCATED
+
+
+class Streamer:
+    """A loopback http.server whose every POST answer is a flood of bytes: close-delimited (no Content-Length), or
+    announcing content_length and then sending nothing. Counts what it managed to send."""
+
+    def __init__(self, content_length=None, limit=200 << 20):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        outer = self
+        self.sent = 0
+
+        class Flood(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                if content_length is not None:
+                    self.send_header("Content-Length", str(content_length))
+                self.end_headers()
+                if content_length is not None:
+                    time.sleep(3)  # says 1 GB is coming, sends none of it: the client must not wait for it
+                    return
+                chunk = b"[" * 65536
+                try:
+                    while outer.sent < limit:
+                        self.wfile.write(chunk)
+                        outer.sent += len(chunk)
+                except OSError:  # the client hung up: what we want
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("content_length", [None, 10 ** 9])
+def test_client_refuses_huge_reply_without_reading_it(content_length):
+    """A server answering with an endless (or a 1 GB announced) body: the client stops after max_reply_bytes, the
+    observation is a clear error, nothing is cached. Before: the reply was read whole, then parsed and cached."""
+    streamer = Streamer(content_length)
+    try:
+        client = tools.RetrievalClient(streamer.url, retries=3, timeout_s=5, max_reply_bytes=100_000)
+        t0 = time.monotonic()
+        with pytest.raises(tools.ToolError, match=r"reply larger than max_reply_bytes \(100000 bytes\)"):
+            client.search(["q"], 3)
+        assert time.monotonic() - t0 < 2.5  # no retries, no waiting for the announced body
+        assert streamer.sent < 50 << 20  # far from the 200 MB it would send to a client that read everything
+        reg = tools.ToolRegistry({"search": tools.search_tool(client)})
+        [out] = reg([("search", "q")])
+        assert out.startswith("Retrieval failed: ") and "larger than max_reply_bytes" in out
+        assert reg.cache == {} and reg.errors == 1
+        assert tools.RetrievalClient(streamer.url).max_reply_bytes == 8 << 20  # the default
+    finally:
+        streamer.close()
+
+
+def test_registry_counters_and_snapshot():
+    """One batch with a cache hit, a duplicate, an unknown tool, an empty argument, an over-long argument, a failing
+    tool and calculator calls: `reached` counts only the arguments that reached a tool, `errors` every error row, and
+    the old attributes keep their meaning. snapshot() is a copy: a trainer diffs two of them around a step."""
+    seen = []
+
+    def echo(args):
+        seen.extend(args)
+        return [a.upper() for a in args]
+
+    def broken(args):
+        raise RuntimeError("down")
+
+    reg = tools.ToolRegistry({"echo": echo, "calculator": tools.calculator, "broken": broken}, max_arg_chars=20)
+    reg([("echo", "warm")])
+    before = reg.snapshot()
+    assert before == {"reached": {"echo": 1}, "cache_hits": 0, "errors": 0, "requests": 1}
+    out = reg([("echo", "warm"),          # cache hit
+               ("echo", "new"), ("echo", " new "),  # one real call + a duplicate in the batch
+               ("nope", "x"),             # unknown tool: an error, reaches nothing
+               ("echo", "   "),           # empty argument: an error, reaches nothing
+               ("echo", "x" * 21),        # over-long argument: an error, reaches nothing
+               ("broken", "a"), ("broken", "a"),  # reaches the tool once, two error rows
+               ("calculator", "6*7"), ("calculator", "1/0")])  # a calculator "Error:" is its answer, not a failure
+    assert out[:3] == ["WARM", "NEW", "NEW"] and out[8:] == ["42", "Error: division by zero."]
+    assert all(o.startswith("Error: ") for o in out[3:8])
+    after = reg.snapshot()
+    assert after == {"reached": {"echo": 2, "broken": 1, "calculator": 2}, "cache_hits": 3, "errors": 5,
+                     "requests": 11}
+    assert before["reached"] == {"echo": 1}  # not aliased to the live counters
+    diff = {tool: n - before["reached"].get(tool, 0) for tool, n in after["reached"].items()}
+    assert diff == {"echo": 1, "broken": 1, "calculator": 2} and seen == ["warm", "new"]
+    assert (reg.real_calls, reg.cache_hits, reg.errors) == (5, 3, 5)
+    assert reg.real_counts == {"echo": 2, "broken": 1, "calculator": 2} and sum(reg.counts.values()) == 11
+    assert reg.counts["nope"] == 1 and "nope" not in reg.real_counts
+    slow = tools.ToolRegistry({"slow": lambda args: time.sleep(2) or args}, timeout_s=0.1)
+    assert slow([("slow", "a")])[0].startswith("Error: slow timed out") and slow.snapshot() == \
+        {"reached": {"slow": 1}, "cache_hits": 0, "errors": 1, "requests": 1}
+    reg.reset_counts()
+    assert reg.snapshot() == {"reached": {}, "cache_hits": 0, "errors": 0, "requests": 0}
+
+
+BIG_PASSAGE = {"id": "big", "contents": "bigpassage " + "x" * 10_000_000}  # one huge reply, one cheap token
+
+
+@pytest.fixture(scope="module")
+def bounded_server(tmp_path_factory):
+    """`tools.py serve --max-workers 4 --request-timeout 1.5`: the process, its URL and the limits."""
+    corpus = write_jsonl(tmp_path_factory.mktemp("bounded") / "corpus.jsonl", CORPUS + [BIG_PASSAGE])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools.py"), "serve", "--corpus", corpus,
+                             "--port", str(port), "--max-workers", "4", "--request-timeout", "1.5", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                assert json.loads(r.read())["passages"] == 6
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server died: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    else:
+        pytest.fail("server did not come up")
+    yield proc, url, 4, 1.5
+    proc.terminate()
+    proc.wait(5)
+
+
+def server_threads(proc):
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    except OSError:
+        pytest.skip("no /proc: cannot count a process's threads here")
+
+
+def closed_by_peer(sock, wait):
+    """True when the peer closes sock within `wait` seconds (EOF or reset); reads and drops whatever arrives."""
+    sock.settimeout(wait)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_server_nested_json_is_400(bounded_server):
+    """100k nested brackets: a RecursionError in the JSON decoder used to drop the connection with no answer."""
+    _, url, _, _ = bounded_server
+    status, reply = post(url, b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and reply["error"] == "bad request: JSON nested too deeply"
+    status, reply = post(url, b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert status == 400 and "nested too deeply" in reply["error"]
+    assert post(url, {"query": ["hamlet"], "tok_k": 1})[0] == 200
+
+
+def test_server_idle_connections_take_no_thread_and_are_closed(bounded_server):
+    """50 idle sockets: the server's thread count stays within its worker bound, a normal client is answered at once,
+    and the idle sockets are closed after --request-timeout. Before: one thread per connection, each kept 30 s per
+    recv (300 idle connections made 182 threads)."""
+    proc, url, workers, timeout = bounded_server
+    idle = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) for _ in range(50)]
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert tools.RetrievalClient(url, retries=0, timeout_s=5).search(["hamlet"], 1)[0][0][0]["id"] == "d0"
+        assert time.monotonic() - t0 < timeout  # not queued behind the idle sockets
+        assert server_threads(proc) <= workers + 1  # the workers + the accept loop
+        assert all(closed_by_peer(s, timeout + 3) for s in idle)
+    finally:
+        for s in idle:
+            s.close()
+    assert post(url, {"query": ["paris"], "tok_k": 1})[0] == 200
+
+
+def test_server_drops_slow_client_at_the_deadline(bounded_server):
+    """A client sending its request at 4 bytes/s is dropped once --request-timeout has passed since it started, not
+    kept while each byte arrives within the socket timeout (1 byte/s used to hold a thread for 45 s and more)."""
+    _, url, _, timeout = bounded_server
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
+    request = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+    t0, closed_at = time.monotonic(), None
+    try:
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed_at = time.monotonic()
+                break
+            if closed_by_peer(sock, 0.25):
+                closed_at = time.monotonic()
+                break
+    finally:
+        sock.close()
+    assert closed_at is not None, "the server kept a client that took 20 s to send its headers"
+    assert timeout - 0.3 < closed_at - t0 < timeout + 2.5
+
+
+def test_server_drops_client_that_does_not_read(bounded_server):
+    """Clients that request a 10 MB answer and never read it hold a worker for --request-timeout at most: then they are
+    dropped (the answer cut short) and a normal client is served. Before: each held a thread (and its answer) for as
+    long as the socket timeout allowed per send (40 such clients: 582 MB)."""
+    proc, url, workers, timeout = bounded_server
+    body = json.dumps({"query": ["bigpassage"], "tok_k": 1}).encode()
+    stuck = []
+    for _ in range(workers + 2):  # more than the workers: some wait for a free one
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
+        s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        stuck.append(s)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert tools.RetrievalClient(url, retries=0, timeout_s=15).search(["hamlet"], 1)[0][0][0]["id"] == "d0"
+        assert time.monotonic() - t0 < 2 * timeout + 3
+        assert server_threads(proc) <= workers + 1
+        time.sleep(timeout + 0.5)
+        for s in stuck:
+            received = 0
+            s.settimeout(5)
+            try:
+                while chunk := s.recv(1 << 20):
+                    received += len(chunk)
+            except (ConnectionResetError, socket.timeout):
+                pass
+            assert received < 10_000_000, "a client that did not read still got the whole answer: not dropped"
+    finally:
+        for s in stuck:
+            s.close()
+
+
+def test_server_16_concurrent_clients(bounded_server):
+    """16 clients at once against 4 workers: every request is queued (listen backlog sized for it) and answered."""
+    _, url, _, _ = bounded_server
+    assert tools.BoundedHTTPServer.request_queue_size >= 16
+    idx = tools.BM25Index(CORPUS)
+    queries = ["hamlet", "paris france", "berlin germany", "shakespeare 1564", "capital", "english playwright"]
+    want = {q: [p["id"] for p, _ in idx.search([q], 3)[0]] for q in queries}
+    errors, done = [], []
+    start = threading.Barrier(16)
+
+    def worker(i):
+        try:
+            client = tools.RetrievalClient(url, api="flashrag" if i % 2 else "searchr1", retries=0, timeout_s=10)
+            start.wait(10)
+            for j in range(5):
+                qs = [queries[(i + j) % len(queries)], queries[(i * j) % len(queries)]]
+                got = client.search(qs, 3)
+                assert [[p["id"] for p, _ in h] for h in got] == [want[q] for q in qs]
+            done.append(i)
+        except Exception as e:  # surfaced below: an assert in a thread would be lost
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and sorted(done) == list(range(16))
