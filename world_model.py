@@ -94,13 +94,35 @@ def wm_example(tokenizer, call):
 # Small I/O helpers
 
 
+# The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
+# became the query "None", an int observation crashed split_results, a list as tool name a set insert).
+FIELD_TYPES = {"tool": (str, "a string"), "args": (str, "a string"), "observation": (str, "a string"),
+               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false")}
+CALL_FIELDS = ("tool", "args", "observation")
+
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for error messages."""
+    return {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_fields(row, fields, where, what="field"):
+    """Every field present and of its FIELD_TYPES type, else ValueError naming where (file:line) and the field."""
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"{where}: missing {what} '{field}'")
+        kind, name = FIELD_TYPES.get(field, (object, ""))
+        if not isinstance(row[field], kind):
+            raise ValueError(f"{where}: {what} '{field}' must be {name}, got {json_type(row[field])}")
+
+
 def read_rows(path, fields=()):
-    """Rows of a JSONL file, each with "_where" (file:line); a missing field fails with file:line and its name."""
+    """Rows of a JSONL file, each with "_where" (file:line); a missing field, or one of the wrong type, fails with
+    file:line and its name."""
     rows = []
     for where, row in read_jsonl(path):
-        for field in fields:
-            if field not in row:
-                raise ValueError(f"{where}: missing field '{field}'")
+        check_fields(row, fields, where)
         row["_where"] = where
         rows.append(row)
     return rows
@@ -228,13 +250,16 @@ def read_calls(tool_calls, rollout_logs=()):
     """Real (tool, args, observation) rows from the teacher's tool_calls.jsonl and from RL rollout logs. A log row is a
     call itself or holds a list of them under "calls"; rows marked "simulated": true are skipped (a simulator's output
     is not the world)."""
-    rows = read_rows(tool_calls, fields=("tool", "args", "observation"))
-    for path in rollout_logs:
+    rows = read_rows(tool_calls, fields=CALL_FIELDS)
+    if not rows:  # the teacher always calls tools: an empty file is a wrong path or a failed run upstream
+        raise ValueError(f"{tool_calls}: no calls (the file is empty)")
+    for path in rollout_logs:  # an empty log is fine: a run with only simulated steps makes no real calls
         for row in read_rows(path):
-            for call in row.get("calls", [row]):
-                missing = [f for f in ("tool", "args", "observation") if f not in call]
-                if missing:
-                    raise ValueError(f"{row['_where']}: call without field '{missing[0]}'")
+            calls = row.get("calls", [row])
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise ValueError(f"{row['_where']}: field 'calls' must be a list of objects, got {json_type(calls)}")
+            for i, call in enumerate(calls):
+                check_fields(call, CALL_FIELDS, row["_where"], "field" if call is row else f"calls[{i}] field")
                 if not call.get("simulated", False):
                     rows.append({**call, "_where": row["_where"]})
     return rows
@@ -479,12 +504,20 @@ def main(args):
         assert args.data, "collect needs --data DIR (its tool_calls.jsonl)"
         rows = read_calls(os.path.join(args.data, "tool_calls.jsonl"), args.rollout_logs)
         calls = split_calls(rows, tuple(args.tools), args.heldout_frac, args.unseen_frac, args.seed)
+        if not calls:  # an empty output would only fail later, in train, far from its cause
+            raise ValueError(f"{os.path.join(args.data, 'tool_calls.jsonl')}"
+                             f"{''.join(', ' + p for p in args.rollout_logs)}: none of the {len(rows)} calls is a "
+                             f"usable {'/'.join(args.tools)} call (all failed, empty or another tool); nothing written")
         write_atomic(args.out, "".join(json.dumps(c) + "\n" for c in calls))
         print(f"wrote {args.out}")
 
     elif args.command == "train":
-        calls = [c for c in read_rows(args.calls, ("tool", "args", "observation", "split")) if c["split"] == "train"]
-        assert calls, f"{args.calls}: no rows with split == train"
+        calls = read_rows(args.calls, CALL_FIELDS + ("split",))
+        if not calls:
+            raise ValueError(f"{args.calls}: no calls (the file is empty)")
+        calls = [c for c in calls if c["split"] == "train"]
+        if not calls:
+            raise ValueError(f"{args.calls}: no rows with split == train")
         torch.manual_seed(args.seed)
         if args.init == "tiny":
             assert args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"

@@ -258,3 +258,79 @@ def test_eval_cli_smoke(trained, world, tmp_path):
                               {"real_again": (make_tools(corpus=str(tmp_path / "corpus.jsonl")), "real")},
                               W.BM25Index.from_jsonl(tmp_path / "corpus.jsonl"), set(), max_new_tokens=48)
     assert same["real_again"]["agreement"] == 1.0
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: bad collect / train inputs fail with file, line and field instead of being silently misread
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"observation": 7}, r"tool_calls\.jsonl:2: field 'observation' must be a string, got a number"),
+    ({"args": None}, r"tool_calls\.jsonl:2: field 'args' must be a string, got null"),  # was the query "None"
+    ({"tool": ["search"]}, r"tool_calls\.jsonl:2: field 'tool' must be a string, got a list"),
+])
+def test_collect_rejects_wrong_field_types(tmp_path, bad, message):
+    """An int observation, "args": null and a list as tool name used to be read (and "None" became a query, or it
+    crashed deep in split_calls); now collect stops at the line, naming file, line and field, and writes nothing."""
+    with open(tmp_path / "tool_calls.jsonl", "w") as f:
+        f.write(json.dumps(CALLS[0]) + "\n" + json.dumps({**CALLS[1], **bad}) + "\n")
+    out = tmp_path / "wm_calls.jsonl"
+    with pytest.raises(ValueError, match=message):
+        W.main(W.parse_args(["collect", "--data", str(tmp_path), "--out", str(out)]))
+    assert not out.exists()
+    with pytest.raises(ValueError, match=message):
+        W.read_calls(tmp_path / "tool_calls.jsonl")
+
+
+def test_collect_rejects_bad_rollout_log_calls(tmp_path):
+    """Rollout logs: a call inside "calls" with a wrong type, or "calls" that is not a list of objects."""
+    with open(tmp_path / "tool_calls.jsonl", "w") as f:
+        f.write(json.dumps(CALLS[0]) + "\n")
+    log = tmp_path / "rl.jsonl"
+    log.write_text(json.dumps({"calls": [CALLS[1], {**CALLS[2], "args": None}]}) + "\n")
+    with pytest.raises(ValueError, match=r"rl\.jsonl:1: calls\[1\] field 'args' must be a string, got null"):
+        W.read_calls(tmp_path / "tool_calls.jsonl", [log])
+    log.write_text("\n" + json.dumps({"calls": "oops"}) + "\n")
+    with pytest.raises(ValueError, match=r"rl\.jsonl:2: field 'calls' must be a list of objects, got a string"):
+        W.read_calls(tmp_path / "tool_calls.jsonl", [log])
+    log.write_text(json.dumps({**CALLS[1], "observation": 3.5}) + "\n")  # a log row that is itself the call
+    with pytest.raises(ValueError, match=r"rl\.jsonl:1: field 'observation' must be a string, got a number"):
+        W.read_calls(tmp_path / "tool_calls.jsonl", [log])
+    log.write_text("")  # an empty rollout log is fine: an RL run with only simulated steps makes no real calls
+    assert len(W.read_calls(tmp_path / "tool_calls.jsonl", [log])) == 1
+
+
+def test_collect_empty_or_unusable_calls_file_writes_nothing(tmp_path):
+    """An empty tool_calls.jsonl used to give an empty output file (and a confusing failure later, in train); so did a
+    file whose every call failed. Both now name the file and write nothing. A non-UTF-8 line names file and line."""
+    (tmp_path / "tool_calls.jsonl").write_text("\n")
+    out = tmp_path / "wm_calls.jsonl"
+    with pytest.raises(ValueError, match=r"tool_calls\.jsonl: no calls \(the file is empty\)"):
+        W.main(W.parse_args(["collect", "--data", str(tmp_path), "--out", str(out)]))
+    assert not out.exists()
+    (tmp_path / "tool_calls.jsonl").write_text(json.dumps({"tool": "search", "args": "x", "split": "train",
+                                                           "observation": "Retrieval failed: down"}) + "\n")
+    with pytest.raises(ValueError, match=r"tool_calls\.jsonl: none of the 1 calls is a usable search call"):
+        W.main(W.parse_args(["collect", "--data", str(tmp_path), "--out", str(out)]))
+    assert not out.exists()
+    (tmp_path / "tool_calls.jsonl").write_bytes(json.dumps(CALLS[0]).encode() + b"\n" + b'{"args": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"tool_calls\.jsonl:2: not valid UTF-8"):
+        W.main(W.parse_args(["collect", "--data", str(tmp_path), "--out", str(out)]))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"observation": 7}, r"calls\.jsonl:2: field 'observation' must be a string, got a number"),
+    ({"args": None}, r"calls\.jsonl:2: field 'args' must be a string, got null"),
+    ({"tool": ["search"]}, r"calls\.jsonl:2: field 'tool' must be a string, got a list"),
+    ({"split": None}, r"calls\.jsonl:2: field 'split' must be a string, got null"),
+    (None, r"calls\.jsonl: no calls \(the file is empty\)"),
+])
+def test_train_rejects_bad_calls_file(tmp_path, bad, message):
+    """`train` checks its calls file before loading any model: wrong field types and an empty file name the file (and
+    line and field). Before, an empty file failed on a bare assert, and "args": null trained on the query "None"."""
+    path = tmp_path / "calls.jsonl"
+    path.write_text("" if bad is None else json.dumps(CALLS[0]) + "\n" + json.dumps({**CALLS[1], **bad}) + "\n")
+    with pytest.raises(ValueError, match=message):
+        W.main(W.parse_args(["train", "--calls", str(path), "--init", "tiny", "--tokenizer", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "wm"), "--device", "cpu"]))
+    assert not (tmp_path / "wm").exists()
