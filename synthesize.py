@@ -1,50 +1,40 @@
 """
-SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any retriever: questions JSONL (the shared
-format: {"id","question","golden_answers", ...}) + a teacher + tools -> the files train_sft.py reads, unchanged:
-    OUT/sft_cot.jsonl    CoT: the teacher reasons without tools (a prompt that forbids them); right answers only
-    OUT/sft_coa.jsonl    CoA: the teacher acts (the authors' instruction prompt), real tools answer; right answers only
-    OUT/sft_mix.jsonl    1 CoT : 5 CoA (paper: 1,000 CoT + 5,000 CoA for stages 2 and 3)
-    OUT/sft_pairs.jsonl  CoT+A contrastive pairs for stage 1
-    OUT/summary.json     acceptance per kind and per dataset/type, reject reasons, actions per trajectory, tokens
-Rows are data.py's: {"id","question","golden_answers",..., "segments":[{"kind":"policy"|"obs","text"}]} (the RESPONSE
-after the prompt's "<think>"; train_sft.py rebuilds the prompt with its --template) and for pairs
-{"id","question","golden_answers","prefix","chosen","rejected","case"}.
+SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any retriever: questions JSONL (shared format
+{"id","question","golden_answers",...}) + a teacher + tools -> the files train_sft.py reads, unchanged (data.py's rows):
+    OUT/sft_cot.jsonl, sft_coa.jsonl, sft_mix.jsonl (1 CoT : 5 CoA)   {"id","question","golden_answers",...,"segments"}
+    OUT/sft_pairs.jsonl                          {"id","question","golden_answers","prefix","chosen","rejected","case"}
+    OUT/summary.json   acceptance per kind and per dataset/type, reject reasons, actions per trajectory, tokens
+Segments [{"kind": "policy"|"obs", "text"}] are the RESPONSE after the prompt's "<think>". CoT: the teacher reasons
+under a prompt that forbids tools; CoA: under the authors' instruction, real tools answer (--cot/--coa-prompt-file).
 
-Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine model.rollout (batched; it
-stops at the action's close tag, calls the real tool, prefills the observation). Segments are cut from the engine's
-token ids by its obs_mask (policy = sampled or forced tokens, obs = observation tokens), each run decoded once; nothing
-is re-tokenised to find a span. summary.json reports how many segment texts re-encode to exactly the teacher's ids
-(train_sft.py tokenises each segment on its own). `--teacher-url URL`: an OpenAI-compatible /v1/completions server (vLLM,
-SGLang serving a 32B teacher). The client (urllib) sends prompt + response so far with every action close tag as a
-stop string; when the text stops inside an open action it appends the close tag, runs the tool itself (ToolRegistry),
-appends the observation and continues: the same trajectory shape, at text level. A server that is down or answers an
-HTTP error stops the run with the URL and the status.
-
-Acceptance (paper: "correct answers"): a trajectory is kept only when the teacher finished it (eos, not a forced
-answer), evaluate.format_ok holds, CoT did not act / CoA acted at least once, and the answer is right: EM
-(evaluate.exact_match of evaluate.extract_answer) or F1 >= --min-f1. The best per question and kind is kept (highest
-max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests with untrained teachers only).
-
-CoT+A pairs, where the split point is. For a question where CoA is right and CoT wrong (no CoT sample accepted), case
-"act": the shared prefix is the accepted CoA trajectory's reasoning up to its first action open tag (<begin_NAME>), i.e.
-where the teacher met its first knowledge gap: for the HF teacher the longest run of its token ids whose decoded text
-ends at or before the tag, for the URL teacher the text before the tag. chosen = the rest of that CoA trajectory
-(action, observation, ..., right answer); rejected = the teacher continuing the SAME prefix after the CoT prompt (tools
-forbidden), kept only if it does not act, is well formed and answers wrong. The reverse, case "no_act" (CoT right, no CoA
-sample accepted): the prefix is a well-formed, acting, wrong CoA sample's reasoning up to its first action; chosen = the
-teacher's tool-free continuation of it after the CoT prompt that answers right; rejected = the acting rest (wrong).
---pair-samples continuations are tried per pair. At training time the context is train_sft's prompt + prefix.
-
-How this departs from the paper (and why):
-- The paper does not say how it "inserts or removes the action trigger at a specific point"; we split at the first
-  action open tag and obtain the other branch by continuing the same prefix under the no-tool CoT prompt (a teacher
-  under the CoA prompt mostly acts again), rather than editing text by hand.
-- The paper samples CoT and CoA data from disjoint 10k-question halves; here every question gets both (--samples each),
-  which the pairs need. Select disjoint question files yourself to follow the paper.
-- Long jobs: questions run in batches of --batch-questions; after each batch one line per question is appended to
-  OUT/records.jsonl (fsync'd). A rerun skips the ids already there (same run arguments required; --fresh restarts),
-  and the final files are rebuilt from records.jsonl each run and written atomically (temp file + rename). Sampling
-  seeds are per (question, kind, sample), so a resumed run samples what an uninterrupted one would.
+Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine model.rollout (batched,
+stops at the action's close tag, calls the tool, prefills the observation). Segments are the runs of the engine's
+obs_mask over its token ids (obs = observation tokens, policy = the rest), each run decoded once: no span is found by
+re-tokenising; summary.json reports the share of segment texts that re-encode to exactly the teacher's ids (what
+train_sft.py will see). `--teacher-url URL`: an OpenAI-compatible /v1/completions server (vLLM or SGLang serving a 32B
+teacher). The client (urllib) sends prompt + response so far with every action close tag as a stop string; text that
+stopped inside an open action gets the close tag, the client runs the tool (ToolRegistry), appends the observation and
+continues: the same trajectory shape, at text level. A server down or answering an HTTP error stops the run, naming the
+URL and the status.
+Acceptance: a trajectory is kept when the teacher finished it (eos; a forced answer is not), evaluate.format_ok holds,
+CoT did not act and CoA acted, and the answer is right (EM of evaluate.extract_answer, or F1 >= --min-f1), all read from
+the teacher's own text (observation contents blanked, as model.policy_text does). The best per question and kind is
+kept (max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests with untrained teachers only).
+CoT+A pairs: where the split point is. Case "act" (a CoA sample accepted, no CoT sample): the shared prefix is the best
+CoA trajectory's reasoning before its first action open tag <begin_NAME>, where the teacher met its first knowledge gap
+(HF teacher: the longest run of its token ids whose decoded text ends at or before the tag; URL teacher: the text
+before it). chosen = the rest of that trajectory (action, observation, ..., right answer); rejected = the teacher
+continuing the SAME prefix after the CoT prompt (tools forbidden), kept if it does not act, is well formed and wrong.
+Case "no_act" (a CoT sample accepted, no CoA sample): the prefix is a well-formed, acting, wrong CoA sample's reasoning
+before its first action; chosen = a tool-free continuation after the CoT prompt that is right; rejected = the acting
+rest. --pair-samples continuations are tried per pair. At training time the context is train_sft's prompt + prefix.
+Departures from the paper: it does not say how it "inserts or removes the action trigger at a specific point"; we cut
+at the first action and get the other branch by continuing the prefix under the no-tool prompt (under the CoA prompt a
+teacher mostly acts again). It samples CoT and CoA from disjoint 10k-question halves; here every question gets both
+(the pairs need them): pass disjoint question files to follow it.
+Long jobs: questions run in batches of --batch-questions; each batch appends one line per question to OUT/records.jsonl
+(fsync'd). A rerun skips the ids there (same run arguments, or --fresh) and rebuilds the final files from it, each
+written atomically (temp + rename). Seeds are per (question, kind, sample): a resumed run samples what one run would.
 
 Commands:
   python synthesize.py --questions ../shared/data/hotpotqa_train.jsonl --limit 20 --teacher smollm2 \\
@@ -52,8 +42,7 @@ Commands:
   python synthesize.py --questions Q.jsonl --teacher-url http://127.0.0.1:8000 --teacher-model \\
       deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --teacher-tokenizer deepseek-ai/DeepSeek-R1-Distill-Qwen-32B \\
       --url http://127.0.0.1:8080 --api flashrag --samples 4 --max-new-tokens 4096 --max-context 16384 --out out/synth
-  python train_sft.py --stage 1 --init CKPT --data out/synth --template autocoa --out ckpt/sft1   (and stages 2, 3)
-(Inference only, one process: no torchrun form. Serve the teacher with vLLM/SGLang for several GPUs.)
+(Inference only, one process, no torchrun form: serve the teacher with vLLM/SGLang to use several GPUs.)
 """
 import argparse
 import json
@@ -66,7 +55,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import tools
@@ -97,16 +86,13 @@ def get_args(argv=None):
     p.add_argument("--teacher", default=None, help="HF causal LM: 'smollm2', a hub name or a save_pretrained dir")
     p.add_argument("--teacher-url", default=None, help="OpenAI-compatible server (…/v1/completions) instead of --teacher")
     p.add_argument("--teacher-model", default=None, help="model name sent to --teacher-url (default: its first /v1/models)")
-    p.add_argument("--teacher-tokenizer", default=None, help="tokenizer whose chat template wraps the prompt "
-                   "(--teacher-url; default: none, the raw prompt text)")
+    p.add_argument("--teacher-tokenizer", default=None, help="--teacher-url: tokenizer whose chat template wraps prompts")
     p.add_argument("--teacher-concurrency", type=int, default=8, help="--teacher-url: trajectories in flight at once")
     p.add_argument("--teacher-timeout", type=float, default=600, help="--teacher-url: seconds per HTTP request")
-    p.add_argument("--add-action-tokens", action="store_true", help="--teacher: add the tags as special tokens "
-                   "(only for a teacher trained with them; a plain LM writes them as text)")
+    p.add_argument("--add-action-tokens", action="store_true", help="--teacher: tags as special tokens (if trained so)")
     p.add_argument("--device", default="auto", help="--teacher: 'auto' (cuda if available), 'cpu' or 'cuda'")
     # Prompts
-    p.add_argument("--coa-prompt-file", default=None, help="CoA instruction with {question} (default: the authors' "
-                   "template, model.TEMPLATES['autocoa'])")
+    p.add_argument("--coa-prompt-file", default=None, help="CoA instruction with {question} (default: the authors')")
     p.add_argument("--cot-prompt-file", default=None, help="CoT instruction with {question} (default: COT_TEMPLATE)")
     # Tools
     p.add_argument("--corpus", default=None, help="JSONL corpus {id, contents} for the in-process BM25 search")
@@ -116,8 +102,7 @@ def get_args(argv=None):
     # Sampling
     p.add_argument("--samples", type=int, default=4, help="trajectories per question and kind (CoT, CoA)")
     p.add_argument("--pair-samples", type=int, default=2, help="tool-free continuations tried per CoT+A pair (0: no pairs)")
-    p.add_argument("--batch-questions", type=int, default=8, help="questions per batch: each kind runs "
-                   "batch x samples rows in one engine call (or in flight over HTTP); records are appended per batch")
+    p.add_argument("--batch-questions", type=int, default=8, help="questions per batch (x samples rows per engine call)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy, needs --samples 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generated tokens per trajectory (forced answer included)")
@@ -162,10 +147,8 @@ class HFTeacher:
         import torch
         import model as M
         self.M, self.args = M, args
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if args.device == "auto" else args.device)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tok = M.load(args.teacher, device=device, add_action_tokens=args.add_action_tokens)
-        self.name = args.teacher
 
     def prompt(self, template, question):
         return self.tok(wrap(self.tok, template, question), add_special_tokens=False).input_ids
@@ -199,14 +182,15 @@ class HFTeacher:
         return out
 
     def split(self, ids, pos):
-        """The longest token prefix of a policy segment whose text ends at or before character pos -> (ids, rest ids)."""
+        """The longest token prefix of a policy segment whose text ends at or before character pos -> (its ids, its
+        text, the rest's text)."""
         k = 0
         while k < len(ids) and len(self.decode(ids[:k + 1])) <= pos:
             k += 1
-        return ids[:k], ids[k:]
+        return ids[:k], self.decode(ids[:k]), self.decode(ids[k:])
 
 
-class TeacherError(RuntimeError):
+class TeacherError(RuntimeError):  # the teacher server is down or answers errors: stop with its URL and status
     pass
 
 
@@ -237,7 +221,7 @@ class URLTeacher:
         except json.JSONDecodeError as e:
             raise TeacherError(f"teacher server {url} answered something that is not JSON ({e})") from None
 
-    def prompt(self, template, question):
+    def prompt(self, template, question):  # text, chat-wrapped by --teacher-tokenizer if given
         return wrap(self.tok, template, question)
 
     def complete(self, prompt, max_tokens, seed, stop):
@@ -281,7 +265,7 @@ class URLTeacher:
                 text += segments[-1]["text"]
                 current = ""
             elif finish == "length" or tokens >= a.max_new_tokens - a.answer_tokens:
-                if THINK_CLOSE in current:
+                if THINK_CLOSE in "".join(s["text"] for s in segments if s["kind"] == "policy") + current:
                     stop = "max_new_tokens"
                 else:  # force the answer (Algorithm 1, lines 24-27)
                     current += THINK_CLOSE + "\n"
@@ -300,7 +284,7 @@ class URLTeacher:
             return list(pool.map(lambda job: self.one(job[0], job[1], registry, env), jobs))
 
     def split(self, text, pos):
-        return text[:pos], text[pos:]
+        return text[:pos], text[:pos], text[pos:]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Acceptance and pairs
@@ -322,17 +306,11 @@ def judge(traj, golds, kind, args):
     if args.keep_all:
         return True, "kept", score
     ok, why = format_ok(text)
-    if traj["stop"] != "eos":
-        return False, f"unfinished ({traj['stop']})", score
-    if not ok:
-        return False, f"format: {why}", score
-    if kind == "cot" and traj["actions"]:
-        return False, "acted", score
-    if kind == "coa" and not traj["actions"]:
-        return False, "no action", score
-    if exact_match(pred, golds) < 1 and f1(pred, golds) < args.min_f1:
-        return False, "wrong", score
-    return True, "accepted", score
+    checks = [(traj["stop"] == "eos", f"unfinished ({traj['stop']})"), (ok, f"format: {why}"),
+              (kind == "coa" or not traj["actions"], "acted"), (kind == "cot" or traj["actions"], "no action"),
+              (exact_match(pred, golds) == 1 or f1(pred, golds) >= args.min_f1, "wrong")]
+    reason = next((why for passed, why in checks if not passed), "accepted")
+    return reason == "accepted", reason, score
 
 
 def public(q):
@@ -345,9 +323,7 @@ def split_at_first_action(teacher, traj):
     found = ACTION_OPEN.search(first["text"]) if first["kind"] == "policy" else None
     if not found:
         return None
-    head, tail = teacher.split(piece, found.start())
-    head_text = teacher.decode(head) if isinstance(head, list) else head
-    rest_text = teacher.decode(tail) if isinstance(tail, list) else tail
+    head, head_text, rest_text = teacher.split(piece, found.start())
     prefix = [{"kind": "policy", "text": head_text}] if head_text else []
     return head, prefix, [{"kind": "policy", "text": rest_text}] + traj["segments"][1:]
 
@@ -370,10 +346,8 @@ def synthesize_batch(batch, teacher, registry, prompts, args):
         cot_ok, coa_ok = any(r[1] for r in cot), any(r[1] for r in coa)
         if args.keep_all or args.pair_samples == 0 or cot_ok == coa_ok:
             continue
-        if coa_ok:
-            acting = max((r for r in coa if r[1]), key=lambda r: (r[3], -r[0]["tokens"]))[0]
-        else:
-            acting = next((r[0] for r in coa if r[2] == "wrong"), None)
+        acting = max((r for r in coa if r[1]), key=lambda r: (r[3], -r[0]["tokens"]))[0] if coa_ok else \
+            next((r[0] for r in coa if r[2] == "wrong"), None)  # no_act: a well-formed, finished, acting, wrong one
         cut = acting and split_at_first_action(teacher, acting)
         if cut:
             candidates.append((q, "act" if coa_ok else "no_act", cut))
@@ -403,8 +377,7 @@ def synthesize_batch(batch, teacher, registry, prompts, args):
                                   "tokens": sum(r[0]["tokens"] for r in rs), "actions": [r[0]["actions"] for r in rs],
                                   "accepted_actions": [r[0]["actions"] for r in kept],
                                   "exact": [sum(r[0]["exact"][j] for r in rs) for j in (0, 1)]}
-        rec["stats"]["pair"] = {"candidate": any(c[0]["id"] == q["id"] for c in candidates),
-                                "tokens": pair_tokens[q["id"]]}
+        rec["stats"]["pair"] = {"candidate": q["id"] in pair_tokens, "tokens": pair_tokens[q["id"]]}
         records.append(rec)
     return records
 
@@ -414,14 +387,10 @@ def synthesize_batch(batch, teacher, registry, prompts, args):
 
 def read_records(path):
     """Complete lines of records.jsonl; a torn last line (a crash mid-write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = open(path, "rb").read() if os.path.exists(path) else b""
     good = raw[:raw.rfind(b"\n") + 1]
     if len(good) != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(good))
+        os.truncate(path, len(good))
     return [json.loads(line) for line in good.decode("utf-8").splitlines() if line.strip()]
 
 
@@ -436,26 +405,22 @@ def build_outputs(records, args):
     def rate(a, b):
         return round(a / b, 4) if b else None
 
-    acceptance, by_group, reasons = {}, defaultdict(dict), {}
-    for kind in ("cot", "coa"):
-        st = [r["stats"][kind] for r in records]
-        samples, accepted = sum(s["samples"] for s in st), sum(s["accepted"] for s in st)
-        acceptance[kind] = {"samples": samples, "accepted": accepted, "sample_rate": rate(accepted, samples),
-                            "questions": len(st), "questions_kept": sum(s["accepted"] > 0 for s in st),
-                            "question_rate": rate(sum(s["accepted"] > 0 for s in st), len(st)),
-                            "tokens": sum(s["tokens"] for s in st),
-                            "tokens_per_sample": rate(sum(s["tokens"] for s in st), samples)}
-        reasons[kind] = dict(sum((Counter(s["reasons"]) for s in st), Counter()).most_common())
-        for group in sorted({r["group"] for r in records}):
-            gs = [r["stats"][kind] for r in records if r["group"] == group]
-            by_group[group][kind] = {"questions": len(gs), "sample_rate": rate(sum(s["accepted"] for s in gs),
-                                                                                sum(s["samples"] for s in gs)),
-                                     "question_rate": rate(sum(s["accepted"] > 0 for s in gs), len(gs))}
+    def acceptance(stats):
+        samples, kept = sum(s["samples"] for s in stats), sum(s["accepted"] > 0 for s in stats)
+        return {"samples": samples, "accepted": sum(s["accepted"] for s in stats), "questions": len(stats),
+                "questions_kept": kept, "sample_rate": rate(sum(s["accepted"] for s in stats), samples),
+                "question_rate": rate(kept, len(stats)), "tokens": sum(s["tokens"] for s in stats)}
+
+    kinds, groups = ("cot", "coa"), sorted({r["group"] for r in records})
     coa_actions = [a for r in records for a in r["stats"]["coa"]["actions"]]
     kept_actions = [a for r in records for a in r["stats"]["coa"]["accepted_actions"]]
     summary = {
         "teacher": args.teacher or args.teacher_url, "questions": len(records), "samples": args.samples,
-        "acceptance": acceptance, "acceptance_by_group": dict(by_group), "reject_reasons": reasons,
+        "acceptance": {k: acceptance([r["stats"][k] for r in records]) for k in kinds},
+        "acceptance_by_group": {g: {k: acceptance([r["stats"][k] for r in records if r["group"] == g]) for k in kinds}
+                                for g in groups},
+        "reject_reasons": {k: dict(sum((Counter(r["stats"][k]["reasons"]) for r in records), Counter()).most_common())
+                           for k in kinds},
         "actions_per_trajectory": {"coa_all": rate(sum(coa_actions), len(coa_actions)),
                                    "coa_accepted": rate(sum(kept_actions), len(kept_actions)),
                                    "coa_accepted_histogram": dict(sorted(Counter(map(str, kept_actions)).items()))},
@@ -475,8 +440,7 @@ def build_outputs(records, args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    t0 = time.time()
+    args, t0 = get_args(argv), time.time()
     os.makedirs(args.out, exist_ok=True)
     questions = load_questions(args.questions)
     questions = questions[:args.limit] if args.limit else questions
@@ -493,41 +457,32 @@ def main(argv=None):
                              f" ({', '.join(f'{before.get(k)!r}' for k in changed)}); rerun with them or add --fresh")
     write_atomic(args_path, json.dumps(vars(args), indent=2) + "\n")
     done = {r["id"] for r in records}
-    todo = [q for q in questions if q["id"] not in done]
-    if args.stop_after:
-        todo = todo[:args.stop_after]
-    print(f"{len(questions)} questions, {sum(q['id'] in done for q in questions)} done already, {len(todo)} to run | {args.samples} CoT + {args.samples} CoA samples each | out {args.out}")
+    todo = [q for q in questions if q["id"] not in done][:args.stop_after or None]
+    print(f"{len(questions)} questions, {sum(q['id'] in done for q in questions)} done already, {len(todo)} to run | "
+          f"{args.samples} CoT + {args.samples} CoA samples each | out {args.out}")
 
-    teacher = HFTeacher(args) if args.teacher else URLTeacher(args)
-    registry = tools.make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk) \
-        if (args.corpus or args.url) else tools.make_tools()
+    registry = tools.make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk)  # neither: calculator
     if not (args.corpus or args.url):
         print("warning: no --corpus or --url: search actions get an unknown-tool observation", file=sys.stderr)
-    templates = {"coa": open(args.coa_prompt_file, encoding="utf-8").read() if args.coa_prompt_file else None,
-                 "cot": open(args.cot_prompt_file, encoding="utf-8").read() if args.cot_prompt_file else COT_TEMPLATE}
-    if templates["coa"] is None:
-        from model import TEMPLATES
-        templates["coa"] = TEMPLATES["autocoa"]
-    for kind, text in templates.items():
-        assert "{question}" in text, f"the {kind} prompt has no {{question}} slot"
-    prompts = {kind: (lambda question, t=text: teacher.prompt(t, question)) for kind, text in templates.items()}
+    read = lambda path: open(path, encoding="utf-8").read()  # noqa: E731
+    templates = {"cot": read(args.cot_prompt_file) if args.cot_prompt_file else COT_TEMPLATE,
+                 "coa": read(args.coa_prompt_file) if args.coa_prompt_file else __import__("model").TEMPLATES["autocoa"]}
+    assert all("{question}" in t for t in templates.values()), "a prompt file has no {question} slot"
 
     from tqdm import tqdm
-    bar = tqdm(total=len(todo), desc="synthesize", unit="q")
-    new = []
+    bar, new = tqdm(total=len(todo), desc="synthesize", unit="q"), []
     try:
+        teacher = HFTeacher(args) if args.teacher else URLTeacher(args)
+        prompts = {kind: (lambda question, t=text: teacher.prompt(t, question)) for kind, text in templates.items()}
         with open(records_path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), args.batch_questions):
-                batch_records = synthesize_batch(todo[start:start + args.batch_questions], teacher, registry, prompts,
-                                                 args)
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch_records))
+                recs = synthesize_batch(todo[start:start + args.batch_questions], teacher, registry, prompts, args)
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
                 f.flush()
-                os.fsync(f.fileno())
-                new += batch_records
-                bar.update(len(batch_records))
-                bar.set_postfix(cot=f"{sum(r['cot'] is not None for r in new)}/{len(new)}",
-                                coa=f"{sum(r['coa'] is not None for r in new)}/{len(new)}",
-                                pairs=sum(r["pair"] is not None for r in new))
+                os.fsync(f.fileno())  # a question is done once its line is on disk
+                new += recs
+                bar.update(len(recs))  # acceptance so far: questions with a kept row / questions run
+                bar.set_postfix({k: f"{sum(r[k] is not None for r in new)}/{len(new)}" for k in ("cot", "coa", "pair")})
     except TeacherError as e:
         raise SystemExit(f"error: {e}") from None
     finally:
@@ -536,10 +491,9 @@ def main(argv=None):
     ordered = [by_id[q["id"]] for q in questions if q["id"] in by_id]  # question-file order: same files after a resume
     summary = build_outputs(ordered, args)
     a = summary["acceptance"]
-    print(f"{len(ordered)} questions | CoT accepted {a['cot']['accepted']}/{a['cot']['samples']} samples, "
-          f"{a['cot']['questions_kept']} questions | CoA accepted {a['coa']['accepted']}/{a['coa']['samples']}, "
-          f"{a['coa']['questions_kept']} questions | pairs {summary['pairs']['kept']} | "
-          f"this run {len(new)} questions in {time.time() - t0:.0f} s")
+    print(f"{len(ordered)} questions | accepted samples (questions): CoT {a['cot']['accepted']}/{a['cot']['samples']} "
+          f"({a['cot']['questions_kept']}), CoA {a['coa']['accepted']}/{a['coa']['samples']} ({a['coa']['questions_kept']})"
+          f" | pairs {summary['pairs']['kept']} | this run: {len(new)} questions in {time.time() - t0:.0f} s")
     return summary
 
 
