@@ -22,9 +22,15 @@ How this departs from the paper's setup and why:
   Pyserini/FAISS behind `--url` for the 21M-passage Wikipedia dump.
 - A calculator is the second tool (paper footnote 2: computation as well as information access). `^` is read as power.
 - Failed calls become an error observation for that row (SPEC 2), never a crash; failures are never cached.
+- Everything from outside is bounded, because one unbounded thing sank a run: an observation is cut at max_obs_chars
+  (4000) with a visible "... [truncated]" (a 10 MB result made one rollout take 69 s and 3.6 GB); the client reads at
+  most max_reply_bytes (8 MB) of a reply; the server serves with a fixed pool of --max-workers threads, gives an idle
+  connection no thread, and drops a client that takes over --request-timeout to send its request or read the reply
+  (slow and idle clients used to pin one thread each, without limit).
 
 Commands:
     python tools.py serve --corpus data/corpus.jsonl --host 127.0.0.1 --port 8080   # HTTP retrieval server, both APIs
+        [--max-workers 16 --request-timeout 30]                                     # threads; seconds per request
     python tools.py search --corpus data/corpus.jsonl "who wrote hamlet"            # quick look (or --url URL)
     python tools.py calc "2023 - 1987"                                              # calculator -> 36
 (No torchrun: nothing here is distributed. Every rank builds its own registry; a shared server is the usual setup.)
