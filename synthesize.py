@@ -1,6 +1,6 @@
 """
-SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any retriever: questions JSONL (shared format
-{"id","question","golden_answers",...}) + a teacher + tools -> the files train_sft.py reads, unchanged (data.py's rows):
+SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any retriever: questions JSONL ({"id",
+"question","golden_answers",...}) + a teacher + tools -> the files train_sft.py reads unchanged (data.py's rows):
     OUT/sft_cot.jsonl, sft_coa.jsonl, sft_mix.jsonl (1 CoT : 5 CoA)   {"id","question","golden_answers",...,"segments"}
     OUT/sft_pairs.jsonl                          {"id","question","golden_answers","prefix","chosen","rejected","case"}
     OUT/summary.json   acceptance per kind and per dataset/type, reject reasons, actions per trajectory, tokens
@@ -84,9 +84,9 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, default=0, help="stop after N new questions (simulates an interruption)")
     # Teacher
     p.add_argument("--teacher", default=None, help="HF causal LM: 'smollm2', a hub name or a save_pretrained dir")
-    p.add_argument("--teacher-url", default=None, help="OpenAI-compatible server (…/v1/completions) instead of --teacher")
-    p.add_argument("--teacher-model", default=None, help="model name sent to --teacher-url (default: its first /v1/models)")
-    p.add_argument("--teacher-tokenizer", default=None, help="--teacher-url: tokenizer whose chat template wraps prompts")
+    p.add_argument("--teacher-url", default=None, help="OpenAI-compatible /v1/completions server")
+    p.add_argument("--teacher-model", default=None, help="--teacher-url: model name (default: first of /v1/models)")
+    p.add_argument("--teacher-tokenizer", default=None, help="--teacher-url: tokenizer whose chat template to use")
     p.add_argument("--teacher-concurrency", type=int, default=8, help="--teacher-url: trajectories in flight at once")
     p.add_argument("--teacher-timeout", type=float, default=600, help="--teacher-url: seconds per HTTP request")
     p.add_argument("--add-action-tokens", action="store_true", help="--teacher: tags as special tokens (if trained so)")
@@ -101,30 +101,29 @@ def get_args(argv=None):
     p.add_argument("--topk", type=int, default=3, help="passages per search (SPEC: 3)")
     # Sampling
     p.add_argument("--samples", type=int, default=4, help="trajectories per question and kind (CoT, CoA)")
-    p.add_argument("--pair-samples", type=int, default=2, help="tool-free continuations tried per CoT+A pair (0: no pairs)")
-    p.add_argument("--batch-questions", type=int, default=8, help="questions per batch (x samples rows per engine call)")
+    p.add_argument("--pair-samples", type=int, default=2, help="tool-free continuations tried per pair (0: no pairs)")
+    p.add_argument("--batch-questions", type=int, default=8, help="questions per batch (x samples rows per call)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy, needs --samples 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generated tokens per trajectory (forced answer included)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per trajectory (forced answer too)")
     p.add_argument("--max-context", type=int, default=4096, help="prompt + response tokens (--teacher)")
     p.add_argument("--answer-tokens", type=int, default=32, help="tokens kept for a forced answer (Algorithm 1)")
     p.add_argument("--max-actions", type=int, default=10, help="actions per trajectory before the limit message")
     p.add_argument("--seed", type=int, default=0, help="base seed (per question/kind/sample seeds derive from it)")
     # Acceptance and mix
-    p.add_argument("--min-f1", type=float, default=1.0, help="accept a non-EM answer when its F1 >= this (1.0: EM only)")
-    p.add_argument("--keep-all", action="store_true", help="accept every trajectory (smoke tests with untrained teachers)")
+    p.add_argument("--min-f1", type=float, default=1.0, help="accept a non-EM answer if its F1 >= this (1: EM only)")
+    p.add_argument("--keep-all", action="store_true", help="accept every trajectory (smoke tests, untrained teachers)")
     p.add_argument("--mix-ratio", type=int, default=5, help="CoA rows per CoT row in sft_mix.jsonl (paper: 5)")
     args = p.parse_args(argv)
     assert (args.teacher is None) != (args.teacher_url is None), "give exactly one of --teacher and --teacher-url"
     assert args.samples >= 1 and args.batch_questions >= 1 and args.pair_samples >= 0, "sizes must be positive"
     assert args.samples == 1 or args.temperature > 0, "--samples > 1 needs --temperature > 0 (greedy repeats itself)"
-    assert not (args.corpus and args.url), "give --corpus or --url, not both"
     assert 0 < args.answer_tokens < args.max_new_tokens, "--answer-tokens must be in (0, --max-new-tokens)"
     return args
 
 
 def seed_of(args, qid, kind, i):
-    """Per (question, kind, sample) seed: a row samples the same whatever batch it lands in (resume == no interruption)."""
+    """Per (question, kind, sample) seed: a row samples the same whatever batch it lands in (resume == one run)."""
     return (args.seed * 1_000_003 + zlib.crc32(f"{qid}/{kind}/{i}".encode())) % (2 ** 31)
 
 
@@ -217,9 +216,9 @@ class URLTeacher:
             detail = e.read()[:300].decode("utf-8", "replace")
             raise TeacherError(f"teacher server {url} answered HTTP {e.code} {e.reason}: {detail}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise TeacherError(f"teacher server {url} unreachable ({getattr(e, 'reason', e)}): is it running?") from None
+            raise TeacherError(f"teacher server {url} unreachable ({getattr(e, 'reason', e)}); is it up?") from None
         except json.JSONDecodeError as e:
-            raise TeacherError(f"teacher server {url} answered something that is not JSON ({e})") from None
+            raise TeacherError(f"teacher server {url} answered non-JSON ({e})") from None
 
     def prompt(self, template, question):  # text, chat-wrapped by --teacher-tokenizer if given
         return wrap(self.tok, template, question)
@@ -232,6 +231,8 @@ class URLTeacher:
         try:
             choice = out["choices"][0]
             text, finish = choice["text"], choice.get("finish_reason")
+            if finish == "stop" and "stop_reason" in choice and not isinstance(choice["stop_reason"], str):
+                finish = "eos"  # vLLM says which stop ended it: a string = a stop string, None / a token id = eos
         except (KeyError, IndexError, TypeError):
             raise TeacherError(f"teacher server {self.endpoint} answered without choices[0].text: {str(out)[:300]}")
         used = (out.get("usage") or {}).get("completion_tokens")
@@ -314,7 +315,7 @@ def judge(traj, golds, kind, args):
 
 
 def public(q):
-    return {k: q[k] for k in ("id", "question", "golden_answers", "dataset", "type", "level", "hops", "known") if k in q}
+    return {k: q[k] for k in ("id", "question", "golden_answers", "dataset", "type", "level", "known") if k in q}
 
 
 def split_at_first_action(teacher, traj):
@@ -338,8 +339,8 @@ def synthesize_batch(batch, teacher, registry, prompts, args):
         jobs = [(prompts[kind](q["question"]), seed_of(args, q["id"], kind, i)) for q in batch for i in range(k)]
         trajs = teacher.run(jobs, registry, env)
         for j, q in enumerate(batch):
-            results[(q["id"], kind)] = [(t, *judge(t, q["golden_answers"], kind, args)) for t in trajs[j * k:(j + 1) * k]]
-    # CoT+A candidates: (question, case, acting trajectory) -> tool-free continuations of its prefix after the CoT prompt
+            results[(q["id"], kind)] = [(t, *judge(t, q["golden_answers"], kind, args)) for t in trajs[j * k:j * k + k]]
+    # CoT+A candidates: (question, case, cut acting trajectory) -> tool-free continuations after the CoT prompt
     candidates = []
     for q in batch:
         cot, coa = results[(q["id"], "cot")], results[(q["id"], "coa")]
@@ -395,9 +396,7 @@ def read_records(path):
 
 
 def build_outputs(records, args):
-    cot = [r["cot"] for r in records if r["cot"]]
-    coa = [r["coa"] for r in records if r["coa"]]
-    pairs = [r["pair"] for r in records if r["pair"]]
+    cot, coa, pairs = ([r[k] for r in records if r[k]] for k in ("cot", "coa", "pair"))
     n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))  # data.py's rule: 1 CoT per mix_ratio CoA
     mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
     random.Random(args.seed + 3).shuffle(mix)
@@ -433,7 +432,7 @@ def build_outputs(records, args):
     exact = [sum(r["stats"][k]["exact"][j] for r in records for k in ("cot", "coa")) for j in (0, 1)]
     summary["segments_retokenise_exact"] = rate(*exact)
     for name, rows in (("sft_cot", cot), ("sft_coa", coa), ("sft_mix", mix), ("sft_pairs", pairs)):
-        write_atomic(os.path.join(args.out, name + ".jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+        write_atomic(os.path.join(args.out, f"{name}.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                      for r in rows))
     write_atomic(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -453,8 +452,8 @@ def main(argv=None):
         before = json.load(open(args_path))
         changed = [k for k in RESUME_KEYS if before.get(k) != vars(args)[k]]
         if changed:
-            raise SystemExit(f"{records_path} was made with other {', '.join('--' + k.replace('_', '-') for k in changed)}"
-                             f" ({', '.join(f'{before.get(k)!r}' for k in changed)}); rerun with them or add --fresh")
+            flags = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r}" for k in changed)
+            raise SystemExit(f"{records_path} was made with {flags}: rerun with them, or add --fresh")
     write_atomic(args_path, json.dumps(vars(args), indent=2) + "\n")
     done = {r["id"] for r in records}
     todo = [q for q in questions if q["id"] not in done][:args.stop_after or None]
@@ -465,8 +464,8 @@ def main(argv=None):
     if not (args.corpus or args.url):
         print("warning: no --corpus or --url: search actions get an unknown-tool observation", file=sys.stderr)
     read = lambda path: open(path, encoding="utf-8").read()  # noqa: E731
-    templates = {"cot": read(args.cot_prompt_file) if args.cot_prompt_file else COT_TEMPLATE,
-                 "coa": read(args.coa_prompt_file) if args.coa_prompt_file else __import__("model").TEMPLATES["autocoa"]}
+    coa = read(args.coa_prompt_file) if args.coa_prompt_file else __import__("model").TEMPLATES["autocoa"]
+    templates = {"cot": read(args.cot_prompt_file) if args.cot_prompt_file else COT_TEMPLATE, "coa": coa}
     assert all("{question}" in t for t in templates.values()), "a prompt file has no {question} slot"
 
     from tqdm import tqdm
@@ -490,10 +489,10 @@ def main(argv=None):
     by_id = {r["id"]: r for r in read_records(records_path)}
     ordered = [by_id[q["id"]] for q in questions if q["id"] in by_id]  # question-file order: same files after a resume
     summary = build_outputs(ordered, args)
-    a = summary["acceptance"]
-    print(f"{len(ordered)} questions | accepted samples (questions): CoT {a['cot']['accepted']}/{a['cot']['samples']} "
-          f"({a['cot']['questions_kept']}), CoA {a['coa']['accepted']}/{a['coa']['samples']} ({a['coa']['questions_kept']})"
-          f" | pairs {summary['pairs']['kept']} | this run: {len(new)} questions in {time.time() - t0:.0f} s")
+    c, o = summary["acceptance"]["cot"], summary["acceptance"]["coa"]
+    print(f"{len(ordered)} questions | accepted samples (questions): CoT {c['accepted']}/{c['samples']} "
+          f"({c['questions_kept']}), CoA {o['accepted']}/{o['samples']} ({o['questions_kept']}) | pairs "
+          f"{summary['pairs']['kept']} | this run: {len(new)} questions in {time.time() - t0:.0f} s")
     return summary
 
 

@@ -255,7 +255,7 @@ def test_teacher_url_against_a_real_model_server(world, tmp_path):
             return 200, {"data": [{"id": "tiny"}]}
         assert path == "/v1/completions" and body["model"] == "tiny"
         calls.append(body)
-        ids, out, text, finish = tok(body["prompt"], add_special_tokens=False).input_ids, [], "", "length"
+        ids, out, text, finish, hit = tok(body["prompt"], add_special_tokens=False).input_ids, [], "", "length", None
         with torch.no_grad():
             for _ in range(body["max_tokens"]):
                 token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
@@ -266,10 +266,11 @@ def test_teacher_url_against_a_real_model_server(world, tmp_path):
                 text = tok.decode(out, skip_special_tokens=False)
                 hits = [s for s in body.get("stop") or [] if s in text]
                 if hits:
-                    text, finish = text[:text.index(hits[0])], "stop"
+                    text, finish, hit = text[:text.index(hits[0])], "stop", hits[0]
                     break
         used.append(len(out))
-        return 200, completion(text, finish, len(out))
+        return 200, {**completion(text, finish, len(out)), "choices": [  # vLLM also says which stop string ended it
+            {"text": text, "finish_reason": finish, "stop_reason": hit}]}
 
     with server(answer) as url:
         summary = synthesize.main(["--questions", world["train"], "--limit", "3", "--teacher-url", url,
