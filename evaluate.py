@@ -313,9 +313,12 @@ ACTION_BUCKETS = ("0", "1", "2", "3", "4", "5+")
 
 
 def tool_counters(tools):
+    """Cumulative registry counters. real_calls: arguments that reached a tool (cache misses; calculator included),
+    search_calls: those that reached the search tool (the paper's cost), errors: error observations."""
     if tools is None:
-        return {"requests": 0, "real_calls": 0, "cache_hits": 0}
-    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "cache_hits": tools.cache_hits}
+        return {"requests": 0, "real_calls": 0, "search_calls": 0, "cache_hits": 0, "errors": 0}
+    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls,
+            "search_calls": tools.real_counts.get("search", 0), "cache_hits": tools.cache_hits, "errors": tools.errors}
 
 
 def action_bucket(n):
@@ -618,6 +621,8 @@ def get_args(argv=None):
     p.add_argument("--url", default=None, help="retrieval server URL instead of --corpus")
     p.add_argument("--api", choices=["flashrag", "searchr1"], default="flashrag", help="request shape for --url")
     p.add_argument("--topk", type=int, default=3, help="passages per search")
+    p.add_argument("--max-obs-chars", type=int, default=4000,
+                   help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
     # Evaluation
     p.add_argument("--mode", choices=MODES, default="agent", help="how the model meets the tools (see the docstring)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per question; metrics are averaged over them")
@@ -663,7 +668,7 @@ def main(argv=None):
     tools = None
     if args.corpus or args.url:
         from tools import make_tools
-        tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk)
+        tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk, max_obs_chars=args.max_obs_chars)
     judge = load(args.judge, device=args.device, dtype=dtype) if args.judge else None
     summary, predictions = evaluate(
         model, tokenizer, questions, tools, args.mode, template=args.template, n_samples=args.n_samples,
