@@ -36,13 +36,16 @@ Commands (DIR from `python data.py --out DIR`):
   python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
-Interrupted runs: add --save-every N, then rerun the same command with --resume.
+Interrupted runs: add --save-every N, then rerun the same command with --resume. A kill at any point, the final save
+included, loses nothing: the rerun continues from OUT/resume/ (or finishes an interrupted final save, see final_save),
+drops the metrics rows of the steps it redoes, and ends with the same checkpoint and each step's row exactly once.
 """
 import argparse
 import json
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 
@@ -58,6 +61,8 @@ from tools import read_jsonl
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
 # Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
 STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
+# Arguments that fix the data order and the step count: --resume refuses a state saved with other values.
+RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches")
 
 
 def parse_args(argv=None):
@@ -100,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output dir: save_pretrained checkpoint + run_args.json + metrics.jsonl")
     p.add_argument("--save-every", type=int, default=0, help="write OUT/resume/ every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (the final save "
-                   "replaces OUT and drops resume/: a finished run has nothing to resume)")
+                   "replaces OUT and drops resume/: a finished run of the same arguments is left as it is); without "
+                   "it a run starts over: OUT/resume/ and OUT/metrics.jsonl are dropped")
     p.add_argument("--max-steps-this-run", type=int, default=0,
                    help="stop (after saving OUT/resume/) once this run has made N steps: simulates an interruption")
     args = p.parse_args(argv)
@@ -113,8 +119,18 @@ def parse_args(argv=None):
 
 def read_records(path, fields):
     """Records of a JSONL file; fields maps name -> "str" or "segments". Errors name the file, line and field."""
+    try:
+        rows = read_jsonl(path)
+    except UnicodeDecodeError:  # a text-mode read names no line: find it
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        raise
     records = []
-    for where, record in read_jsonl(path):
+    for where, record in rows:
         for name, kind in fields.items():
             if name not in record:
                 raise ValueError(f"{where}: missing field '{name}'")
@@ -232,6 +248,95 @@ def torch_save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+# -----------------------------------------------------------------------------
+# the final save and the logs: nothing lost to a kill at any point
+
+def final_save(model, tok, out, run_args):
+    """Replace OUT by the finished checkpoint with its metrics.jsonl, in one rename: build OUT.final (model.save, then
+    the metrics copied in LAST, so an OUT.final with metrics.jsonl is complete), move OUT aside to OUT.old, rename
+    OUT.final to OUT, delete OUT.old. Until OUT.final is complete, OUT keeps resume/ and the metrics; after, OUT.final
+    holds everything. A kill anywhere leaves one of the two, and recover_final_save() on the rerun finishes the job.
+    (model.save alone replaces the whole of OUT: the metrics, written after it, were lost to a kill in between.)"""
+    out = os.path.abspath(out)
+    final = out + ".final"
+    shutil.rmtree(final, ignore_errors=True)
+    save(model, tok, final, run_args)
+    with open(os.path.join(out, "metrics.jsonl"), "rb") as f:
+        metrics = f.read()
+    with open(os.path.join(final, "metrics.jsonl.tmp"), "wb") as f:
+        f.write(metrics)
+    os.replace(os.path.join(final, "metrics.jsonl.tmp"), os.path.join(final, "metrics.jsonl"))
+    swap_in_final(out)
+
+
+def swap_in_final(out):
+    final, old = out + ".final", out + ".old"
+    if os.path.exists(out):  # rename cannot replace a non-empty dir: move the old one aside first
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(final, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_final_save(out):
+    """Undo or finish a final save a kill interrupted (final_save): a complete OUT.final is swapped in, an incomplete
+    one deleted (OUT, with resume/ and the metrics, is still there). Returns what it did, for the log."""
+    out = os.path.abspath(out)
+    final, old = out + ".final", out + ".old"
+    done = []
+    if os.path.exists(os.path.join(final, "metrics.jsonl")):
+        swap_in_final(out)
+        done.append(f"finished the interrupted final save of {out}")
+    elif os.path.exists(final):
+        shutil.rmtree(final)
+        done.append(f"dropped {final}, an interrupted final save")
+    parent, name = os.path.split(out)
+    for leftover in os.listdir(parent) if os.path.isdir(parent) else []:  # model.save's build dirs of OUT.final
+        if leftover.startswith(name + ".final.tmp-"):
+            shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+    if os.path.exists(old):
+        if os.path.exists(out):
+            shutil.rmtree(old)
+        else:  # cannot happen without a complete OUT.final; a dir moved by hand, say: keep what it holds
+            os.rename(old, out)
+            done.append(f"moved {old} back to {out}")
+    return done
+
+
+def open_step_log(path, keep_steps):
+    """The metrics log, opened for appending after dropping the rows of steps after keep_steps (a resumed run redoes
+    them; 0: a run from scratch keeps none) and a last line cut short by a kill. As train_rl.open_step_log."""
+    kept = []
+    if keep_steps and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= keep_steps:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def finished_run(out, args, total_steps):
+    """True when OUT is already this run's finished checkpoint (no resume/, the same RESUME_KEYS, every step's row)."""
+    run_args, metrics = os.path.join(out, "run_args.json"), os.path.join(out, "metrics.jsonl")
+    if os.path.exists(os.path.join(out, "resume", "state.pt")) or not (os.path.exists(run_args)
+                                                                       and os.path.exists(metrics)):
+        return False
+    try:
+        with open(run_args) as f:
+            saved = json.load(f)
+        with open(metrics) as f:
+            steps = [json.loads(line)["step"] for line in f]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(saved.get(k) == getattr(args, k) for k in RESUME_KEYS) and steps == list(range(1, total_steps + 1))
+
+
 def main(args):
     # -------------------------------------------------------------------------
     # distributed setup: the same file runs under python and torchrun
@@ -247,6 +352,11 @@ def main(args):
         rank, world_size, device = 0, 1, "cuda" if cuda else "cpu"
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
+    if master:  # a kill during the last run's final save left OUT.final / OUT.old: finish or undo that first
+        for line in recover_final_save(args.out):
+            log(line)
+    if ddp:
+        dist.barrier()
 
     torch.manual_seed(args.seed)
     if args.init == "tiny":
@@ -290,9 +400,13 @@ def main(args):
     # resume: weights, optimizer, step and RNG; the data order is a function of (seed, epoch, step)
     step = 0
     resume_path = os.path.join(args.out, "resume", "state.pt")
-    if args.resume and os.path.exists(resume_path):
+    already_finished = args.resume and finished_run(args.out, args, total_steps)
+    if already_finished:
+        step = total_steps
+        log(f"--resume: {args.out} is already this run's finished checkpoint; nothing to do")
+    elif args.resume and os.path.exists(resume_path):
         state = torch.load(resume_path, map_location=device, weights_only=False)
-        for key in ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches"):
+        for key in RESUME_KEYS:
             assert state["args"][key] == getattr(args, key), \
                 f"--resume: {key} was {state['args'][key]!r} in {resume_path}, now {getattr(args, key)!r}; the data " \
                 "order would differ from the interrupted run's"
@@ -307,6 +421,8 @@ def main(args):
         log(f"resumed from {resume_path} at step {step}")
     elif args.resume:
         log(f"--resume: no {resume_path}, starting from scratch")
+    if ddp:
+        dist.barrier()  # every rank has read the state before rank 0 drops a stale one below
 
     def save_resume():
         # rank 0's RNG only: ranks differ only if the model uses dropout (the presets do not)
@@ -319,6 +435,11 @@ def main(args):
     # training loop
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
+    metrics_file = None
+    if master and not already_finished:
+        if step == 0:  # from scratch: a state left in OUT belongs to a run whose metrics are dropped here
+            shutil.rmtree(os.path.join(args.out, "resume"), ignore_errors=True)
+        metrics_file = open_step_log(metrics_path, step)  # rows after the resume step are redone: dropped
     batches, batches_epoch = None, -1
     steps_this_run, run_tokens, run_pad = 0, 0.0, 0.0
     while step < total_steps:
@@ -392,8 +513,8 @@ def main(args):
                                                        "pair_acc") if metrics.get(k) is not None]
             shown += [f"lr {lr:.2e}", f"pad {metrics['pad']:.0%}", f"{metrics['tok_per_s']:.0f} tok/s"]
             print(" | ".join(shown), flush=True)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
         stop_early = args.max_steps_this_run and steps_this_run >= args.max_steps_this_run and step < total_steps
         if master and ((args.save_every and step % args.save_every == 0) or stop_early):
             save_resume()
@@ -402,14 +523,10 @@ def main(args):
             break
 
     log(f"{steps_this_run} steps this run | pad {run_pad / max(run_tokens, 1):.1%} of {run_tokens:.0f} tokens")
-    if master and step >= total_steps:
-        # model.save swaps in a fresh OUT dir atomically; carry the metrics over (resume/ is obsolete and goes)
-        with open(metrics_path) as f:
-            metrics_log = f.read()
-        save(raw_model, tok, args.out, vars(args))
-        with open(metrics_path + ".tmp", "w") as f:
-            f.write(metrics_log)
-        os.replace(metrics_path + ".tmp", metrics_path)
+    if metrics_file is not None:
+        metrics_file.close()
+    if master and step >= total_steps and not already_finished:
+        final_save(raw_model, tok, args.out, vars(args))  # OUT = checkpoint + metrics.jsonl; resume/ is obsolete
         log(f"saved {args.out}")
     if ddp:
         # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage

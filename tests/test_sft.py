@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -167,6 +168,16 @@ def test_malformed_line_names_file_line_and_field(world, tmp_path, line, field):
     assert f"{path}:3" in str(e.value) and field in str(e.value)
 
 
+def test_non_utf8_line_names_file_and_line(world, tmp_path):
+    """Regression (issue 13): a line that is not UTF-8 gave a bare UnicodeDecodeError, naming neither file nor line."""
+    good = json.dumps(make_record(random.Random(1), 1)).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + good + b"\n" + '{"question": "caf\u00e9", "segments": []}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError) as e:
+        train_sft.load_examples(world["tok"], "2", str(path), 512)
+    assert f"{path}:3" in str(e.value) and "UTF-8" in str(e.value)
+
+
 def test_over_max_len_dropped_and_counted_never_cut(world):
     tok, path = world["tok"], os.path.join(world["data"], "sft_mix.jsonl")
     full, _ = train_sft.load_examples(tok, "2", path, 10_000)
@@ -219,6 +230,124 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(world):
     for (name, p), q in zip(model_full.state_dict().items(), model_cut.state_dict().values()):
         assert torch.equal(p, q), name
     assert json.load(open(root / "full" / "run_args.json"))["stage"] == "2"
+
+
+class Killed(BaseException):
+    """A kill: a BaseException, so no `except Exception` in the code under test can swallow it."""
+
+
+@pytest.fixture(scope="module")
+def full_run(world):
+    """An uninterrupted stage-2 run of 4 steps: the reference every interrupted run must end equal to."""
+    out = world["root"] / "kill_full"
+    train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "4")))
+    return out
+
+
+def assert_same_run(full, out, trained_in_rerun=None, allowed=None):
+    """OUT ends as the uninterrupted run: same weights, every step's metrics row exactly once and in order, same
+    losses, no resume/ and nothing left beside OUT (no OUT.tmp-*, OUT.old-*, OUT.final...)."""
+    rows, reference = read_metrics(out), read_metrics(full)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    for a, b in zip(reference, rows):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    for (name, p), q in zip(AutoModelForCausalLM.from_pretrained(full).state_dict().items(),
+                            AutoModelForCausalLM.from_pretrained(out).state_dict().values()):
+        assert torch.equal(p, q), name
+    assert json.load(open(os.path.join(out, "run_args.json")))["stage"] == "2"
+    assert not os.path.exists(os.path.join(out, "resume"))
+    assert [f for f in os.listdir(os.path.dirname(out)) if f.startswith(os.path.basename(out) + ".")] == []
+
+
+def arm_kill(monkeypatch, k):
+    """From the call of model.save by train_sft on (the final save), the k-th file-system step (a rename, a replace, a
+    tree removal, model.save itself) and every one after it raise Killed: the save stops there and no cleanup runs, as
+    after a SIGKILL. Returns a dict whose "fired" says whether the kill came (k past the last step: no kill)."""
+    state = {"armed": False, "n": 0, "fired": False}
+
+    def guard(fn, arms=False):
+        def wrapped(*a, **kw):
+            state["armed"] = state["armed"] or arms
+            if state["armed"]:
+                if state["n"] >= k:
+                    state["fired"] = True
+                    raise Killed(f"killed at step {k} of the final save")
+                state["n"] += 1
+            return fn(*a, **kw)
+        return wrapped
+    for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        monkeypatch.setattr(module, name, guard(getattr(module, name)))
+    monkeypatch.setattr(train_sft, "save", guard(train_sft.save, arms=True))
+    return state
+
+
+def steps_trained(output):
+    return [int(line.split()[1].split("/")[0]) for line in output.splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.parametrize("saved_state", [True, False])
+def test_kill_anywhere_in_the_final_save_then_resume(world, full_run, monkeypatch, capsys, saved_state):
+    """Regression (issue 13): model.save replaced the whole OUT dir and the metrics were written back after it, so a
+    kill in between left OUT without metrics.jsonl (or no OUT at all, only OUT.old-*/ckpt) and --resume retrained from
+    scratch. A kill at every file-system step of the final save, then a rerun with --resume: the rerun never redoes a
+    step saved in OUT/resume/ (it finishes a complete final save instead of training), and OUT ends equal to the
+    uninterrupted run with each metrics row exactly once. saved_state=False: a run without --save-every (no resume/:
+    redoing every step is the only way, but the rows must still come out once)."""
+    root = world["root"] / f"kills_{saved_state}"
+    if saved_state:  # OUT/resume/ at step 2, metrics rows 1-2
+        train_sft.main(train_sft.parse_args(run_args(world, root / "start", "--stage", "2", "--max-steps", "4",
+                                                     "--max-steps-this-run", "2")))
+    k = 0
+    while True:
+        out = root / f"k{k}" / "out"
+        os.makedirs(out.parent)
+        if saved_state:
+            shutil.copytree(root / "start", out)
+        with monkeypatch.context() as m:
+            kill = arm_kill(m, k)
+            try:
+                train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "4",
+                                                             *(["--resume"] if saved_state else []))))
+            except Killed:
+                pass
+        if not kill["fired"]:
+            assert k >= 4, "the final save should have several steps"
+            break
+        capsys.readouterr()
+        train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "4", "--resume")))
+        trained = steps_trained(capsys.readouterr().out)
+        if saved_state:
+            assert set(trained) <= {3, 4}, f"kill at {k}: the rerun redid steps {trained}"
+        assert_same_run(full_run, str(out))
+        k += 1
+    assert_same_run(full_run, str(out))
+
+
+def test_kill_between_metrics_row_and_resume_state(world, full_run, monkeypatch):
+    """Regression (issue 13): the metrics row of step 3 was written, then the kill came while saving OUT/resume/ at
+    step 3; --resume went back to step 2 and appended step 3's row a second time (rows 1, 2, 3, 3, 4)."""
+    out = world["root"] / "kill_resume_state"
+    args = run_args(world, out, "--stage", "2", "--max-steps", "4", "--save-every", "1")
+    calls = []
+    original = train_sft.torch_save_atomic
+
+    def save_or_die(obj, path):
+        calls.append(obj["step"])
+        if obj["step"] == 3:
+            raise Killed("killed while saving the step-3 state")
+        original(obj, path)
+    with monkeypatch.context() as m:
+        m.setattr(train_sft, "torch_save_atomic", save_or_die)
+        with pytest.raises(Killed):
+            train_sft.main(train_sft.parse_args(args))
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    train_sft.main(train_sft.parse_args(args + ["--resume"]))
+    assert_same_run(full_run, str(out))
+    # --resume on a finished run leaves it as it is; a run without --resume starts over, rows not appended
+    train_sft.main(train_sft.parse_args(args + ["--resume"]))
+    assert_same_run(full_run, str(out))
+    train_sft.main(train_sft.parse_args(args))
+    assert_same_run(full_run, str(out))
 
 
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
