@@ -9,15 +9,19 @@ prompts, seed and tool.
   original  (b) AutoCoA / Search-R1 as released: generate each turn to EOS or the token cap, cut the text at the first
             action, throw the rest away, re-encode.
 
-A random model never acts, so all three methods get the same logits bias (ScriptedBias): it writes a calculator and a
-search action at fixed positions of the context (a function of the next token's position only), and eos late. With
-greedy decoding the three methods then produce the same trajectories up to float noise; the script guarantees 2+ actions
-per trajectory. Reported: useful generated tokens/s (tokens kept in the trajectories), the ratio to ours, tokens
-generated past an action (computed and thrown away), and forward tokens processed (every token slot the model ran on,
-padding included). The ratio is also given per CPU second (process time), which a machine shared with other jobs
-disturbs much less than wall time.
+A random model never acts (nor does SmolLM2 unprompted), so all three methods get the same logits bias (the script):
+it writes a calculator and a search action at fixed positions of the context (a function of the next token's position
+only), and eos late (eos is suppressed before). With greedy decoding the three methods then produce the same
+trajectories up to float noise; the script guarantees 2+ actions per trajectory. Reported: useful generated tokens/s
+(tokens kept in the trajectories), the ratio to ours, tokens generated past an action (computed and thrown away), and
+forward tokens processed (every token slot the model ran on, padding included). The ratio is also given per CPU second
+(process time), which a machine shared with other jobs disturbs much less than wall time.
+Where the time goes: each method's time is split into model forward (a timer around the LM's forward), the script's
+bias (bench-only work, in every method), our sampling (model._sample) and the rest: host bookkeeping (the engine's stop
+checks, syncs, cache preparation, tool calls, injections; generate's own loop for the baselines).
 
     OMP_NUM_THREADS=1 python bench/rollout.py                        # tiny preset (~3M params), batch 32, CPU
+    OMP_NUM_THREADS=1 python bench/rollout.py --model smollm2        # SmolLM2-135M, batch 32, CPU (~10+ minutes)
     python bench/rollout.py --model smollm2 --device cuda --batch 64  # the real 135M model on a GPU
 (No torchrun: a single-process benchmark.)
 """
@@ -45,10 +49,15 @@ parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 parser.add_argument("--batch", type=int, default=32, help="trajectories per batch")
 parser.add_argument("--max-new-tokens", type=int, default=160, help="sampled tokens per trajectory")
 parser.add_argument("--period", type=int, default=70, help="the scripted actions repeat every PERIOD positions")
-parser.add_argument("--bias", type=float, default=12.0, help="logit bias of a scripted token")
+parser.add_argument("--bias", type=float, default=None, help="logit bias of a scripted token (default: 12 for tiny, "
+                    "100 for a pretrained model, whose own logits are larger)")
 parser.add_argument("--seed", type=int, default=0, help="model init seed")
 parser.add_argument("--methods", default="ours,generate,original", help="comma-separated subset to run")
+parser.add_argument("--no-timers", action="store_true", help="no forward/sample timers (on cuda they synchronise the "
+                    "device around each call, which removes CPU/GPU overlap)")
 args = parser.parse_args()
+if args.bias is None:
+    args.bias = 12.0 if args.model == "tiny" else 100.0
 torch.set_num_threads(args.threads)
 
 # -----------------------------------------------------------------------------
@@ -80,7 +89,8 @@ else:
 lm.eval()
 print(f"model {args.model}: {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M params, vocab {len(tok)}, "
       f"device {args.device}")
-questions = [f"Question {i}: what is {i} times {i + 3}, and where is {'Paris' * (i % 3 + 1)}?" for i in range(args.batch)]
+questions = [f"Question {i}: what is {i} times {i + 3}, and where is {'Paris' * (i % 3 + 1)}?"
+             for i in range(args.batch)]
 prompts = [tok.encode(f"{q}\n{THINK_OPEN}", add_special_tokens=False) for q in questions]
 tools = ToolRegistry({"search": lambda qs: [f"result 1: \"{q}\"\nsome text about {q}" for q in qs],
                       "calculator": calculator}, cache_size=0)
@@ -89,21 +99,47 @@ V = lm.get_output_embeddings().weight.shape[0]
 
 # The script: token id to force at (next position % period)
 script = {}
-for offset, text in [(0, "<begin_calculator> 7*6 </end_calculator>"), (args.period // 2, "<begin_search> paris </end_search>")]:
+for offset, text in [(0, "<begin_calculator> 7*6 </end_calculator>"),
+                     (args.period // 2, "<begin_search> paris </end_search>")]:
     for j, t in enumerate(tok.encode(text, add_special_tokens=False)):
         script[offset + j] = t
 EOS_AT = max(len(p) for p in prompts) + 2 * args.max_new_tokens  # late: most rows stop at the token budget
 
 
 def script_bias(next_pos):
-    """next_pos (B,) -> additive logits (B, V): the same function of position for every method."""
+    """next_pos (B,) -> additive logits (B, V): the same function of position for every method. eos is suppressed
+    except at EOS_AT (a pretrained model would end most rows before their second action)."""
     bias = torch.zeros(len(next_pos), V, device=next_pos.device)
+    bias[:, tok.eos_token_id] = -args.bias
     for b, p in enumerate(next_pos.tolist()):
         t = tok.eos_token_id if p == EOS_AT else script.get(p % args.period)
         if t is not None:
             bias[b, t] = args.bias
     return bias
 
+
+# Timers: seconds inside the LM's forward, the script's bias and our sampler (wrapped in place; everything calls them)
+timers = dict(forward=0.0, script=0.0, sample=0.0)
+
+
+def timed(name, fn):
+    if args.no_timers:
+        return fn
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def wrapper(*a, **kw):
+        sync()
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sync()
+        timers[name] += time.perf_counter() - t
+        return out
+    return wrapper
+
+
+lm.forward = timed("forward", lm.forward)  # nn.Module.__call__ finds the instance attribute: generate uses it too
+script_bias = timed("script", script_bias)
+M._sample = timed("sample", M._sample)     # rollout() looks _sample up in the module at each step
 
 forward_tokens = [0]
 lm.model.embed_tokens.register_forward_hook(lambda mod, inp, out: forward_tokens.__setitem__(0, forward_tokens[0]
@@ -143,8 +179,8 @@ class StopAtClose(StoppingCriteria):
 
 
 def generate_loop(stop_at_action):
-    """-> (responses as id lists, sampled tokens kept, tokens generated past an action). Same budget rule as ours: max_new_tokens sampled
-    tokens per row; the row stops at eos or the budget."""
+    """-> (responses as id lists, sampled tokens kept, tokens generated past an action or the budget). Same budget rule
+    as ours: max_new_tokens sampled tokens per row; the row stops at eos or the budget."""
     contexts = [list(p) for p in prompts]
     responses = [[] for _ in prompts]
     sampled = [0] * len(prompts)
@@ -194,17 +230,20 @@ def generate_loop(stop_at_action):
 results = {}
 for method in args.methods.split(","):
     forward_tokens[0] = 0
+    timers.update(forward=0.0, script=0.0, sample=0.0)
     tools.reset_counts()
     t0, cpu0 = time.perf_counter(), time.process_time()
     if method == "ours":
+        # answer_tokens=0: the baselines have no forced answer, so every row samples max_new_tokens while thinking;
+        # the forced "</think>\n" the engine then appends (the only injection outside an observation) is cut below
         outs = M.rollout(Scripted(), tok, prompts, tools, "real", max_new_tokens=args.max_new_tokens,
-                         max_context=4096, answer_tokens=8, greedy=True)
-        responses = [r.response_ids for r in outs]
+                         max_context=4096, answer_tokens=0, greedy=True)
         generated = sum(sum(r.loss_mask) for r in outs)
-        # tokens past an action, measured: while the row may act (before a forced "</think>", the only injected
-        # token outside an observation), a close tag is the last token or is followed by an observation
         forced = [next((j for j, (lm_, o) in enumerate(zip(r.loss_mask, r.obs_mask)) if not lm_ and not o),
                        len(r.response_ids)) for r in outs]
+        responses = [r.response_ids[:f] for r, f in zip(outs, forced)]
+        # tokens past an action, measured: while the row may act (before the forced "</think>"), a close tag is the
+        # last token or is followed by an observation
         wasted = sum(1 for r, f in zip(outs, forced) for j, t in enumerate(r.response_ids[:f - 1])
                      if t in close_ids and not r.obs_mask[j + 1])
     else:
@@ -213,9 +252,15 @@ for method in args.methods.split(","):
     actions = [sum(t in close_ids for t in r) for r in responses]
     results[method] = dict(seconds=seconds, cpu=cpu, generated=generated, wasted=wasted, forward=forward_tokens[0],
                            calls=tools.real_calls, responses=responses)
-    print(f"{method:9s} | {generated / seconds:8.1f} generated tok/s | {seconds:6.2f} s | {cpu:6.2f} CPU s | {generated} tokens kept | "
+    print(f"{method:9s} | {generated / seconds:8.1f} generated tok/s | {seconds:6.2f} s | {cpu:6.2f} CPU s | "
+          f"{generated} tokens kept | "
           f"{wasted} generated past an action | {forward_tokens[0]} forward tokens | {tools.real_calls} tool calls | "
           f"actions/trajectory min {min(actions)} mean {sum(actions) / len(actions):.1f}")
+    if not args.no_timers:
+        rest = seconds - sum(timers.values())
+        print(f"{'':9s} | time: forward {timers['forward']:.2f} s ({100 * timers['forward'] / seconds:.0f}%) | "
+              f"script bias {timers['script']:.2f} s | sampling {timers['sample']:.2f} s | host rest {rest:.2f} s "
+              f"({100 * rest / seconds:.0f}%) | {forward_tokens[0] / timers['forward']:.0f} forward tok/s")
 
 if "ours" in results:
     ours = results["ours"]
@@ -223,6 +268,6 @@ if "ours" in results:
         if method != "ours":
             same = sum(a == b for a, b in zip(ours["responses"], r["responses"]))
             print(f"ours vs {method}: {(ours['generated'] / ours['seconds']) / (r['generated'] / r['seconds']):.2f}x "
-                  f"tokens/s ({r['cpu'] / ours['cpu']:.2f}x per CPU second), {r['forward'] / ours['forward']:.2f}x fewer "
-                  f"forward tokens, "
+                  f"tokens/s ({r['cpu'] / ours['cpu']:.2f}x per CPU second), "
+                  f"{r['forward'] / ours['forward']:.2f}x fewer forward tokens, "
                   f"{same}/{len(prompts)} identical trajectories")

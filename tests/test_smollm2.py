@@ -87,7 +87,7 @@ def test_greedy_engine_equals_generate_token_for_token(smollm2):
 
 class ForceAt(torch.nn.Module):
     """Teacher forcing for the engine: the model plus a large bias on token forced[p] when predicting absolute position
-    p (known from position_ids); free everywhere else. SmolLM2 does not act by itself; this makes it, at fixed points."""
+    p (known from position_ids); free everywhere else. SmolLM2 does not act by itself: this makes it, at set points."""
 
     def __init__(self, lm, forced):
         super().__init__()
