@@ -118,8 +118,9 @@ def script_bias(next_pos):
     return bias
 
 
-# Timers: seconds inside the LM's forward, the script's bias and our sampler (wrapped in place; everything calls them)
-timers = dict(forward=0.0, script=0.0, sample=0.0)
+# Timers: wall and CPU seconds inside the LM's forward, the script's bias and our sampler (wrapped in place; everything
+# calls them). CPU seconds (process time) keep the split honest on a machine shared with other jobs.
+timers = {name: [0.0, 0.0] for name in ("forward", "script", "sample")}
 
 
 def timed(name, fn):
@@ -129,10 +130,11 @@ def timed(name, fn):
 
     def wrapper(*a, **kw):
         sync()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         out = fn(*a, **kw)
         sync()
-        timers[name] += time.perf_counter() - t
+        timers[name][0] += time.perf_counter() - t
+        timers[name][1] += time.process_time() - cpu
         return out
     return wrapper
 
@@ -230,7 +232,8 @@ def generate_loop(stop_at_action):
 results = {}
 for method in args.methods.split(","):
     forward_tokens[0] = 0
-    timers.update(forward=0.0, script=0.0, sample=0.0)
+    for t in timers.values():
+        t[:] = [0.0, 0.0]
     tools.reset_counts()
     t0, cpu0 = time.perf_counter(), time.process_time()
     if method == "ours":
@@ -257,10 +260,12 @@ for method in args.methods.split(","):
           f"{wasted} generated past an action | {forward_tokens[0]} forward tokens | {tools.real_calls} tool calls | "
           f"actions/trajectory min {min(actions)} mean {sum(actions) / len(actions):.1f}")
     if not args.no_timers:
-        rest = seconds - sum(timers.values())
-        print(f"{'':9s} | time: forward {timers['forward']:.2f} s ({100 * timers['forward'] / seconds:.0f}%) | "
-              f"script bias {timers['script']:.2f} s | sampling {timers['sample']:.2f} s | host rest {rest:.2f} s "
-              f"({100 * rest / seconds:.0f}%) | {forward_tokens[0] / timers['forward']:.0f} forward tok/s")
+        for unit, i, total in (("s", 0, seconds), ("CPU s", 1, cpu)):
+            rest = total - sum(t[i] for t in timers.values())
+            forward = timers["forward"][i]
+            print(f"{'':9s} | {unit:5s}: forward {forward:7.2f} ({100 * forward / total:.0f}%) | "
+                  f"script bias {timers['script'][i]:.2f} | sampling {timers['sample'][i]:.2f} | host rest {rest:.2f} "
+                  f"({100 * rest / total:.0f}%) | {forward_tokens[0] / forward:.0f} forward tok/s")
 
 if "ours" in results:
     ours = results["ours"]
