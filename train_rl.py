@@ -4,7 +4,10 @@ the policy acts inside its chain of thought. RL-stage 1 runs in a simulated envi
 observations: the internal world model learned in SFT stage 3), RL-stage 2 against the real tool. The paper's best
 schedule is one flag pair: `--sim-steps 80 --real-steps 16` (5/6 simulated, 1/6 real).
 
-One step: P prompts x G samples -> rollouts (model.rollout: token ids in, token ids out, loss_mask from the engine)
+The file reads like paper 3.3, one function per box of the step:
+    rollouts (collect) -> rewards (reward) -> advantages (ADVANTAGES[--algo], one function per algorithm, same
+    signature: swap in a new one there) -> old/reference log-probs (score) -> clipped updates (update).
+One step: P prompts x G samples -> rollouts (engine.rollout: token ids in, token ids out, loss_mask from the engine)
 -> reward per trajectory -> advantages (GRPO: within each group; PPO: GAE on a value head) -> old and reference
 log-probs by a no-grad forward -> --ppo-epochs x --minibatches clipped updates. Real tool calls are counted per step and
 in total: spending few of them is the point of the simulated stage.
@@ -20,8 +23,8 @@ Departures from the paper / the authors' verl code, and why:
     (the original checked prompt+response, so the check could never fail).
   - GRPO's division by the group std is a flag (--grpo-std-norm, on by default as in verl/DeepSeekMath; the paper's
     formula only mean-centers: --no-grpo-std-norm). A group whose rewards are all equal gets advantage exactly 0.
-  - PPO (not in the paper) is offered for comparison: value head from model.py, GAE with gamma = lambda = 1 and the
-    reward on the last policy token; observation tokens are skipped by GAE (they are the environment's transition, not
+  - PPO (not in the paper) is offered for comparison: value head from model.py, GAE with gamma = lambda = 1 (SPEC 5;
+    constants below, not flags), value clipping at --clip, and the reward on the last policy token; observation tokens are skipped by GAE (they are the environment's transition, not
     actions), advantages whitened over masked-in tokens of the whole batch.
   - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy all
     come from logits / --temperature (as verl does), so the ratio starts at 1 against the policy that acted. (Scoring
@@ -71,14 +74,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
+from common import (all_sum, all_sum_dict, default_device, find_resume, load_resume_state, open_step_log, save_final,
+                    save_resume, setup_distributed, teardown_distributed, token_logprobs)
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from model import build_prompt, checkpoint_template, encode_segments, load, rollout, save
 from tools import make_tools
-import train_sft as SFT  # the same padding and next-token log-probs as SFT
+
+GAMMA = LAM = 1.0  # PPO's GAE discount and lambda (SPEC 5): one reward, at the end of the trajectory
 
 # -----------------------------------------------------------------------------
 # Reward, advantages and losses: the math of the method, each a plain function (tests/test_rl.py checks them by hand)
-
 
 def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
     """Scalar reward of one trajectory (SPEC 5): EM (or token F1) of the extracted answer when the RESPONSE keeps the
@@ -154,19 +160,6 @@ def value_loss(values, old_values, returns, mask, num_tokens, clip=0.2):
     return loss.masked_fill(~m, 0.0).sum() / num_tokens
 
 
-# -----------------------------------------------------------------------------
-# Plumbing shared by the steps
-
-
-def all_sum(x):
-    """Sum a tensor over ranks (a no-op in one process). NCCL reduces GPU tensors only: CPU ones go through one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    y = x.cuda() if dist.get_backend() == "nccl" else x
-    dist.all_reduce(y)
-    return y.to(x.device)
-
-
 def masked_whiten(x, mask):
     """(x - mean) / std over the masked-in entries of all ranks; 0 where masked."""
     m = mask.bool()
@@ -183,14 +176,75 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return int(torch.randperm(num_questions, generator=generator)[offset])
 
+# -----------------------------------------------------------------------------
+# Advantages per algorithm: same signature, (batches, args) -> extra metrics; each sets b["advantages"] (B, T-1) on
+# every micro-batch b (batches[minibatch][micro], from score()). Add an algorithm by adding a function here.
+
+
+def grpo_advantages(batches, args):
+    """GRPO (paper 3.3.2): A_i = r_i - mean(r) (/ std(r)) within each prompt's group of K samples; every token of
+    trajectory i gets A_i (the mask decides which count)."""
+    micro = [b for minibatch in batches for b in minibatch]
+    rewards = torch.tensor([s["reward"] for b in micro for s in b["seqs"]]).view(-1, args.group_size)  # (P, K)
+    A = group_advantages(rewards, args.grpo_std_norm).flatten().split([len(b["seqs"]) for b in micro])
+    for b, a in zip(micro, A):
+        b["advantages"] = a.to(b["mask"].device)[:, None].expand_as(b["mask"])
+    return {}
+
+
+def ppo_advantages(batches, args):
+    """PPO: GAE on the value head with the reward on the last policy token, whitened over the masked-in tokens of the
+    whole batch on all ranks. Also sets b["returns"] for the value loss. -> {"explained_variance"}"""
+    micro = [b for minibatch in batches for b in minibatch]
+    ev = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2
+    for b in micro:
+        mask, B = b["mask"], len(b["seqs"])
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)  # (B,) last policy token
+        token_rewards = torch.zeros_like(b["old_logp"])
+        token_rewards[torch.arange(B, device=mask.device), last] = torch.tensor([s["reward"] for s in b["seqs"]],
+                                                                                device=mask.device)
+        token_rewards *= mask  # a row without any policy token gets no reward
+        b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask, GAMMA, LAM)
+        R, d = b["returns"][mask.bool()].double(), (b["returns"] - b["old_values"])[mask.bool()].double()
+        ev += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(), (d ** 2).sum()]).cpu()
+    whitened = masked_whiten(torch.cat([b["advantages"].flatten() for b in micro]),
+                             torch.cat([b["mask"].flatten() for b in micro])).split([b["mask"].numel() for b in micro])
+    for b, w in zip(micro, whitened):
+        b["advantages"] = w.view_as(b["mask"])
+    n, sR, sR2, sd, sd2 = all_sum(ev).tolist()
+    var_R, var_d = sR2 / n - (sR / n) ** 2, sd2 / n - (sd / n) ** 2
+    return {"explained_variance": 1 - var_d / var_R if var_R > 0 else float("nan")}
+
+
+ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo_advantages}
+
+# -----------------------------------------------------------------------------
+# Token scoring and tool counting
+
 
 def collate(seqs, pad_id, device):
     """Right-pad sequences -> ids, attention (B, T), the loss mask of the next-token targets (B, T-1) and the engine's
-    log-prob of each target (B, T-1; 0 where the engine sampled nothing)."""
-    ids, attention, mask = SFT.collate([(s["ids"], s["mask"]) for s in seqs], pad_id, device)
+    log-prob of each target (B, T-1; 0 where the engine sampled nothing). Both masks line up with token_logprobs."""
+    ids, attention, mask = common.collate([(s["ids"], s["mask"]) for s in seqs], pad_id, device)
     T = ids.shape[1]
     engine_logp = torch.tensor([s["engine_logp"] + [0.0] * (T - len(s["engine_logp"])) for s in seqs], device=device)
     return ids, attention, mask[:, 1:], engine_logp[:, 1:]
+
+
+def forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
+    """Per-target log-prob, entropy and value of a padded batch under softmax(logits / temperature), the distribution
+    the engine sampled from; values only when value_head is given."""
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
+    scaled = out.logits.float() / temperature                            # (B, T, V)
+    logp = token_logprobs(scaled, ids)                                   # (B, T-1) log pi_T(ids[:, 1:])
+    entropy = None
+    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
+        logits = scaled[:, :-1]                                          # (B, T-1, V)
+        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
+    return logp, entropy, values
 
 
 def tool_usage(registry):
@@ -202,183 +256,201 @@ def tool_usage(registry):
             "tool_errors": registry.errors}
 
 
-def forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
-    """Per-target log-prob, entropy and value of a padded batch under softmax(logits / temperature), the distribution
-    the engine sampled from; values only when value_head is given."""
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
-    scaled = out.logits.float() / temperature                            # (B, T, V)
-    logp = SFT.token_logprobs(scaled, ids)                               # (B, T-1) log pi_T(ids[:, 1:])
-    entropy = None
-    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
-        logits = scaled[:, :-1]                                          # (B, T-1, V)
-        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-    values = None
+COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_errors")  # per step, and *_total
+
+# -----------------------------------------------------------------------------
+# One step: collect (rollouts + rewards) -> score (old/ref log-probs) -> ADVANTAGES -> update
+
+
+def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp, args, rank, world):
+    """This rank's rollouts of the step (prompt j -> rank j % world, all in one engine call; trajectory k of prompt j
+    seeded by (seed, step, j, k)) and their rewards -> (seqs, log: per-step sums over all ranks)."""
+    js = list(range(rank, args.prompts_per_step, world))
+    qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
+    texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
+    prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
+               for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
+    seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
+    before = tool_usage(real_tools)
+    with torch.no_grad(), amp():
+        rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
+                        max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
+                        temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
+                        sim_obs_tokens=args.sim_obs_tokens)
+    seqs = []
+    sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
+    for i, r in enumerate(rolls):
+        golds = qs[i // args.group_size]["golden_answers"]
+        # the policy's own text: what a passage says can neither be the answer nor break (or fake) the format
+        R = reward(r.policy_text, golds, args.reward, args.format_penalty)
+        seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids), "reward": R,
+                     "mask": [0] * len(r.prompt_ids) + list(r.loss_mask),
+                     "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs)})
+        # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
+        for k, v in (("n", 1), ("reward", R), ("em", exact_match(extract_answer(r.policy_text), golds)),
+                     ("format_violation", 1 - format_ok(r.policy_text)[0]), ("actions", sum(r.num_actions.values())),
+                     ("sim_obs", r.sim_obs + (r.real_calls if env_name == "world-model" else 0)),
+                     ("tokens", len(r.response_ids)), ("tool_requests", r.real_calls)):
+            sums[k] += v
+    after = tool_usage(real_tools)
+    sums = all_sum_dict({**sums, **{k: after[k] - before[k] for k in after}})
+    n = sums.pop("n")
+    log = {"step": step + 1, "env": env_name, **{k: sums[k] / n for k in ("reward", "em", "format_violation", "actions")},
+           **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
+    return seqs, log, sums["tokens"]
+
+
+def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
+    """Old and reference log-probs (and old values) of every trajectory under logits / T, no grad, per micro-batch.
+    Minibatches are whole prompt groups in a fixed order (the same for any number of ranks).
+    -> (batches[minibatch][micro] dicts, logp_gap: mean |engine - trainer| log-prob over sampled tokens, all ranks)"""
+    per_minibatch = len(seqs) // args.minibatches
+    batches, gap = [], torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), amp():
+        for start in range(0, len(seqs), per_minibatch):
+            batches.append([])
+            for i in range(start, start + per_minibatch, args.micro_batch):
+                mb = seqs[i:min(i + args.micro_batch, start + per_minibatch)]
+                ids, attention, mask, engine_logp = collate(mb, pad_id, device)
+                old_logp, _, old_values = forward(policy, value_head, ids, attention, args.temperature, False)
+                ref_logp = old_logp if reference is None else \
+                    forward(reference, None, ids, attention, args.temperature, False)[0]
+                b = {"seqs": mb, "ids": ids, "attention": attention, "mask": mask, "old_logp": old_logp,
+                     "ref_logp": ref_logp, "old_values": old_values}
+                m = mask.bool()
+                gap += torch.stack([(engine_logp - old_logp)[m].abs().sum().double(), m.sum().double()]).cpu()
+                if args.tis_cap > 0:  # pi_old / pi_engine, truncated: the samples came from the engine
+                    b["tis_weight"] = torch.exp((old_logp - engine_logp).masked_fill(~m, 0.0)).clamp(max=args.tis_cap)
+                batches[-1].append(b)
+    gap = all_sum(gap)
+    return batches, (gap[0] / gap[1].clamp(min=1)).item()
+
+
+def update(model, value_head, params, optimizer, batches, amp, args, ddp, world):
+    """--ppo-epochs passes, one optimizer step per minibatch: clipped surrogate + k3 KL + entropy (+ PPO's clipped value
+    loss), over the minibatch's masked-in tokens on all ranks. Every rank makes the same number of backward passes.
+    -> (mean stats over the updates, a stop reason or None)"""
+    stats = dict.fromkeys(["loss", "kl", "entropy", "clipfrac", "approx_kl"], 0.0)
     if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
-    return logp, entropy, values
+        stats["value_loss"] = 0.0
+    for epoch in range(args.ppo_epochs):
+        for minibatch in batches:
+            num_tokens = max(all_sum(torch.tensor(float(sum(b["mask"].sum() for b in minibatch)))).item(), 1.0)
+            for i, b in enumerate(minibatch):
+                sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
+                with nullcontext() if sync else model.no_sync():
+                    with amp():
+                        logp, entropy, values = forward(model, value_head, b["ids"], b["attention"], args.temperature)
+                    loss, micro = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy, b["mask"],
+                                              num_tokens, args.clip, args.kl_coef, args.entropy_coef,
+                                              b.get("tis_weight"))
+                    if value_head is not None:  # PPO's critic (GRPO has none)
+                        v_loss = value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens, args.clip)
+                        loss = loss + args.vf_coef * v_loss
+                        micro["value_loss"] = v_loss.item()
+                    (loss * world).backward()  # DDP averages over ranks; the loss is already a global mean
+                micro["loss"] = loss.item()
+                for k, v in micro.items():
+                    stats[k] += v / (args.ppo_epochs * args.minibatches)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
+                return all_sum_dict(stats), f"gradient is not finite (grad norm {grad_norm.item()})"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return all_sum_dict(stats), None
 
 
-def replace_dir(src, dst):
-    """Rename src over dst (rename cannot replace a non-empty dir: move the old one aside first, then delete it)."""
-    old = dst.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(dst):
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def step_line(log, total_steps):
+    """The one log line per step."""
+    return (f"step {log['step']}/{total_steps} {log['env']} | reward {log['reward']:.3f} | em {log['em']:.3f} | "
+            f"fmt_bad {log['format_violation']:.2f} | act {log['actions']:.2f} | real {log['real_calls']}/"
+            f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | logp_gap {log['logp_gap']:.1e} | "
+            f"kl {log['kl']:.4f} | ent {log['entropy']:.3f} | clip {log['clipfrac']:.3f} | akl {log['approx_kl']:.4f}"
+            + (f" | vloss {log['value_loss']:.4f} | ev {log['explained_variance']:.3f}" if "value_loss" in log else "")
+            + f" | roll {log['rollout_s']:.1f}s upd {log['update_s']:.1f}s | {log['tokens_per_s']:.0f} tok/s"
+            + (f" | dev_em {log['dev_em']:.3f}" if "dev_em" in log else ""))
+
+# -----------------------------------------------------------------------------
+# Arguments and the loop
 
 
-def save_resume(policy, tokenizer, out, args, state):
-    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir. The
-    state is written last, so a dir holding trainer_state.pt is complete (find_resume relies on it)."""
-    tmp = os.path.join(out, ".resume.tmp")
-    save(policy, tokenizer, tmp, args)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
-    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
-    replace_dir(tmp, os.path.join(out, "resume"))
-
-
-def find_resume(out):
-    """The complete resume dir under OUT, also after a kill inside replace_dir (resume moved aside to resume.old, the
-    new one still at .resume.tmp): the newest complete one, else None."""
-    for name in ("resume", ".resume.tmp", "resume.old"):  # newest first
-        path = os.path.join(out, name)
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
-            return path
-    return None
-
-
-def save_final(policy, tokenizer, out, args):
-    """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs, resume/ and
-    sim_end/ are never moved: a kill at any point leaves them in place, and since OUT/resume already holds the final
-    step, a rerun with --resume only redoes this save."""
-    tmp = out.rstrip("/") + ".final.tmp"
-    save(policy, tokenizer, tmp, args)
-    for name in os.listdir(out):  # files of an older checkpoint that this one does not have (e.g. value_head.pt)
-        weights = name == "value_head.pt" or name.endswith((".safetensors", ".bin", ".safetensors.index.json"))
-        if weights and not os.path.exists(os.path.join(tmp, name)):
-            os.remove(os.path.join(out, name))
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    shutil.rmtree(tmp)
-
-
-def open_step_log(path, resume, start_step):
-    """A JSONL log with a "step" field per row, opened for appending. On --resume, rows of steps after the resume point
-    are dropped first (they are redone), and so is a last line cut short by the crash."""
-    if resume and os.path.exists(path):
-        kept = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return open(path, "a" if resume else "w")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--init", required=True,
+                   help="policy start checkpoint (paper: SFT stage 1&2&3); also the frozen KL reference")
+    g.add_argument("--tokenizer", default=None, help="tokenizer dir, needed when --init is 'tiny'")
+    g.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
+    g = p.add_argument_group("data and environment")
+    g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
+    g.add_argument("--template", default=None, choices=["short", "autocoa"],
+                   help="prompt template (default: the one --init was trained with, from its run_args.json)")
+    g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
+    g.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
+    g.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"], help="retrieval server API shape")
+    g.add_argument("--max-obs-chars", type=int, default=4000,
+                   help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
+    g.add_argument("--world-model", default=None,
+                   help="world_model.py checkpoint: the simulated steps use it as the search tool")
+    g.add_argument("--sim-steps", type=int, default=80, help="steps [0, sim) in the simulated environment (RL stage 1)")
+    g.add_argument("--real-steps", type=int, default=16, help="then this many steps against the real tool (stage 2)")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
+    g.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
+    g.add_argument("--temperature", type=float, default=0.6,
+                   help="sampling temperature (paper: 0.6); tokens are scored under logits / T too")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling (the trainer scores softmax(z/T) without it: see --tis-cap)")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
+    g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
+    g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
+    g.add_argument("--sim-obs-tokens", type=int, default=256,
+                   help="sim env: most tokens of one observation the policy writes")
+    g.add_argument("--train-sim-obs", action="store_true",
+                   help="also train on observations the policy simulated (default: masked, as AutoCoA)")
+    g = p.add_argument_group("reward")
+    g.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
+    g.add_argument("--format-penalty", type=float, default=-0.5, help="reward of a response that breaks the format")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--algo", default="grpo", choices=list(ADVANTAGES),
+                   help="advantage estimator: group-relative (paper) or GAE on a value head")
+    g.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
+    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass (whole prompt groups each)")
+    g.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (gradient accumulation)")
+    g.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon (PPO: the value clip too)")
+    g.add_argument("--tis-cap", type=float, default=0.0,
+                   help="truncated importance sampling: weight each token's surrogate by min(pi_old/pi_engine, C) "
+                        "against the engine's own log-probs (top-p, bf16 mismatch; 0: off)")
+    g.add_argument("--kl-coef", type=float, default=1e-3, help="k3 KL-to-reference coefficient (0: no reference model)")
+    g.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
+    g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide group advantages by std (paper text: only mean-centering)")
+    g.add_argument("--vf-coef", type=float, default=0.5, help="PPO value loss coefficient")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
+    g = p.add_argument_group("stopping")
+    g.add_argument("--collapse-entropy", type=float, default=0.02,
+                   help="collapse if mean token entropy falls below this ...")
+    g.add_argument("--collapse-format", type=float, default=0.5, help="... and the format-ok rate below this ...")
+    g.add_argument("--collapse-patience", type=int, default=5,
+                   help="... for this many consecutive steps (0: never stop)")
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--out", required=True, help="output dir: final checkpoint, metrics.jsonl, resume/")
+    g.add_argument("--save-every", type=int, default=0, help="write OUT/resume every N steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/resume (after a kill at any point, also during the final save)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on DATA/dev.jsonl every N steps (0: off)")
+    g.add_argument("--eval-limit", type=int, default=100, help="dev questions per evaluation")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Model
-    parser.add_argument("--init", required=True,
-                        help="policy start checkpoint (paper: SFT stage 1&2&3); also the frozen KL reference")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir, needed when --init is 'tiny'")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (torchrun: one GPU per rank)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
-    # Data and environment
-    parser.add_argument("--data", required=True,
-                        help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
-    parser.add_argument("--template", default=None, choices=["short", "autocoa"],
-                        help="prompt template (default: the one --init was trained with, else 'short')")
-    parser.add_argument("--corpus", default=None,
-                        help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
-    parser.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
-    parser.add_argument("--max-obs-chars", type=int, default=4000,
-                        help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
-    parser.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"],
-                        help="retrieval server API shape")
-    parser.add_argument("--world-model", default=None,
-                        help="world_model.py checkpoint: the simulated steps use it as the search tool")
-    parser.add_argument("--sim-steps", type=int, default=80,
-                        help="steps [0, sim) run in the simulated environment (RL stage 1)")
-    parser.add_argument("--real-steps", type=int, default=16,
-                        help="then this many steps against the real tool (RL stage 2)")
-    # Rollout
-    parser.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
-    parser.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (paper: 0.6)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling (the trainer scores softmax(z/T) without it: see --tis-cap)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
-    parser.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
-    parser.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
-    parser.add_argument("--sim-obs-tokens", type=int, default=256,
-                        help="sim env: most tokens of one observation the policy writes")
-    parser.add_argument("--train-sim-obs", action="store_true",
-                        help="also train on observations the policy simulated (default: masked, as AutoCoA)")
-    # Reward
-    parser.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
-    parser.add_argument("--format-penalty", type=float, default=-0.5,
-                        help="reward of a response that breaks the format")
-    # Optimization
-    parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"],
-                        help="advantage estimator: group-relative (paper) or GAE on a value head")
-    parser.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
-    parser.add_argument("--minibatches", type=int, default=2,
-                        help="optimizer steps per pass (whole prompt groups each)")
-    parser.add_argument("--micro-batch-size", type=int, default=4,
-                        help="sequences per forward/backward (gradient accumulation)")
-    parser.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon")
-    parser.add_argument("--tis-cap", type=float, default=0.0,
-                        help="truncated importance sampling: weight each token's surrogate by min(pi_old/pi_engine, "
-                             "C) against the engine's own log-probs (top-p, bf16 mismatch; 0: off)")
-    parser.add_argument("--kl-coef", type=float, default=1e-3,
-                        help="k3 KL-to-reference loss coefficient (0: no reference model)")
-    parser.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
-    parser.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
-                        help="divide group advantages by std (paper text: only mean-centering)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="PPO discount")
-    parser.add_argument("--lam", type=float, default=1.0, help="PPO GAE lambda")
-    parser.add_argument("--value-clip", type=float, default=0.2, help="PPO value clip")
-    parser.add_argument("--vf-coef", type=float, default=0.5, help="PPO value loss coefficient")
-    parser.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
-    # Stopping
-    parser.add_argument("--collapse-entropy", type=float, default=0.02,
-                        help="collapse if mean token entropy falls below this ...")
-    parser.add_argument("--collapse-format", type=float, default=0.5, help="... and the format-ok rate below this ...")
-    parser.add_argument("--collapse-patience", type=int, default=5,
-                        help="... for this many consecutive steps (0: never stop)")
-    # Logging and checkpoints
-    parser.add_argument("--out", required=True, help="output dir: final checkpoint, metrics.jsonl, resume/")
-    parser.add_argument("--save-every", type=int, default=0, help="write OUT/resume every N steps (0: only at the end)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/resume (after a kill at any point, also during the final save)")
-    parser.add_argument("--eval-every", type=int, default=0, help="evaluate on DATA/dev.jsonl every N steps (0: off)")
-    parser.add_argument("--eval-limit", type=int, default=100, help="dev questions per evaluation")
-    args = parser.parse_args(argv)
-
-    # -----------------------------------------------------------------------------
-    # Distributed setup and derived sizes
-
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world, device = 0, 1, args.device
-    if ddp:
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-    master = rank == 0
-    total_steps = args.sim_steps + args.real_steps
+    args = parse_args(argv)
+    rank, world, device, ddp = setup_distributed(args.device)
+    master, total_steps = rank == 0, args.sim_steps + args.real_steps
     assert args.prompts_per_step % world == 0, f"--prompts-per-step {args.prompts_per_step} must divide by {world}"
     prompts_per_rank = args.prompts_per_step // world
     assert prompts_per_rank >= args.minibatches > 0 and prompts_per_rank % args.minibatches == 0, \
@@ -392,18 +464,14 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     resume_dir = os.path.join(args.out, "resume")
     if args.resume:
-        found = find_resume(args.out)
-        if found is None:
-            raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
-        if master and found != resume_dir:  # a kill inside the swap: finish it
-            replace_dir(found, resume_dir)
+        if master:
+            find_resume(args.out)  # also finishes a swap a kill interrupted
         if ddp:
             dist.barrier()
+        if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
+            raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
 
-    # -----------------------------------------------------------------------------
-    # Models, tools, data
-
-    # float32 master weights: lr 7e-7 updates are below bfloat16's resolution, they would round to nothing
+    # --- models (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), tools, data
     amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
     policy, tokenizer = load(resume_dir if args.resume else args.init, tokenizer=args.tokenizer, device=device,
@@ -415,14 +483,13 @@ def main(argv=None):
     if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
         reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
         reference.eval().requires_grad_(False)
-    value_head = policy.value_head if args.algo == "ppo" else None
+    value_head = policy.value_head
     model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
     if ddp:
         model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
     # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
     template = args.template = checkpoint_template(args.init, args.template)
     questions = load_questions(os.path.join(args.data, "train.jsonl"))
@@ -431,17 +498,12 @@ def main(argv=None):
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
     eval_tools = None  # the dev evaluation's own registry (cache, counters): never mixed with the rollouts' calls
     world_model_tools = None
-    if args.world_model:
-        try:
-            from world_model import load_world_model_tools  # lazy: only this environment needs it
-        except ImportError as e:
-            raise SystemExit(f"--world-model needs world_model.py next to train_rl.py ({e})")
-        world_model_tools = load_world_model_tools(args.world_model, device=device)
+    if args.world_model:  # world_model.py's checkpoint as the search tool (common.py; no stage script imported)
+        world_model_tools = common.load_world_model_tools(args.world_model, device=device)
 
-    counted = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_errors")
-    start_step, totals, collapse_streak = 0, dict.fromkeys(counted, 0), 0
+    start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
     if args.resume:
-        state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        state = load_resume_state(resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_step, totals, collapse_streak = state["step"], state["totals"], state["collapse_streak"]
@@ -452,12 +514,9 @@ def main(argv=None):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     metrics_file = open_step_log(metrics_path, args.resume, start_step) if master else None
     # every real call (tool, args, observation) of this rank's rollouts: world_model.py collect --rollout-logs reads it
-    calls_path = os.path.join(args.out, "real_calls.jsonl" if rank == 0 else f"real_calls.rank{rank}.jsonl")
-    calls_file = open_step_log(calls_path, args.resume, start_step)
+    calls_file = open_step_log(os.path.join(args.out, "real_calls.jsonl" if rank == 0 else
+                                            f"real_calls.rank{rank}.jsonl"), args.resume, start_step)
     real_tools.log = []
-
-    # -----------------------------------------------------------------------------
-    # Training loop
 
     def save_state(done_steps):
         """OUT/resume: weights, optimizer, RNG, totals and every rank's tool cache (collective: all ranks call it)."""
@@ -470,154 +529,30 @@ def main(argv=None):
                 "step": done_steps, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                 "totals": totals, "collapse_streak": collapse_streak, "tool_cache": caches})
 
-    step, stop = start_step, None
+    stop = None
     for step in range(start_step, total_steps):
-        if step >= args.sim_steps:
-            env_name, engine_env, step_tools = "real", "real", real_tools
-        elif world_model_tools is not None:  # the world model answers like a tool; nothing real is called
-            env_name, engine_env, step_tools = "world-model", "real", world_model_tools
-        else:                                # the policy writes its own observations (internal world model)
-            env_name, engine_env, step_tools = "sim", "sim", real_tools
-
-        # --- rollouts: prompt j of the step goes to rank j % world; all of a rank's trajectories in one engine call,
-        # trajectory k of prompt j seeded by (seed, step, j, k)
+        # RL stage 2 (real tool) after stage 1: the policy writes its own observations, or the world model answers
+        env_name, step_tools = (("real", real_tools) if step >= args.sim_steps else
+                                ("world-model", world_model_tools) if world_model_tools else ("sim", real_tools))
         t0 = time.time()
         policy.eval()
-        seqs, sums = [], torch.zeros(8, dtype=torch.float64)
-        usage_before = tool_usage(real_tools)
-        js = list(range(rank, args.prompts_per_step, world))
-        qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
-        texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
-        prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
-                   for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
-        seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k
-                 for j in js for k in range(args.group_size)]
-        with torch.no_grad(), amp():
-            rolls = rollout(policy, tokenizer, prompts, step_tools, env=engine_env,
-                            max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
-                            max_context=args.max_context, temperature=args.temperature, top_p=args.top_p,
-                            seed=seeds, train_sim_obs=args.train_sim_obs, sim_obs_tokens=args.sim_obs_tokens)
-        for i, r in enumerate(rolls):
-            q = qs[i // args.group_size]
-            # the policy's own text: what a passage says can neither be the answer nor break (or fake) the format
-            R = reward(r.policy_text, q["golden_answers"], args.reward, args.format_penalty)
-            # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-            sim = r.sim_obs + (r.real_calls if env_name == "world-model" else 0)
-            seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids),
-                         "mask": [0] * len(r.prompt_ids) + list(r.loss_mask),
-                         "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs), "reward": R})
-            sums += torch.tensor([1, R, exact_match(extract_answer(r.policy_text), q["golden_answers"]),
-                                  1 - format_ok(r.policy_text)[0], sum(r.num_actions.values()), sim,
-                                  len(r.response_ids), r.real_calls], dtype=torch.float64)
-        usage = tool_usage(real_tools)
-        usage = all_sum(torch.tensor([float(usage[k] - usage_before[k]) for k in counted if k != "sim_obs"]))
+        seqs, log, tokens = collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp,
+                                    args, rank, world)
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
         calls_file.flush()
         real_tools.log.clear()
-        sums = all_sum(sums)
+        totals = {k: totals[k] + log[k] for k in COUNTED}
         rollout_s = time.time() - t0
-        n_traj = sums[0].item()
-        log = {"step": step + 1, "env": env_name, "reward": sums[1].item() / n_traj, "em": sums[2].item() / n_traj,
-               "format_violation": sums[3].item() / n_traj, "actions": sums[4].item() / n_traj,
-               "sim_obs": int(sums[5]), "tool_requests": int(sums[7]), **{k: int(v) for k, v in zip([k for k in counted if k != "sim_obs"], usage)}}
-        totals = {k: totals[k] + log[k] for k in counted}
-        log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=sums[6].item() / rollout_s)
+        log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=tokens / rollout_s)
 
-        # --- old log-probs, reference log-probs, values and advantages (no grad), per micro-batch
         t0 = time.time()
-        per_minibatch = len(seqs) // args.minibatches  # whole prompt groups: same global minibatches for any world size
-        minibatches = [[seqs[i:min(i + args.micro_batch_size, start + per_minibatch)]
-                        for i in range(start, start + per_minibatch, args.micro_batch_size)]
-                       for start in range(0, len(seqs), per_minibatch)]
-        if args.algo == "grpo":
-            rewards = torch.tensor([s["reward"] for s in seqs]).view(-1, args.group_size)   # (prompts, K)
-            A = group_advantages(rewards, args.grpo_std_norm)
-            for s, a in zip(seqs, A.flatten().tolist()):
-                s["advantage"] = a
-        ev_sums = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2: explained variance
-        batches = [[] for _ in minibatches]  # tensors per micro-batch, grouped by minibatch
-        gap = torch.zeros(2, dtype=torch.float64)  # sum |engine logp - old logp| over sampled tokens, their count
-        T = args.temperature
-        with torch.no_grad(), amp():
-            for k, minibatch in enumerate(minibatches):
-                for mb in minibatch:
-                    ids, attention, mask, engine_logp = collate(mb, pad_id, device)
-                    old_logp, _, old_values = forward(policy, value_head, ids, attention, T, need_entropy=False)
-                    ref_logp = old_logp if reference is None else \
-                        forward(reference, None, ids, attention, T, need_entropy=False)[0]
-                    b = {"ids": ids, "attention": attention, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp}
-                    m = mask.bool()
-                    gap += torch.stack([(engine_logp - old_logp)[m].abs().sum().double(), m.sum().double()]).cpu()
-                    if args.tis_cap > 0:  # pi_old / pi_engine, truncated: the samples came from the engine
-                        b["tis_weight"] = torch.exp((old_logp - engine_logp).masked_fill(~m, 0.0)).clamp(
-                            max=args.tis_cap)
-                    if args.algo == "grpo":
-                        A = torch.tensor([s["advantage"] for s in mb], device=device)
-                        b["advantages"] = A[:, None].expand_as(mask)               # one advantage for all tokens
-                    else:  # the reward sits on the last policy-written token of each row
-                        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)     # (B,)
-                        token_rewards = torch.zeros_like(old_logp)
-                        token_rewards[torch.arange(len(mb), device=device), last] = torch.tensor(
-                            [s["reward"] for s in mb], device=device)
-                        token_rewards *= mask  # a row without any policy token gets no reward
-                        b["advantages"], b["returns"] = gae_advantages(token_rewards, old_values, mask, args.gamma,
-                                                                       args.lam)
-                        b["old_values"] = old_values
-                        R, d = b["returns"][mask.bool()].double(), (b["returns"] - old_values)[mask.bool()].double()
-                        ev_sums += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(),
-                                                (d ** 2).sum()]).cpu()
-                    batches[k].append(b)
-        gap = all_sum(gap)
-        log["logp_gap"] = (gap[0] / gap[1].clamp(min=1)).item()
-        if args.algo == "ppo":  # whitening over all masked-in tokens of the batch, all ranks
-            flat = [b for minibatch in batches for b in minibatch]
-            all_adv = torch.cat([b["advantages"].flatten() for b in flat])
-            all_mask = torch.cat([b["mask"].flatten() for b in flat])
-            whitened = masked_whiten(all_adv, all_mask).split([b["mask"].numel() for b in flat])
-            for b, w in zip(flat, whitened):
-                b["advantages"] = w.view_as(b["mask"])
-            n, sR, sR2, sd, sd2 = all_sum(ev_sums).tolist()
-            var_R, var_d = sR2 / n - (sR / n) ** 2, sd2 / n - (sd / n) ** 2
-            log["explained_variance"] = 1 - var_d / var_R if var_R > 0 else float("nan")
+        batches, log["logp_gap"] = score(policy, reference, value_head, seqs, pad_id, device, amp, args)
+        log.update(ADVANTAGES[args.algo](batches, args))
+        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
+        log.update(stats, rollout_s=rollout_s, update_s=time.time() - t0)
 
-        # --- updates: every rank makes the same number of backward passes (same prompts per rank, same split)
-        stats = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
-        for epoch in range(args.ppo_epochs):
-            for minibatch in batches:
-                num_tokens = all_sum(torch.tensor(float(sum(b["mask"].sum() for b in minibatch)))).item()
-                num_tokens = max(num_tokens, 1.0)
-                for i, b in enumerate(minibatch):
-                    sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
-                    with nullcontext() if sync else model.no_sync():
-                        with amp():
-                            logp, entropy, values = forward(model, value_head, b["ids"], b["attention"], T)
-                        loss, micro_stats = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy,
-                                                        b["mask"], num_tokens, args.clip, args.kl_coef,
-                                                        args.entropy_coef, b.get("tis_weight"))
-                        if args.algo == "ppo":  # the one place where PPO's update differs from GRPO's
-                            v_loss = value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens,
-                                                args.value_clip)
-                            loss = loss + args.vf_coef * v_loss
-                            micro_stats["value_loss"] = v_loss.item()
-                        (loss * world).backward()  # DDP averages over ranks; the loss is already a global mean
-                    micro_stats["loss"] = loss.item()
-                    for k, v in micro_stats.items():
-                        stats[k] += v / (args.ppo_epochs * args.minibatches)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-                if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
-                    stop = f"loss or gradient is not finite at step {step + 1} (grad norm {grad_norm.item()})"
-                    break
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if stop:
-                break
-        stat_keys = list(stats)
-        reduced = all_sum(torch.tensor([stats[k] for k in stat_keys], dtype=torch.float64)).tolist()
-        log.update(dict(zip(stat_keys, reduced)), rollout_s=rollout_s, update_s=time.time() - t0)
-        if args.algo == "grpo":
-            del log["value_loss"]
-
-        # --- logging, stopping rules, evaluation, checkpoints
+        # --- stopping rules, evaluation, logging, checkpoints
+        stop = stop and f"{stop} at step {step + 1}"
         if not stop and not math.isfinite(log["loss"]):
             stop = f"loss is not finite at step {step + 1}"
         collapsed = log["entropy"] < args.collapse_entropy and 1 - log["format_violation"] < args.collapse_format
@@ -639,16 +574,7 @@ def main(argv=None):
             if ddp:
                 dist.barrier()
         if master:
-            print(f"step {step + 1}/{total_steps} {env_name} | reward {log['reward']:.3f} | em {log['em']:.3f} | "
-                  f"fmt_bad {log['format_violation']:.2f} | act {log['actions']:.2f} | real {log['real_calls']}/"
-                  f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | logp_gap {log['logp_gap']:.1e} | "
-                  f"kl {log['kl']:.4f} | "
-                  f"ent {log['entropy']:.3f}"
-                  f" | clip {log['clipfrac']:.3f} | akl {log['approx_kl']:.4f}"
-                  + (f" | vloss {log['value_loss']:.4f} | ev {log['explained_variance']:.3f}"
-                     if args.algo == "ppo" else "")
-                  + f" | roll {rollout_s:.1f}s upd {log['update_s']:.1f}s | {log['tokens_per_s']:.0f} tok/s"
-                  + (f" | dev_em {log['dev_em']:.3f}" if "dev_em" in log else ""), flush=True)
+            print(step_line(log, total_steps), flush=True)
             metrics_file.write(json.dumps(log) + "\n")
             metrics_file.flush()
         if stop:
@@ -663,9 +589,7 @@ def main(argv=None):
         if args.save_every and (step + 1) % args.save_every == 0:
             save_state(step + 1)
 
-    # -----------------------------------------------------------------------------
-    # Final checkpoint (not after a stop: the last good one is OUT/resume)
-
+    # --- final checkpoint (not after a stop: the last good one is OUT/resume)
     calls_file.close()
     if not stop:
         if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
@@ -674,9 +598,7 @@ def main(argv=None):
             metrics_file.close()
             save_final(policy, tokenizer, args.out, vars(args))
             print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    teardown_distributed()
     if stop:
         raise SystemExit(1)
 

@@ -67,19 +67,13 @@ from types import SimpleNamespace
 import torch
 
 import model as M
-import train_sft as SFT
+import common
+from common import load_world_model_tools, simulate, wm_prompt  # noqa: F401  (re-exported for readers)
 from evaluate import exact_match, extract_answer, f1, normalize_answer
-from tools import (BM25Index, ToolRegistry, action_close, action_open, calculator, make_tools, read_jsonl,
-                   result_close, result_open, serve, write_atomic)
+from tools import BM25Index, action_close, action_open, make_tools, read_jsonl, result_close, serve, write_atomic
 
 # -----------------------------------------------------------------------------
 # The world model's input and training example
-
-
-def wm_prompt(tool, args):
-    """The world model's WHOLE input: the call as it appears in a trajectory, then the opened result tag. It takes only
-    (tool, args), so no question, gold answer or trajectory can reach the world model."""
-    return f"{action_open(tool)} {args.strip()} {action_close(tool)}\n{result_open(tool)}\n"
 
 
 def wm_example(tokenizer, call):
@@ -200,48 +194,6 @@ def policy_sim_segments(tokenizer, tool, args, template="short"):
 
 
 @torch.no_grad()
-def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16, greedy=True, temperature=1.0):
-    """prompts: token id lists that end inside an opened result tag -> the observation text each row writes, up to
-    result_close(tool) or eos. HF generate with left padding (one prefill per batch, then the KV cache) and the close
-    tag as an extra stop token: model.rollout stops only at actions and eos, so it does not fit here."""
-    stop = tokenizer.convert_tokens_to_ids(result_close(tool))
-    if stop is None or stop == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    model.eval()
-    out = []
-    for b in range(0, len(prompts), batch_size):
-        rows = prompts[b:b + batch_size]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_obs_tokens,
-                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, **sampling)
-        for new in generated[:, width:].tolist():
-            cut = next((i for i, t in enumerate(new) if t in (stop, tokenizer.eos_token_id)), len(new))
-            out.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
-    return out
-
-
-def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, greedy=True, temperature=1.0,
-                           max_query_chars=300, cache_size=4096, timeout_s=3600):
-    """A ToolRegistry whose "search" is the world model at ckpt and whose "calculator" is the real calculator
-    (computation is cheap and exact: simulating it would only add errors). registry.real_calls then counts world-model
-    generations, not real retrievals. Queries longer than max_query_chars are cut so prompt + observation fit.
-    timeout_s is only a backstop (generation is local and bounded by max_obs_tokens): the registry's 30 s default
-    would turn a long CPU batch into timeout errors."""
-    model, tokenizer = M.load(ckpt, device=device, add_action_tokens=True)
-
-    def search(queries):
-        prompts = [M.encode_segments(tokenizer, [{"kind": "prompt", "text": wm_prompt("search", q[:max_query_chars])}])
-                   [0] for q in queries]
-        return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size, greedy, temperature)
-
-    return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)
-
-
 # -----------------------------------------------------------------------------
 # collect: real calls -> deduplicated JSONL with a train / held-out split
 
@@ -334,11 +286,11 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
     for step in range(total):
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0:
-            batches = SFT.epoch_batches(lengths, batch_size, bucket_batches, seed, epoch)
+            batches = common.epoch_batches(lengths, batch_size, bucket_batches, seed, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr * SFT.lr_factor(step, total, int(warmup_ratio * total), "cosine", 0.1)
-        ids, attention, loss_mask, _ = SFT.collate([examples[i] for i in batches[step % steps_per_epoch]], pad, device)
-        logp = SFT.token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # (B, T-1)
+            group["lr"] = lr * common.lr_factor(step, total, int(warmup_ratio * total), "cosine", 0.1)
+        ids, attention, loss_mask, _ = common.collate([examples[i] for i in batches[step % steps_per_epoch]], pad, device)
+        logp = common.token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # (B, T-1)
         mask = loss_mask[:, 1:].float()  # (B, T-1): 1 where the next token is observation text
         loss = -(logp * mask).sum() / mask.sum()  # mean NLL of the observation tokens
         optimizer.zero_grad(set_to_none=True)

@@ -235,7 +235,7 @@ def test_sim_env_makes_no_real_tool_call(world):
 
 def run_args(world, out, *extra):
     return ["--init", str(world / "init"), "--data", str(world), "--out", str(out), "--prompts-per-step", "4",
-            "--group-size", "2", "--minibatches", "2", "--ppo-epochs", "2", "--micro-batch-size", "1",
+            "--group-size", "2", "--minibatches", "2", "--ppo-epochs", "2", "--micro-batch", "1",
             "--max-new-tokens", "100", "--max-context", "512", "--lr", "1e-3", "--temperature", "1.0",
             "--kl-coef", "0.1", "--entropy-coef", "0.01", "--device", "cpu", *extra]
 
@@ -332,7 +332,7 @@ def test_collapse_stops_with_a_message(world, tmp_path, capsys):
 def test_world_model_env_counts_simulated_not_real(world, tmp_path, monkeypatch):
     """--world-model: the simulated steps call the world model like a tool; those observations are simulated, the real
     tool is never reached, and the real steps after them do reach it."""
-    import world_model
+    import common
     from tools import ToolRegistry
     asked = []
 
@@ -342,7 +342,7 @@ def test_world_model_env_counts_simulated_not_real(world, tmp_path, monkeypatch)
             return [OBS] * len(queries)
         return ToolRegistry({"search": search})
 
-    monkeypatch.setattr(world_model, "load_world_model_tools", fake_world_model)
+    monkeypatch.setattr(common, "load_world_model_tools", fake_world_model)
     out = tmp_path / "run"
     train_rl.main(run_args(world, out, "--world-model", "unused", "--sim-steps", "1", "--real-steps", "1"))
     rows = read_metrics(out)

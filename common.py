@@ -1,0 +1,246 @@
+"""
+What every training stage shares, in one place: the device and distributed set-up, padding, next-token log-probs (the
+ONE place the targets are shifted), the learning-rate schedule and epoch order, the JSONL step log, and checkpoints
+that survive a kill at any point. train_sft.py, train_rl.py and world_model.py import this, model.py, tools.py and
+evaluate.py's metrics; no stage script imports another.
+
+One checkpoint format for every stage:
+    OUT/                 the final checkpoint: a save_pretrained dir (+ run_args.json), loadable by plain transformers
+    OUT/metrics.jsonl    one row per step ("step" field), appended as the run goes
+    OUT/resume/          weights (model.save) + trainer_state.pt (step, optimizer, RNG, whatever the stage adds),
+                         written with save_resume every --save-every steps and once at the end
+A kill at any point loses nothing: resume/ is swapped in as a whole (find_resume also finds it half-way through the
+swap), the final checkpoint is moved INTO OUT file by file (the logs and resume/ never move), and since resume/
+already holds the last step when the final save starts, a rerun with --resume only redoes that save. On --resume the
+step log drops the rows of steps after the resume point, so every step's row is there exactly once.
+
+Also here: the separate world model as a tool (world_model.py trains it; train_rl.py --world-model uses it).
+
+No command of its own.
+"""
+import json
+import math
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import encode_segments, load, save
+from tools import ToolRegistry, action_close, action_open, calculator, result_close, result_open
+
+# -----------------------------------------------------------------------------
+# Device and ranks
+
+
+def default_device():
+    """The one default device rule of every script: cuda when there is one, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def setup_distributed(device):
+    """-> (rank, world_size, device, ddp). Under torchrun (RANK set): one process per GPU (nccl) or per CPU process
+    (gloo), device becomes cuda:LOCAL_RANK. Otherwise one process on `device`."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device, False
+    cuda = device.startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def teardown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_sum(x):
+    """Sum a tensor over ranks (a no-op in one process). NCCL reduces GPU tensors only: CPU ones go through one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    y = x.cuda() if dist.get_backend() == "nccl" else x
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_sum_dict(d):
+    """{name: number} summed over ranks, same names (named metrics instead of slots in a tensor)."""
+    keys = list(d)
+    values = all_sum(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)).tolist()
+    return dict(zip(keys, values))
+
+
+# -----------------------------------------------------------------------------
+# Batches and the one next-token shift
+
+
+def collate(rows, pad_id, device):
+    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each mask (padded 0)."""
+    T = max(len(r[0]) for r in rows)
+
+    def pad(seqs, value):
+        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+    masks = [pad([r[k] for r in rows], 0) for k in range(1, len(rows[0]))]
+    return (pad([r[0] for r in rows], pad_id), pad([[1] * len(r[0]) for r in rows], 0), *masks)
+
+
+def token_logprobs(logits, ids):
+    """log pi(x_t | x_<t) for every next token: the ONE place targets are shifted. Position t of the result scores
+    ids[:, t + 1] from the logits at t, so a (R, T) mask over ids lines up with it as mask[:, 1:].
+    logits (R, T, V), ids (R, T) -> (R, T-1), float32."""
+    R, T, V = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1), reduction="none")
+    return -nll.view(R, T - 1)
+
+
+def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
+    """Global batches (lists of example indices) for one epoch, identical on every rank: shuffle, fill the last batch
+    with the epoch's first examples, sort by length within buffers of bucket_batches batches, shuffle the batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n = len(lengths)
+    order = torch.randperm(n, generator=g).tolist()
+    order = [order[i % n] for i in range(math.ceil(n / batch_size) * batch_size)]
+    batches, buffer = [], batch_size * bucket_batches
+    for start in range(0, len(order), buffer):
+        chunk = sorted(order[start:start + buffer], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
+    """Linear warmup, then constant or cosine down to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# The step log and checkpoints
+
+
+def open_step_log(path, resume, start_step):
+    """A JSONL log with a "step" field per row, opened for appending. On resume, rows of steps after the resume point
+    are dropped first (they are redone), and so is a last line cut short by a kill; without it the log starts empty."""
+    kept = []
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def replace_dir(src, dst):
+    """Rename src over dst (rename cannot replace a non-empty dir: move the old one aside first, then delete it)."""
+    old = dst.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dst):
+        os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_resume(model, tokenizer, out, args, state):
+    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir. The
+    state is written last, so a dir holding trainer_state.pt is complete (find_resume relies on it)."""
+    tmp = os.path.join(out, ".resume.tmp")
+    save(model, tokenizer, tmp, args)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
+    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
+    replace_dir(tmp, os.path.join(out, "resume"))
+
+
+def find_resume(out):
+    """OUT/resume after finishing a swap a kill interrupted (resume moved aside to resume.old, the new one still at
+    .resume.tmp: the newest complete one wins), or None when nothing complete was saved."""
+    resume = os.path.join(out, "resume")
+    for name in ("resume", ".resume.tmp", "resume.old"):  # newest first
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            if path != resume:
+                replace_dir(path, resume)
+            return resume
+    return None
+
+
+def load_resume_state(resume_dir):
+    return torch.load(os.path.join(resume_dir, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
+def save_final(model, tokenizer, out, args):
+    """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs and resume/
+    never move: a kill at any point leaves them in place, and a rerun with --resume only redoes this save."""
+    tmp = out.rstrip("/") + ".final.tmp"
+    save(model, tokenizer, tmp, args)
+    for name in os.listdir(out):  # weights of an older checkpoint that this one does not have (e.g. value_head.pt)
+        weights = name == "value_head.pt" or name.endswith((".safetensors", ".bin", ".safetensors.index.json"))
+        if weights and not os.path.exists(os.path.join(tmp, name)):
+            os.remove(os.path.join(out, name))
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    shutil.rmtree(tmp)
+
+
+# -----------------------------------------------------------------------------
+# The separate world model (world_model.py) as a tool: its prompt, its generation, its registry
+
+
+def wm_prompt(tool, args):
+    """The world model's WHOLE input: the call as it appears in a trajectory, then the opened result tag. It takes only
+    (tool, args), so no question, gold answer or trajectory can reach the world model."""
+    return f"{action_open(tool)} {args.strip()} {action_close(tool)}\n{result_open(tool)}\n"
+
+
+def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16, greedy=True, temperature=1.0):
+    """prompts: token id lists that end inside an opened result tag -> the observation text each row writes, up to
+    result_close(tool) or eos. HF generate with left padding (one prefill per batch, then the KV cache) and the close
+    tag as an extra stop token: model.rollout stops only at actions and eos, so it does not fit here."""
+    stop = tokenizer.convert_tokens_to_ids(result_close(tool))
+    if stop is None or stop == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        rows = prompts[b:b + batch_size]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_obs_tokens,
+                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, **sampling)
+        for new in generated[:, width:].tolist():
+            cut = next((i for i, t in enumerate(new) if t in (stop, tokenizer.eos_token_id)), len(new))
+            out.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, greedy=True, temperature=1.0,
+                           max_query_chars=300, cache_size=4096, timeout_s=3600):
+    """A ToolRegistry whose "search" is the world model at ckpt and whose "calculator" is the real calculator
+    (computation is cheap and exact: simulating it would only add errors). registry.real_calls then counts world-model
+    generations, not real retrievals. Queries longer than max_query_chars are cut so prompt + observation fit.
+    timeout_s is only a backstop (generation is local and bounded by max_obs_tokens): the registry's 30 s default
+    would turn a long CPU batch into timeout errors."""
+    model, tokenizer = load(ckpt, device=device, add_action_tokens=True)
+
+    def search(queries):
+        prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": wm_prompt("search", q[:max_query_chars])}])
+                   [0] for q in queries]
+        return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size, greedy, temperature)
+
+    return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)
