@@ -1,65 +1,49 @@
 """
-RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's algorithm) or PPO over multi-turn rollouts in which
-the policy acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own
-observations: the internal world model learned in SFT stage 3), RL-stage 2 against the real tool. The paper's best
-schedule is one flag pair: `--sim-steps 80 --real-steps 16` (5/6 simulated, 1/6 real).
-
-The file reads like paper 3.3, one function per box of the step:
-    rollouts (collect) -> rewards (reward) -> advantages (ADVANTAGES[--algo], one function per algorithm, same
-    signature: swap in a new one there) -> old/reference log-probs (score) -> clipped updates (update).
-One step: P prompts x G samples -> rollouts (engine.rollout: token ids in, token ids out, loss_mask from the engine)
--> reward per trajectory -> advantages (GRPO: within each group; PPO: GAE on a value head) -> old and reference
-log-probs by a no-grad forward -> --ppo-epochs x --minibatches clipped updates. Real tool calls are counted per step and
-in total: spending few of them is the point of the simulated stage.
+RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's) or PPO over multi-turn rollouts in which the policy
+acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own observations:
+the internal world model of SFT stage 3), RL-stage 2 against the real tool; the paper's best schedule is
+`--sim-steps 80 --real-steps 16`. The file reads like the paper, one function per box of a step:
+    collect (rollouts, engine.rollout: token ids in and out, loss_mask from the engine; rewards)
+    -> ADVANTAGES[--algo] (one function per algorithm, same signature: add yours there)
+    -> score (old and reference log-probs, no grad) -> update (--ppo-epochs x --minibatches clipped updates).
+Real tool calls are counted per step and in total: spending few of them is the point of the simulated stage.
 
 Departures from the paper / the authors' verl code, and why:
-  - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the number of masked-in
-    tokens of the minibatch, counted over all ranks and micro-batches. The original zeroed only the advantages, so KL,
-    entropy and the denominator still counted observation tokens, which the policy did not write.
-  - --ppo-epochs / --minibatches: several updates per batch, so the ratio leaves 1 and clipping acts (the original made
-    one update per batch: ratio == 1, the clip never fired).
-  - Reward = EM (or --reward f1) of the answer when the response keeps the format, else --format-penalty (default
-    -0.5): a broken trajectory always ranks below a well-formed wrong one. The format is checked on the RESPONSE only
-    (the original checked prompt+response, so the check could never fail).
-  - GRPO's division by the group std is a flag (--grpo-std-norm, on by default as in verl/DeepSeekMath; the paper's
-    formula only mean-centers: --no-grpo-std-norm). A group whose rewards are all equal gets advantage exactly 0.
-  - PPO (not in the paper) is offered for comparison: value head from model.py, GAE with gamma = lambda = 1 (SPEC 5;
-    constants below, not flags), value clipping at --clip, and the reward on the last policy token; observation tokens are skipped by GAE (they are the environment's transition, not
-    actions), advantages whitened over masked-in tokens of the whole batch.
-  - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy all
-    come from logits / --temperature (as verl does), so the ratio starts at 1 against the policy that acted. (Scoring
-    at temperature 1 while sampling at 0.6 updates a policy that did not produce the samples: a non-zero update on
-    logits that do not affect reward, a path to entropy collapse.) Top-p is NOT part of the scored policy (the
-    truncated distribution has no gradient for the dropped tokens; verl does the same); the engine reports each token's
-    log-prob under the distribution it was really drawn from, the step log's `logp_gap` is the mean |engine - trainer|
-    over sampled tokens (< 1e-4 on CPU fp32 at top_p 1, tested), and --tis-cap C multiplies each token's surrogate by
-    min(pi_old / pi_engine, C), truncated importance sampling, for where they differ (top-p, bf16 kernels).
-  - real_calls = calls that reached the real search tool (the paper's cost); cache hits, calculator calls and error
-    observations (malformed actions, unknown tools) are counted apart. The in-loop dev evaluation uses its own tool
-    registry: its calls are never logged or counted as rollout calls.
-  - Updates run with dropout off (model.eval()), so the first minibatch of the first epoch has ratio exactly 1.
-  - --world-model CKPT: the simulated steps use the separate world model of world_model.py as the search tool
-    (env "world-model") instead of the policy's own simulation; its calls are counted as simulated, not real.
-  - Minibatches are whole prompt groups in a fixed order, and every trajectory samples from its own generator seeded
-    by (seed, step, prompt index, sample index) (model.rollout's per-row seeds): neither the samples nor the
-    minibatches depend on the number of ranks or on which rows share an engine call, so N processes == 1 process
-    (tested) while each rank still generates all of its prompts in one batched engine call.
+  - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
+    the minibatch over all ranks and micro-batches (the original zeroed only the advantages, so KL, entropy and the
+    denominator counted observation tokens the policy did not write).
+  - Several updates per batch (--ppo-epochs, --minibatches), so the ratio leaves 1 and clipping acts (the original made
+    one: ratio == 1, the clip never fired). Updates run with dropout off, so the first one has ratio exactly 1.
+  - Reward = EM (or F1) when the response keeps the format, else --format-penalty (-0.5), checked on the policy's OWN
+    tokens (engine masks): the original checked prompt+response, so it could never fail, and a passage holding
+    "</think>" or "\\boxed{X}" must not change the score; a result block the policy wrote itself breaks the format.
+  - GRPO's division by the group std is a flag (on, as verl/DeepSeekMath; the paper's formula only mean-centers).
+    PPO (not in the paper): value head, GAE with gamma = lambda = 1, reward on the last policy token, observation
+    tokens skipped (the environment's transition), advantages whitened over the batch, value clipped at --clip.
+  - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy from
+    logits / --temperature (as verl). Scoring at T=1 while sampling at 0.6 updates a policy that did not act: a
+    non-zero update on logits that do not affect reward, a path to entropy collapse. Top-p is not part of the scored
+    policy (no gradient for dropped tokens; verl does the same). The step log's `logp_gap` = mean |engine - trainer|
+    log-prob over sampled tokens (< 1e-4 on CPU fp32 at top_p 1, tested); --tis-cap C weights each token's surrogate
+    by min(pi_old / pi_engine, C), truncated importance sampling, for where they differ (top-p, bf16 kernels).
+  - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
+    error observations are counted apart; the in-loop dev evaluation has its own registry, never logged or counted.
+  - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
+  - Minibatches are whole prompt groups in a fixed order and every trajectory samples from its own generator seeded by
+    (seed, step, prompt, sample): N processes == 1 process (tested), each rank one batched engine call.
 
 Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py stages base -> 1 -> 2 -> 3):
   python train_rl.py --init out/sft123 --data out/world --out out/rl --algo grpo --sim-steps 80 --real-steps 16
-  python train_rl.py --init out/sft123 --data out/world --out out/rl_real --sim-steps 0 --real-steps 96  # all real
   python train_rl.py --init out/sft123 --data out/world --out out/rl_ppo --algo ppo --sim-steps 0 --real-steps 96
-  python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80 \\
-      --real-steps 16
+  python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
       --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7
-The defaults are the paper's (48 prompts x 5 samples, lr 7e-7, temperature 0.6, KL 1e-3, entropy 1e-3); the tiny CPU
-model needs a larger --lr and fewer, shorter rollouts (--prompts-per-step 8 --group-size 4 --max-new-tokens 256).
-After a crash: the same command plus --resume (weights, optimizer, step, RNG and tool-call totals from OUT/resume).
-Outputs: OUT/ final checkpoint (model.save), OUT/metrics.jsonl (one row per step), OUT/real_calls.jsonl (every real
-tool call: step, tool, args, observation; `world_model.py collect --rollout-logs` reads it; rank r > 0 writes
-real_calls.rank{r}.jsonl), OUT/resume/ (every --save-every),
-OUT/sim_end/ (the model at the sim -> real switch, when both stages run: the RL-stage-1 row of Table 1).
+Defaults are the paper's (48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the tiny CPU model needs a
+larger --lr and fewer, shorter rollouts (run.sh). After a kill at any point: the same command plus --resume.
+Outputs (common.py's checkpoint format): OUT/ final checkpoint, OUT/metrics.jsonl (a row per step), OUT/resume/,
+OUT/real_calls.jsonl (every real call: step, tool, args, observation, what `world_model.py collect --rollout-logs`
+reads; rank r > 0 writes real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's
+RL-stage-1 row).
 """
 import argparse
 import json
@@ -447,6 +431,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def build_models(args, start, device, ddp):
+    """-> policy (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), frozen reference (None
+    when --kl-coef 0), the training module (DDP-wrapped policy under torchrun), tokenizer."""
+    torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
+    policy, tokenizer = load(start, tokenizer=args.tokenizer, device=device, value_head=args.algo == "ppo",
+                             seed=args.seed)
+    if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
+        policy.value_head = None
+    policy.eval()  # dropout off for rollouts AND updates (see docstring)
+    reference = None
+    if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
+        reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
+        reference.eval().requires_grad_(False)
+    model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
+    if ddp:
+        model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    return policy, reference, model, tokenizer
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device, ddp = setup_distributed(args.device)
@@ -471,22 +474,10 @@ def main(argv=None):
         if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
             raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
 
-    # --- models (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), tools, data
+    # --- models, tools, data
     amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-    torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
-    policy, tokenizer = load(resume_dir if args.resume else args.init, tokenizer=args.tokenizer, device=device,
-                             value_head=args.algo == "ppo", seed=args.seed)
-    if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
-        policy.value_head = None
-    policy.eval()  # dropout off for rollouts AND updates (see docstring)
-    reference = None
-    if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
-        reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
-        reference.eval().requires_grad_(False)
+    policy, reference, model, tokenizer = build_models(args, resume_dir if args.resume else args.init, device, ddp)
     value_head = policy.value_head
-    model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
-    if ddp:
-        model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
