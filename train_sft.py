@@ -119,18 +119,8 @@ def parse_args(argv=None):
 
 def read_records(path, fields):
     """Records of a JSONL file; fields maps name -> "str" or "segments". Errors name the file, line and field."""
-    try:
-        rows = read_jsonl(path)
-    except UnicodeDecodeError:  # a text-mode read names no line: find it
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-        raise
     records = []
-    for where, record in rows:
+    for where, record in read_jsonl(path):  # a line that is not UTF-8 or not a JSON object fails there, named
         for name, kind in fields.items():
             if name not in record:
                 raise ValueError(f"{where}: missing field '{name}'")

@@ -350,6 +350,19 @@ def test_kill_between_metrics_row_and_resume_state(world, full_run, monkeypatch)
     assert_same_run(full_run, str(out))
 
 
+def test_requirements_pin_the_transformers_the_code_needs():
+    """Regression (issue 13): requirements.txt allowed transformers>=4.46, but model.load calls
+    from_pretrained(dtype=...), which transformers knows from 4.56 on. The pinned range must exclude what cannot run
+    the code and include the installed (tested) version."""
+    import transformers
+    from packaging.requirements import Requirement
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        [line] = [line for line in f if line.startswith("transformers")]
+    spec = Requirement(line.strip()).specifier
+    assert "4.55.4" not in spec and "4.56.0" in spec
+    assert transformers.__version__ in spec, f"installed transformers {transformers.__version__} outside {spec}"
+
+
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
 def test_stage_runs_end_to_end(world, stage):
     out = world["root"] / f"stage_{stage}"
