@@ -5,7 +5,7 @@ LLM judge) per dataset and averaged, actions per question, real tool calls, and 
 The answer metrics (normalize_answer, exact_match, f1, cover_em, extract_answer, format_ok) live here and are imported
 by train_rl.py, so the RL reward and the evaluation score the same thing.
 
-Modes (one engine, model.rollout, for all of them):
+Modes (one engine, engine.rollout, for all of them):
   agent      the model acts inside its chain of thought; actions run against the real tools (the agent model rows).
   no-action  "model only": actions are not executed (the engine answers "Tools are disabled"), the model must answer.
   react      the agentic-workflow baseline for instruction models: ReAct prompting with 2 in-context examples written
@@ -276,7 +276,7 @@ Is the predicted answer correct? Reply with one word: yes or no."""
 def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, seed=0):
     """items: (question, golds, prediction) -> list of 0/1, majority of `votes` (greedy when votes == 1).
     A missing prediction is 0 without asking."""
-    from model import rollout
+    from engine import rollout
     asks = [i for i, (_, _, p) in enumerate(items) if p]
     texts = []
     for i in asks:
@@ -371,7 +371,8 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
     temperature 0 = greedy; with n_samples > 1 every metric is the mean over the samples (the paper's averaged EM).
     judge: (model, tokenizer) of an LLM judge or None.
     lenient_think: score a \\boxed{} even when </think> is missing (never the default)."""
-    from model import build_prompt, rollout  # lazy: the metrics above must import without torch (train_rl, data)
+    from engine import rollout  # lazy: the metrics above must import without torch (train_rl, data)
+    from model import build_prompt
     from tqdm import tqdm
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -66,6 +66,7 @@ from types import SimpleNamespace
 
 import torch
 
+import engine
 import model as M
 import common
 from common import load_world_model_tools, simulate, wm_prompt  # noqa: F401  (re-exported for readers)
@@ -352,8 +353,8 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
                for q in questions]
 
     def rewards(tools, env):
-        runs = M.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True, max_new_tokens=max_new_tokens,
-                         sim_obs_tokens=max_obs_tokens)
+        runs = engine.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True,
+                              max_new_tokens=max_new_tokens, sim_obs_tokens=max_obs_tokens)
         return [exact_match(extract_answer(r.policy_text) or "", q["golden_answers"]) for r, q in zip(runs, questions)], runs
 
     real_rewards, real_runs = rewards(real_tools, "real")

@@ -1,4 +1,4 @@
-"""model.py: load/save, prompt, the mask rule, and the rollout engine checked against its naive oracle.
+"""model.py (load/save, prompt, the mask rule) and engine.py (the rollout engine, checked against its naive oracle).
 
 The model is a tiny random Llama (2 layers, width 64) over a character tokenizer, so a tag is either one special token
 or ~15 plain characters. A random model never acts on its own, so ScriptedLM adds a fixed bias to a few next-token
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, ToolRegistry, action_close, calculator,  # noqa: E402
                    format_observation, special_tokens)
@@ -112,8 +113,8 @@ def test_greedy_engine_equals_naive_with_tool_calls(tags):
     lm, tok = make_model(tags)
     prompts = prompts_for(tok)
     kw = dict(max_new_tokens=200, max_context=400, answer_tokens=8, greedy=True)
-    fast = M.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
-    slow = M.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)
+    fast = E.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
+    slow = E.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)
     for a, b in zip(fast, slow):
         same(a, b)
     assert min(sum(r.num_actions.values()) for r in fast) >= 2, "the script should make every row act twice"
@@ -127,8 +128,8 @@ def test_rows_that_finish_early_leave_the_others_exact():
     questions = ["Which city is the capital of France? " * 3, "Q", "What is 3*4?", "Capital?" * 5]
     prompts = [tok.encode(f"Question: {q}\n{THINK_OPEN}", add_special_tokens=False) for q in questions]
     kw = dict(max_new_tokens=200, max_context=400, answer_tokens=8, greedy=True)
-    fast = M.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
-    for a, b in zip(fast, M.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
+    fast = E.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
+    for a, b in zip(fast, E.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
         same(a, b)
     # row 0 (the longest prompt) reaches the scripted eos first, while every other row still has actions to take
     assert fast[0].stop_reason == "eos"
@@ -142,7 +143,7 @@ def test_stops_at_close_tag_and_masks_line_up(tags):
     obs span decodes to exactly format_observation(name, what the tool returned)."""
     lm, tok = make_model(tags)
     registry = fake_tools()
-    out = M.rollout(lm, tok, prompts_for(tok), registry, "real", max_new_tokens=200, max_context=400,
+    out = E.rollout(lm, tok, prompts_for(tok), registry, "real", max_new_tokens=200, max_context=400,
                     answer_tokens=8, greedy=True)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa
     n_obs = 0
@@ -150,7 +151,7 @@ def test_stops_at_close_tag_and_masks_line_up(tags):
         for start, end in spans(r.obs_mask):
             before = decode(r.response_ids[:start])
             name = next(n for n in ("search", "calculator") if before.endswith(action_close(n)))
-            arg = M._action_argument(before, name)
+            arg = E._action_argument(before, name)
             expected = registry([(name, arg)])[0]
             assert decode(r.response_ids[start:end]) == format_observation(name, expected)
             assert r.loss_mask[start:end] == [0] * (end - start)
@@ -166,7 +167,7 @@ def test_budgets_and_action_limit():
     lm, tok = make_model(True)
     prompts = prompts_for(tok)
     registry = fake_tools()
-    out = M.rollout(lm, tok, prompts, registry, "real", max_new_tokens=120, max_actions=1, max_context=400,
+    out = E.rollout(lm, tok, prompts, registry, "real", max_new_tokens=120, max_actions=1, max_context=400,
                     answer_tokens=8, greedy=True)
     assert registry.counts["search"] + registry.counts["calculator"] == len(prompts)  # one real call per row
     for p, r in zip(prompts, out):
@@ -178,14 +179,14 @@ def test_budgets_and_action_limit():
             assert r.text[forced:].count(THINK_CLOSE) == 1
     assert "forced_answer" in {r.stop_reason for r in out}
     # the context budget: nothing ever longer than max_context, and the forced answer still fits
-    out = M.rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
+    out = E.rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
                     greedy=True)
     assert all(len(p) + len(r.response_ids) <= 150 for p, r in zip(prompts, out))
     assert "forced_answer" in {r.stop_reason for r in out}
     for p, r in zip(prompts, out):  # max_context only for a row that closed </think> itself and filled the context
         assert r.stop_reason in ("forced_answer", "eos") or (
             r.stop_reason == "max_context" and len(p) + len(r.response_ids) == 150 and THINK_CLOSE in r.text)
-    slow = M.naive_rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
+    slow = E.naive_rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
                            greedy=True)
     for a, b in zip(out, slow):
         same(a, b)
@@ -196,8 +197,8 @@ def test_sim_env_calls_no_tool_and_none_env_neither():
     prompts = prompts_for(tok)
     registry = fake_tools()
     kw = dict(max_new_tokens=200, max_context=500, answer_tokens=8, greedy=True, sim_obs_tokens=20)
-    fast = M.rollout(lm, tok, prompts, registry, "sim", **kw)
-    slow = M.naive_rollout(lm, tok, prompts, registry, "sim", **kw)
+    fast = E.rollout(lm, tok, prompts, registry, "sim", **kw)
+    slow = E.naive_rollout(lm, tok, prompts, registry, "sim", **kw)
     for a, b in zip(fast, slow):
         same(a, b)
     assert sum(registry.counts.values()) == 0 and all(r.real_calls == 0 for r in fast)
@@ -205,9 +206,9 @@ def test_sim_env_calls_no_tool_and_none_env_neither():
     for r in fast:  # the policy wrote the observation: sampled (logprob) but obs and not trained on by default
         sim = [i for i, (o, lp) in enumerate(zip(r.obs_mask, r.logprobs)) if o and lp != 0.0]
         assert sim and all(r.loss_mask[i] == 0 for i in sim)
-    trained = M.rollout(lm, tok, prompts, registry, "sim", train_sim_obs=True, **kw)
+    trained = E.rollout(lm, tok, prompts, registry, "sim", train_sim_obs=True, **kw)
     assert any(r.loss_mask[i] == 1 for r in trained for i, o in enumerate(r.obs_mask) if o)
-    none = M.rollout(lm, tok, prompts, registry, "none", **kw)
+    none = E.rollout(lm, tok, prompts, registry, "none", **kw)
     assert sum(registry.counts.values()) == 0 and all(M.TOOLS_DISABLED in r.text for r in none)
 
 
@@ -215,9 +216,9 @@ def test_seeded_sampling_is_reproducible():
     lm, tok = make_model(True)
     prompts = prompts_for(tok)
     kw = dict(max_new_tokens=60, answer_tokens=8, temperature=1.0, top_p=0.9)
-    a = M.rollout(lm, tok, prompts, fake_tools(), seed=1, **kw)
-    b = M.rollout(lm, tok, prompts, fake_tools(), seed=1, **kw)
-    c = M.rollout(lm, tok, prompts, fake_tools(), seed=2, **kw)
+    a = E.rollout(lm, tok, prompts, fake_tools(), seed=1, **kw)
+    b = E.rollout(lm, tok, prompts, fake_tools(), seed=1, **kw)
+    c = E.rollout(lm, tok, prompts, fake_tools(), seed=2, **kw)
     assert [r.response_ids for r in a] == [r.response_ids for r in b]
     assert [r.response_ids for r in a] != [r.response_ids for r in c]
 
@@ -230,18 +231,47 @@ def test_per_row_seeds_do_not_depend_on_the_batch():
     prompts = prompts_for(tok)
     seeds = [11, 12, 13, 14]
     kw = dict(max_new_tokens=120, max_context=400, answer_tokens=8, temperature=1.0, top_p=0.95)
-    whole = M.rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)
-    halves = M.rollout(lm, tok, prompts[:2], fake_tools(), seed=seeds[:2], **kw) + \
-        M.rollout(lm, tok, prompts[2:], fake_tools(), seed=seeds[2:], **kw)
+    whole = E.rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)
+    halves = E.rollout(lm, tok, prompts[:2], fake_tools(), seed=seeds[:2], **kw) + \
+        E.rollout(lm, tok, prompts[2:], fake_tools(), seed=seeds[2:], **kw)
     for a, b in zip(whole, halves):
         same(a, b)
-    for a, b in zip(whole, M.naive_rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)):
+    for a, b in zip(whole, E.naive_rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)):
         same(a, b)
     assert any(sum(r.num_actions.values()) >= 1 for r in whole), "the scripted actions should survive sampling"
-    assert len({tuple(r.response_ids[:20]) for r in M.rollout(lm, tok, [prompts[0]] * 3, fake_tools(),
+    assert len({tuple(r.response_ids[:20]) for r in E.rollout(lm, tok, [prompts[0]] * 3, fake_tools(),
                                                                  seed=[1, 2, 3], **kw)}) > 1, "seeds must matter"
     with pytest.raises(ValueError, match="one per prompt"):
-        M.rollout(lm, tok, prompts, fake_tools(), seed=[1, 2], **kw)
+        E.rollout(lm, tok, prompts, fake_tools(), seed=[1, 2], **kw)
+
+
+def test_check_model_names_what_a_model_lacks():
+    """rollout() checks the model once, before generating anything: a module whose forward lacks the arguments the
+    engine passes (here position_ids and a cache) or whose attention kernel cannot take a 4-D mask is refused with a
+    message that names what is missing; a wrapper whose forward passes **kwargs on (ScriptedLM) is accepted."""
+
+    class NoPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 10)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+            raise AssertionError("never called")
+
+    lm, tok = make_model(True)
+    E.check_model(lm)
+    missing = r"NoPositions cannot be run .*forward\(\) arguments position_ids, cache \(or past_key_values\)$"
+    with pytest.raises(ValueError, match=missing):
+        E.rollout(NoPositions(), tok, prompts_for(tok), fake_tools(), max_new_tokens=20, answer_tokens=4)
+    with pytest.raises(ValueError, match=r"with parameters .*get_output_embeddings\(\).*arguments input_ids"):
+        E.check_model(nn.Module())
+    flash = LlamaForCausalLM(LlamaConfig(**SMALL, vocab_size=len(tok)))
+    flash.config._attn_implementation = "flash_attention_2"  # as if loaded with it (the kernel is not installed)
+    with pytest.raises(ValueError, match="'flash_attention_2'.*set_attn_implementation"):
+        E.check_model(flash)
 
 
 # -----------------------------------------------------------------------------

@@ -175,7 +175,7 @@ class CharTokenizer:
 
 @pytest.fixture
 def scripted_engine(monkeypatch):
-    """Replace model.build_prompt / model.rollout: the answer and the number of searches are read from the question
+    """Replace model.build_prompt / engine.rollout: the answer and the number of searches are read from the question
     ("... ANSWER=x ACTIONS=n"); the fake engine makes n real registry calls per row when env == "real"."""
     import types
     seen = {}
@@ -202,7 +202,8 @@ def scripted_engine(monkeypatch):
             outs.append(ScriptedRollout(text, {"search": n}, len(calls)))
         return outs
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(build_prompt=build_prompt, rollout=rollout))
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(build_prompt=build_prompt))
+    monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(rollout=rollout))
     return seen
 
 

@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import engine as E  # noqa: E402
 import model as M  # noqa: E402
 import tools  # noqa: E402
 import train_rl  # noqa: E402
@@ -224,12 +225,12 @@ def test_sim_env_makes_no_real_tool_call(world):
     model, tok = M.load(str(world / "init"))
     tools = make_tools(corpus=str(world / "corpus.jsonl"))
     prompt = M.encode_segments(tok, [{"kind": "prompt", "text": M.build_prompt(tok, QUESTION)}])[0]
-    sim = M.rollout(model, tok, [prompt] * 4, tools, env="sim", max_new_tokens=120, temperature=0.6, seed=1)
+    sim = E.rollout(model, tok, [prompt] * 4, tools, env="sim", max_new_tokens=120, temperature=0.6, seed=1)
     assert sum(r.num_actions.get("search", 0) for r in sim) > 0, "the model should act (else this test is vacuous)"
     assert sum(r.sim_obs for r in sim) > 0
     assert sum(r.real_calls for r in sim) == 0
     assert sum(tools.counts.values()) == 0 and tools.real_calls == 0 and tools.cache_hits == 0
-    real = M.rollout(model, tok, [prompt] * 4, tools, env="real", max_new_tokens=120, temperature=0.6, seed=1)
+    real = E.rollout(model, tok, [prompt] * 4, tools, env="real", max_new_tokens=120, temperature=0.6, seed=1)
     assert sum(r.real_calls for r in real) > 0 and tools.real_calls > 0   # the same registry does count real calls
 
 
@@ -360,7 +361,7 @@ def test_trainer_scores_the_distribution_the_engine_sampled(world):
     against the policy that acted. Temperature-1 scoring (the old code) is off by far more than the tolerance."""
     model, tok = M.load(str(world / "init"))
     prompt = M.encode_segments(tok, [{"kind": "prompt", "text": M.build_prompt(tok, QUESTION)}])[0]
-    rolls = M.rollout(model, tok, [prompt] * 4, make_tools(corpus=str(world / "corpus.jsonl")), env="real",
+    rolls = E.rollout(model, tok, [prompt] * 4, make_tools(corpus=str(world / "corpus.jsonl")), env="real",
                       max_new_tokens=100, temperature=0.6, seed=[1, 2, 3, 4])
     seqs = [{"ids": r.prompt_ids + r.response_ids, "mask": [0] * len(r.prompt_ids) + r.loss_mask,
              "engine_logp": [0.0] * len(r.prompt_ids) + r.logprobs} for r in rolls]
@@ -503,7 +504,7 @@ def test_tool_output_cannot_change_the_score(world):
     ids, _, obs = M.encode_segments(tok, segments)
     text = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     assert reward(text, ["Korvath"]) == -0.5                              # what reading the whole text did
-    policy = M.policy_text(tok, ids, obs, ["search"])
+    policy = E.policy_text(tok, ids, obs, ["search"])
     assert "INJECTED" not in policy and reward(policy, ["Korvath"]) == 1.0
     # the tag strings inside the passage are plain text, never the tags' special tokens
     body = M.encode_observation(tok, format_observation("search", ADVERSARIAL))
@@ -518,7 +519,7 @@ def test_engine_observations_are_data(world):
     model, tok = M.load(str(world / "init"))
     prompt = M.encode_segments(tok, [{"kind": "prompt", "text": M.build_prompt(tok, QUESTION)}])[0]
     registry = tools.ToolRegistry({"search": lambda qs: [ADVERSARIAL] * len(qs)})
-    rolls = M.rollout(model, tok, [prompt] * 2, registry, env="real", max_new_tokens=100, greedy=True)
+    rolls = E.rollout(model, tok, [prompt] * 2, registry, env="real", max_new_tokens=100, greedy=True)
     assert all(r.num_actions.get("search") for r in rolls), "the model should act (else this test is vacuous)"
     want = M.encode_observation(tok, format_observation("search", ADVERSARIAL))
     tag_ids = set(tok.convert_tokens_to_ids(special_tokens()))
@@ -528,7 +529,7 @@ def test_engine_observations_are_data(world):
         assert sum(i in tag_ids for i in want) == 2
         assert "INJECTED" in r.text and "INJECTED" not in r.policy_text
     huge = tools.ToolRegistry({"search": lambda qs: ["word " * 2_000_000] * len(qs)}, max_obs_chars=300)
-    r = M.rollout(model, tok, [prompt], huge, env="real", max_new_tokens=100, greedy=True, max_actions=1)[0]
+    r = E.rollout(model, tok, [prompt], huge, env="real", max_new_tokens=100, greedy=True, max_actions=1)[0]
     assert sum(r.obs_mask) < 400 and tools.TRUNCATED in r.text
 
 
@@ -556,7 +557,7 @@ def test_engine_uses_no_autocast_of_its_own_and_a_real_cache(world, monkeypatch)
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: entered.append((a, k)) or real_autocast(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        M.rollout(model, tok, [prompt], make_tools(corpus=str(world / "corpus.jsonl")), env="real",
+        E.rollout(model, tok, [prompt], make_tools(corpus=str(world / "corpus.jsonl")), env="real",
                   max_new_tokens=60, greedy=True)
     assert entered == []
-    assert isinstance(M._SlotCache(1, "cpu", model), Cache)
+    assert isinstance(E._SlotCache(1, "cpu", model), Cache)
