@@ -342,7 +342,8 @@ MASK_FORMS = {"eager": "additive", "sdpa": "boolean", None: "boolean"}  # attent
 
 def _attention(model):
     """The model's attention implementation, which decides the mask form. transformers (4.56 to 5.24) has a public
-    setter, model.set_attn_implementation(), but no public getter: this is the one place that reads the private field."""
+    setter, model.set_attn_implementation(), but no public getter: this is the one place that reads the private field.
+    """
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
