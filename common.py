@@ -166,14 +166,33 @@ def save_resume(model, tokenizer, out, args, state):
 def find_resume(out):
     """OUT/resume after finishing a swap a kill interrupted (resume moved aside to resume.old, the new one still at
     .resume.tmp: the newest complete one wins), or None when nothing complete was saved."""
-    resume = os.path.join(out, "resume")
+    resume, found = os.path.join(out, "resume"), None
     for name in ("resume", ".resume.tmp", "resume.old"):  # newest first
         path = os.path.join(out, name)
         if os.path.exists(os.path.join(path, "trainer_state.pt")):
             if path != resume:
                 replace_dir(path, resume)
-            return resume
-    return None
+            found = resume
+            break
+    for name in (".resume.tmp", "resume.old", "resume"):  # what an interrupted save left behind
+        drop_leftovers(os.path.join(out, name), keep=name == "resume")
+    return found
+
+
+def drop_leftovers(path, keep=False):
+    """Delete path (unless keep) and the build/old dirs model.save makes beside it (path.tmp-*, path.old-*)."""
+    if not keep:
+        shutil.rmtree(path, ignore_errors=True)
+    parent, name = os.path.split(path.rstrip("/"))
+    for other in os.listdir(parent) if os.path.isdir(parent) else []:
+        if other.startswith((name + ".tmp-", name + ".old-")):
+            shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+
+
+def clear_resume(out):
+    """A run that starts over (no --resume) drops an earlier run's state, so a later --resume never mixes the two."""
+    for name in ("resume", ".resume.tmp", "resume.old"):
+        drop_leftovers(os.path.join(out, name))
 
 
 def load_resume_state(resume_dir):
@@ -184,6 +203,7 @@ def save_final(model, tokenizer, out, args):
     """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs and resume/
     never move: a kill at any point leaves them in place, and a rerun with --resume only redoes this save."""
     tmp = out.rstrip("/") + ".final.tmp"
+    drop_leftovers(tmp)  # of a save a kill interrupted
     save(model, tokenizer, tmp, args)
     for name in os.listdir(out):  # weights of an older checkpoint that this one does not have (e.g. value_head.pt)
         weights = name == "value_head.pt" or name.endswith((".safetensors", ".bin", ".safetensors.index.json"))
@@ -207,7 +227,7 @@ def wm_prompt(tool, args):
 def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16, greedy=True, temperature=1.0):
     """prompts: token id lists that end inside an opened result tag -> the observation text each row writes, up to
     result_close(tool) or eos. HF generate with left padding (one prefill per batch, then the KV cache) and the close
-    tag as an extra stop token: model.rollout stops only at actions and eos, so it does not fit here."""
+    tag as an extra stop token: engine.rollout stops only at actions and eos, so it does not fit here."""
     stop = tokenizer.convert_tokens_to_ids(result_close(tool))
     if stop is None or stop == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")

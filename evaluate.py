@@ -609,7 +609,7 @@ def get_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
                    "tokens to a pretrained tokenizer (as train_sft.py does; new rows start at their pieces' mean)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one, as every script)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
     p.add_argument("--template", choices=["short", "autocoa"], default=None,
                    help="instruction prompt template (default: the one --model was trained with, its run_args.json "
@@ -656,7 +656,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     import torch
+    from common import default_device
     from model import checkpoint_template, load
+    args.device = args.device or default_device()
     args.template = checkpoint_template(args.model, args.template)  # the prompt the checkpoint saw; recorded in args
     print(f"template {args.template}", flush=True)
     dtype = getattr(torch, args.dtype) if args.dtype else None

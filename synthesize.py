@@ -144,8 +144,9 @@ def wrap(tokenizer, template, question):
 class HFTeacher:
     def __init__(self, args):
         import torch
+        import engine
         import model as M
-        self.M, self.args = M, args
+        self.M, self.engine, self.args = M, engine, args
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tok = M.load(args.teacher, device=device, add_action_tokens=args.add_action_tokens)
 
@@ -157,7 +158,7 @@ class HFTeacher:
 
     def run(self, jobs, registry, env):
         a = self.args
-        rolls = self.M.rollout(self.model, self.tok, [p for p, _ in jobs], registry if env == "real" else None, env=env,
+        rolls = self.engine.rollout(self.model, self.tok, [p for p, _ in jobs], registry if env == "real" else None, env=env,
                                max_new_tokens=a.max_new_tokens, max_actions=a.max_actions, max_context=a.max_context,
                                answer_tokens=a.answer_tokens, temperature=a.temperature or 1.0, top_p=a.top_p,
                                greedy=a.temperature <= 0, seed=[s for _, s in jobs])

@@ -59,10 +59,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from common import (all_sum, all_sum_dict, default_device, find_resume, load_resume_state, open_step_log, save_final,
+from common import (all_sum, all_sum_dict, clear_resume, default_device, find_resume, load_resume_state, open_step_log, save_final,
                     save_resume, setup_distributed, teardown_distributed, token_logprobs)
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
-from model import build_prompt, checkpoint_template, encode_segments, load, rollout, save
+from engine import rollout
+from model import build_prompt, checkpoint_template, encode_segments, load, save
 from tools import make_tools
 
 GAMMA = LAM = 1.0  # PPO's GAE discount and lambda (SPEC 5): one reward, at the end of the trajectory
@@ -466,11 +467,13 @@ def main(argv=None):
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
     os.makedirs(args.out, exist_ok=True)
     resume_dir = os.path.join(args.out, "resume")
+    if master and args.resume:
+        find_resume(args.out)  # also finishes a swap a kill interrupted
+    elif master:  # a run that starts over drops an earlier run's state
+        clear_resume(args.out)
+    if ddp:
+        dist.barrier()
     if args.resume:
-        if master:
-            find_resume(args.out)  # also finishes a swap a kill interrupted
-        if ddp:
-            dist.barrier()
         if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
             raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
 

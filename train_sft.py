@@ -36,16 +36,17 @@ Commands (DIR from `python data.py --out DIR`):
   python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
-Interrupted runs: add --save-every N, then rerun the same command with --resume. A kill at any point, the final save
-included, loses nothing: the rerun continues from OUT/resume/ (or finishes an interrupted final save, see final_save),
-drops the metrics rows of the steps it redoes, and ends with the same checkpoint and each step's row exactly once.
+Outputs and interrupted runs (common.py's one checkpoint format, as train_rl.py): OUT/ the final checkpoint,
+OUT/metrics.jsonl, OUT/resume/ (weights + trainer_state.pt: every --save-every steps and at the end). After a kill at
+any point, the final save included, rerun the same command with --resume: it continues from OUT/resume/ (a finished
+run only redoes its final save), drops the metrics rows of the steps it redoes, and ends with the same checkpoint and
+each step's row exactly once. Delete OUT/resume/ of a finished run to save disk (it holds the optimizer state).
 """
 import argparse
 import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 
@@ -55,7 +56,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import build_prompt, encode_segments, load, save
+from common import (clear_resume, collate, default_device, epoch_batches, find_resume, load_resume_state,  # noqa: F401
+                    lr_factor, open_step_log, save_final, save_resume, setup_distributed, teardown_distributed,
+                    token_logprobs)
+from model import build_prompt, checkpoint_template, encode_segments, load
 from tools import read_jsonl
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
@@ -73,8 +77,9 @@ def parse_args(argv=None):
                    "or a checkpoint dir / HF model name")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
                    "tokens to a pretrained tokenizer (resizes the embeddings)")
-    p.add_argument("--template", default="short", choices=["short", "autocoa"],
-                   help="prompt template for model.build_prompt ('autocoa' is the paper's long instruction)")
+    p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template for "
+                   "model.build_prompt (default: the one --init was trained with, else 'short'; 'autocoa' is the "
+                   "paper's long instruction)")
     # Data
     p.add_argument("--data", default="out/world", help="data dir written by data.py (its default example: out/world)")
     p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
@@ -100,17 +105,17 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu' or 'cuda'")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     # Checkpointing
     p.add_argument("--out", required=True, help="output dir: save_pretrained checkpoint + run_args.json + metrics.jsonl")
     p.add_argument("--save-every", type=int, default=0, help="write OUT/resume/ every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (the final save "
-                   "replaces OUT and drops resume/: a finished run of the same arguments is left as it is); without "
-                   "it a run starts over: OUT/resume/ and OUT/metrics.jsonl are dropped")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (after a kill at any "
+                   "point; a finished run only redoes its final save); without it a run starts over")
     p.add_argument("--max-steps-this-run", type=int, default=0,
                    help="stop (after saving OUT/resume/) once this run has made N steps: simulates an interruption")
     args = p.parse_args(argv)
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
+    args.template = checkpoint_template(args.init, args.template)  # the prompts the --init checkpoint was trained on
     return args
 
 
@@ -177,38 +182,8 @@ def load_examples(tok, stage, path, max_len, template="short"):
     return examples, dropped
 
 
-def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
-    """Global batches (lists of example indices) for one epoch, identical on every rank: shuffle, fill the last batch
-    with the epoch's first examples, sort by length within buffers of bucket_batches batches, shuffle the batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    n = len(lengths)
-    order = torch.randperm(n, generator=g).tolist()
-    order = [order[i % n] for i in range(math.ceil(n / batch_size) * batch_size)]
-    batches, buffer = [], batch_size * bucket_batches
-    for start in range(0, len(order), buffer):
-        chunk = sorted(order[start:start + buffer], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-
-def collate(rows, pad_id, device):
-    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each mask (padded 0)."""
-    T = max(len(r[0]) for r in rows)
-    def pad(seqs, value):
-        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
-    masks = [pad([r[k] for r in rows], 0) for k in range(1, len(rows[0]))]
-    return (pad([r[0] for r in rows], pad_id), pad([[1] * len(r[0]) for r in rows], 0), *masks)
-
-
 # -----------------------------------------------------------------------------
-# losses
-
-def token_logprobs(logits, ids):
-    """log pi(x_t | x_<t) for every next token. logits (R, T, V), ids (R, T) -> (R, T-1), float32."""
-    R, T, V = logits.shape
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1), reduction="none")
-    return -nll.view(R, T - 1)
-
+# losses (the next-token log-probs come from common.token_logprobs: the one shift)
 
 def mean_logprob(logp, mask):
     """P(x|c) = 1/|x| sum_i log pi(x_i | c, x_<i) over the continuation x (mask = its trained tokens).
@@ -223,133 +198,30 @@ def contrastive_loss(P_chosen, P_rejected, alpha):
     return L_contra + alpha * L_aux
 
 
-def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def torch_save_atomic(obj, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-# -----------------------------------------------------------------------------
-# the final save and the logs: nothing lost to a kill at any point
-
-def final_save(model, tok, out, run_args):
-    """Replace OUT by the finished checkpoint with its metrics.jsonl, in one rename: build OUT.final (model.save, then
-    the metrics copied in LAST, so an OUT.final with metrics.jsonl is complete), move OUT aside to OUT.old, rename
-    OUT.final to OUT, delete OUT.old. Until OUT.final is complete, OUT keeps resume/ and the metrics; after, OUT.final
-    holds everything. A kill anywhere leaves one of the two, and recover_final_save() on the rerun finishes the job.
-    (model.save alone replaces the whole of OUT: the metrics, written after it, were lost to a kill in between.)"""
-    out = os.path.abspath(out)
-    final = out + ".final"
-    shutil.rmtree(final, ignore_errors=True)
-    save(model, tok, final, run_args)
-    with open(os.path.join(out, "metrics.jsonl"), "rb") as f:
-        metrics = f.read()
-    with open(os.path.join(final, "metrics.jsonl.tmp"), "wb") as f:
-        f.write(metrics)
-    os.replace(os.path.join(final, "metrics.jsonl.tmp"), os.path.join(final, "metrics.jsonl"))
-    swap_in_final(out)
-
-
-def swap_in_final(out):
-    final, old = out + ".final", out + ".old"
-    if os.path.exists(out):  # rename cannot replace a non-empty dir: move the old one aside first
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-    os.rename(final, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_final_save(out):
-    """Undo or finish a final save a kill interrupted (final_save): a complete OUT.final is swapped in, an incomplete
-    one deleted (OUT, with resume/ and the metrics, is still there). Returns what it did, for the log."""
-    out = os.path.abspath(out)
-    final, old = out + ".final", out + ".old"
-    done = []
-    if os.path.exists(os.path.join(final, "metrics.jsonl")):
-        swap_in_final(out)
-        done.append(f"finished the interrupted final save of {out}")
-    elif os.path.exists(final):
-        shutil.rmtree(final)
-        done.append(f"dropped {final}, an interrupted final save")
-    parent, name = os.path.split(out)
-    for leftover in os.listdir(parent) if os.path.isdir(parent) else []:  # model.save's build dirs of OUT.final
-        if leftover.startswith(name + ".final.tmp-"):
-            shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
-    if os.path.exists(old):
-        if os.path.exists(out):
-            shutil.rmtree(old)
-        else:  # cannot happen without a complete OUT.final; a dir moved by hand, say: keep what it holds
-            os.rename(old, out)
-            done.append(f"moved {old} back to {out}")
-    return done
-
-
-def open_step_log(path, keep_steps):
-    """The metrics log, opened for appending after dropping the rows of steps after keep_steps (a resumed run redoes
-    them; 0: a run from scratch keeps none) and a last line cut short by a kill. As train_rl.open_step_log."""
-    kept = []
-    if keep_steps and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= keep_steps:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
-def finished_run(out, args, total_steps):
-    """True when OUT is already this run's finished checkpoint (no resume/, the same RESUME_KEYS, every step's row)."""
-    run_args, metrics = os.path.join(out, "run_args.json"), os.path.join(out, "metrics.jsonl")
-    if os.path.exists(os.path.join(out, "resume", "state.pt")) or not (os.path.exists(run_args)
-                                                                       and os.path.exists(metrics)):
-        return False
-    try:
-        with open(run_args) as f:
-            saved = json.load(f)
-        with open(metrics) as f:
-            steps = [json.loads(line)["step"] for line in f]
-    except (ValueError, KeyError, TypeError):
-        return False
-    return all(saved.get(k) == getattr(args, k) for k in RESUME_KEYS) and steps == list(range(1, total_steps + 1))
-
-
 def main(args):
     # -------------------------------------------------------------------------
-    # distributed setup: the same file runs under python and torchrun
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-        device = f"cuda:{local_rank}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world_size, device = 0, 1, "cuda" if cuda else "cpu"
-    master = rank == 0
+    # distributed setup (the same file runs under python and torchrun), resume point, model
+    rank, world_size, device, ddp = setup_distributed(args.device)
+    cuda, master = device.startswith("cuda"), rank == 0
     log = print if master else (lambda *a, **k: None)
-    if master:  # a kill during the last run's final save left OUT.final / OUT.old: finish or undo that first
-        for line in recover_final_save(args.out):
-            log(line)
+    os.makedirs(args.out, exist_ok=True)
+    resume_dir = None
+    if master and args.resume:
+        find_resume(args.out)  # also finishes a swap a kill interrupted
+    elif master:  # a run that starts over drops an earlier run's state
+        clear_resume(args.out)
     if ddp:
         dist.barrier()
+    if args.resume:
+        resume_dir = os.path.join(args.out, "resume")
+        if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
+            log(f"--resume: no {resume_dir}/trainer_state.pt, starting from scratch")
+            resume_dir = None
 
     torch.manual_seed(args.seed)
-    if args.init == "tiny":
+    if resume_dir:
+        model, tok = load(resume_dir, device=device)
+    elif args.init == "tiny":
         model, tok = load("tiny", tokenizer=os.path.join(args.data, "tokenizer"), device=device, seed=args.seed)
     else:
         model, tok = load(args.init, device=device, add_action_tokens=args.add_action_tokens)
@@ -361,7 +233,7 @@ def main(args):
     model.train()
     raw_model = model
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if cuda else None)
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
     # -------------------------------------------------------------------------
@@ -387,20 +259,15 @@ def main(args):
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     # -------------------------------------------------------------------------
-    # resume: weights, optimizer, step and RNG; the data order is a function of (seed, epoch, step)
+    # resume: optimizer, step and RNG (the weights came from OUT/resume above); the data order is a function of
+    # (seed, epoch, step), so the resumed run sees exactly the batches the interrupted one would have
     step = 0
-    resume_path = os.path.join(args.out, "resume", "state.pt")
-    already_finished = args.resume and finished_run(args.out, args, total_steps)
-    if already_finished:
-        step = total_steps
-        log(f"--resume: {args.out} is already this run's finished checkpoint; nothing to do")
-    elif args.resume and os.path.exists(resume_path):
-        state = torch.load(resume_path, map_location=device, weights_only=False)
+    if resume_dir:
+        state = load_resume_state(resume_dir)
         for key in RESUME_KEYS:
             assert state["args"][key] == getattr(args, key), \
-                f"--resume: {key} was {state['args'][key]!r} in {resume_path}, now {getattr(args, key)!r}; the data " \
+                f"--resume: {key} was {state['args'][key]!r} in {resume_dir}, now {getattr(args, key)!r}; the data " \
                 "order would differ from the interrupted run's"
-        raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -408,28 +275,20 @@ def main(args):
         np.random.set_state(state["rng"]["numpy"])
         if cuda and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-        log(f"resumed from {resume_path} at step {step}")
-    elif args.resume:
-        log(f"--resume: no {resume_path}, starting from scratch")
-    if ddp:
-        dist.barrier()  # every rank has read the state before rank 0 drops a stale one below
+        log(f"resumed from {resume_dir} at step {step}")
 
-    def save_resume():
+    def save_state():
         # rank 0's RNG only: ranks differ only if the model uses dropout (the presets do not)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state() if cuda else None}
-        torch_save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "rng": rng, "args": vars(args)}, resume_path)
+        save_resume(raw_model, tok, args.out, vars(args), {"optimizer": optimizer.state_dict(), "step": step,
+                                                           "rng": rng, "args": vars(args)})
 
     # -------------------------------------------------------------------------
     # training loop
-    os.makedirs(args.out, exist_ok=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    metrics_file = None
-    if master and not already_finished:
-        if step == 0:  # from scratch: a state left in OUT belongs to a run whose metrics are dropped here
-            shutil.rmtree(os.path.join(args.out, "resume"), ignore_errors=True)
-        metrics_file = open_step_log(metrics_path, step)  # rows after the resume step are redone: dropped
+    # rows after the resume step are redone: dropped (all of them when the run starts over)
+    metrics_file = open_step_log(os.path.join(args.out, "metrics.jsonl"), step > 0, step) if master else None
+    start_step = step
     batches, batches_epoch = None, -1
     steps_this_run, run_tokens, run_pad = 0, 0.0, 0.0
     while step < total_steps:
@@ -507,23 +366,23 @@ def main(args):
             metrics_file.flush()
         stop_early = args.max_steps_this_run and steps_this_run >= args.max_steps_this_run and step < total_steps
         if master and ((args.save_every and step % args.save_every == 0) or stop_early):
-            save_resume()
+            save_state()
         if stop_early:
             log(f"stopping after {steps_this_run} steps this run (--max-steps-this-run); continue with --resume")
             break
 
     log(f"{steps_this_run} steps this run | pad {run_pad / max(run_tokens, 1):.1%} of {run_tokens:.0f} tokens")
-    if metrics_file is not None:
+    if master:
         metrics_file.close()
-    if master and step >= total_steps and not already_finished:
-        final_save(raw_model, tok, args.out, vars(args))  # OUT = checkpoint + metrics.jsonl; resume/ is obsolete
+    if master and step >= total_steps:
+        if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
+            save_state()
+        save_final(raw_model, tok, args.out, vars(args))  # into OUT, file by file: the logs and resume/ stay
         log(f"saved {args.out}")
-    if ddp:
-        # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage
-        # collector after destroy_process_group, gloo sometimes hung in its destructor once the other rank had exited.
-        del model
-        dist.barrier()
-        dist.destroy_process_group()
+    # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage collector
+    # after destroy_process_group, gloo sometimes hung in its destructor once the other rank had exited.
+    del model
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -409,7 +409,7 @@ def parse_args(argv=None):
     p_eval.add_argument("--template", default=None, choices=["short", "autocoa"],
                         help="the policy's prompt (default: the one --policy was trained with, its run_args.json)")
     for p in (p_train, p_serve, p_eval):
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+        p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if there is one)")
     # Optimization
     p_train.add_argument("--epochs", type=int, default=24, help="passes over the calls (memorising takes many)")
     p_train.add_argument("--batch-size", type=int, default=16, help="calls per step")

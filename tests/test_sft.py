@@ -217,7 +217,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(world):
     train_sft.main(train_sft.parse_args(base))
     cut = run_args(world, root / "cut", "--stage", "2", "--max-steps", "4")
     train_sft.main(train_sft.parse_args(cut + ["--max-steps-this-run", "2"]))
-    assert not os.path.exists(root / "cut" / "config.json") and os.path.exists(root / "cut" / "resume" / "state.pt")
+    assert not os.path.exists(root / "cut" / "config.json") and os.path.exists(root / "cut" / "resume" / "trainer_state.pt")
     train_sft.main(train_sft.parse_args(cut + ["--resume"]))
 
     full, resumed = read_metrics(root / "full"), read_metrics(root / "cut")
@@ -246,7 +246,8 @@ def full_run(world):
 
 def assert_same_run(full, out, trained_in_rerun=None, allowed=None):
     """OUT ends as the uninterrupted run: same weights, every step's metrics row exactly once and in order, same
-    losses, no resume/ and nothing left beside OUT (no OUT.tmp-*, OUT.old-*, OUT.final...)."""
+    losses, OUT/resume/ at the last step (common.py's format) and nothing left beside OUT (no OUT.tmp-*, OUT.final...)
+    or beside resume/."""
     rows, reference = read_metrics(out), read_metrics(full)
     assert [m["step"] for m in rows] == [1, 2, 3, 4]
     for a, b in zip(reference, rows):
@@ -255,14 +256,16 @@ def assert_same_run(full, out, trained_in_rerun=None, allowed=None):
                             AutoModelForCausalLM.from_pretrained(out).state_dict().values()):
         assert torch.equal(p, q), name
     assert json.load(open(os.path.join(out, "run_args.json")))["stage"] == "2"
-    assert not os.path.exists(os.path.join(out, "resume"))
+    assert torch.load(os.path.join(out, "resume", "trainer_state.pt"), weights_only=False)["step"] == 4
+    assert not {".resume.tmp", "resume.old"} & set(os.listdir(out))
     assert [f for f in os.listdir(os.path.dirname(out)) if f.startswith(os.path.basename(out) + ".")] == []
 
 
 def arm_kill(monkeypatch, k):
-    """From the call of model.save by train_sft on (the final save), the k-th file-system step (a rename, a replace, a
-    tree removal, model.save itself) and every one after it raise Killed: the save stops there and no cleanup runs, as
-    after a SIGKILL. Returns a dict whose "fired" says whether the kill came (k past the last step: no kill)."""
+    """From the final save on (save_resume of the last step, then save_final), the k-th file-system step (a rename, a
+    replace, a tree removal, model.save itself) and every one after it raise Killed: the save stops there and no
+    cleanup runs, as after a SIGKILL. Returns a dict whose "fired" says whether the kill came (k past the last step:
+    no kill). The runs here save no state before the final one, so the first save_resume call arms it."""
     state = {"armed": False, "n": 0, "fired": False}
 
     def guard(fn, arms=False):
@@ -275,9 +278,11 @@ def arm_kill(monkeypatch, k):
                 state["n"] += 1
             return fn(*a, **kw)
         return wrapped
+    import common
     for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
         monkeypatch.setattr(module, name, guard(getattr(module, name)))
-    monkeypatch.setattr(train_sft, "save", guard(train_sft.save, arms=True))
+    monkeypatch.setattr(train_sft, "save_resume", guard(train_sft.save_resume, arms=True))
+    monkeypatch.setattr(common, "save", guard(common.save))
     return state
 
 
@@ -329,15 +334,15 @@ def test_kill_between_metrics_row_and_resume_state(world, full_run, monkeypatch)
     out = world["root"] / "kill_resume_state"
     args = run_args(world, out, "--stage", "2", "--max-steps", "4", "--save-every", "1")
     calls = []
-    original = train_sft.torch_save_atomic
+    original = train_sft.save_resume
 
-    def save_or_die(obj, path):
-        calls.append(obj["step"])
-        if obj["step"] == 3:
+    def save_or_die(model, tok, out, args, state):
+        calls.append(state["step"])
+        if state["step"] == 3:
             raise Killed("killed while saving the step-3 state")
-        original(obj, path)
+        original(model, tok, out, args, state)
     with monkeypatch.context() as m:
-        m.setattr(train_sft, "torch_save_atomic", save_or_die)
+        m.setattr(train_sft, "save_resume", save_or_die)
         with pytest.raises(Killed):
             train_sft.main(train_sft.parse_args(args))
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

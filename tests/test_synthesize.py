@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import engine as E  # noqa: E402
 import model as M
 import synthesize
 import train_sft
@@ -221,7 +222,7 @@ def test_hf_segments_come_from_the_engine_ids(world):
     """Segments are runs of the engine's obs_mask, eos dropped; the pair split keeps the tokens before the open tag."""
     teacher = synthesize.HFTeacher.__new__(synthesize.HFTeacher)
     _, tok = M.load(world["teacher"])
-    teacher.tok, teacher.model = tok, None
+    teacher.tok, teacher.model, teacher.M = tok, None, M
     teacher.args = synthesize.get_args(["--questions", "q", "--out", "o", "--teacher", "t"])
     enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     policy = enc(f" Find Ada. {action_open('search')} Ada {action_close('search')}")
@@ -232,8 +233,8 @@ def test_hf_segments_come_from_the_engine_ids(world):
     values = dict(prompt_ids=[1], response_ids=ids, loss_mask=[1 - m for m in mask], obs_mask=mask,
                   logprobs=[0.0] * len(ids), text=tok.decode(ids[:-1]), policy_text="", num_actions={"search": 1},
                   real_calls=1, sim_obs=0, stop_reason="eos")
-    roll = M.Rollout(**{f.name: values[f.name] for f in dataclasses.fields(M.Rollout) if f.name in values})
-    teacher.M = type("FakeEngine", (), {"rollout": staticmethod(lambda *a, **k: [roll])})
+    roll = E.Rollout(**{f.name: values[f.name] for f in dataclasses.fields(E.Rollout) if f.name in values})
+    teacher.engine = type("FakeEngine", (), {"rollout": staticmethod(lambda *a, **k: [roll])})
     traj = teacher.run([([1], 0)], None, "real")[0]
     assert traj["pieces"] == [policy, obs, final] and [s["kind"] for s in traj["segments"]] == ["policy", "obs", "policy"]
     assert [s["text"] for s in traj["segments"]] == [teacher.decode(p) for p in (policy, obs, final)]

@@ -537,7 +537,9 @@ def bounded_server(tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools.py"), "serve", "--corpus", corpus,
                              "--port", str(port), "--max-workers", "4", "--request-timeout", "1.5", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            # numpy's BLAS starts OMP_NUM_THREADS - 1 threads of its own: count only the server's
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(400):
         try:
