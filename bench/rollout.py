@@ -2,7 +2,7 @@
 Benchmark: our rollout engine vs the two ways the peers generate multi-turn agent trajectories, on the same model,
 prompts, seed and tool.
 
-  ours      model.rollout: one KV cache per batch, every row stops at the token that completes </end_NAME>, the
+  ours      engine.rollout: one KV cache per batch, every row stops at the token that completes </end_NAME>, the
             observation is prefilled into the same cache, the prefix is never re-encoded.
   generate  (a) a loop over HF model.generate with a StoppingCriteria that stops each row at the action close tag; the
             whole context is re-encoded every turn (Search-R1-style loops, most agent repos).
@@ -17,7 +17,7 @@ trajectories up to float noise; the script guarantees 2+ actions per trajectory.
 forward tokens processed (every token slot the model ran on, padding included). The ratio is also given per CPU second
 (process time), which a machine shared with other jobs disturbs much less than wall time.
 Where the time goes: each method's time is split into model forward (a timer around the LM's forward), the script's
-bias (bench-only work, in every method), our sampling (model._sample) and the rest: host bookkeeping (the engine's stop
+bias (bench-only work, in every method), our sampling (engine._sample) and the rest: host bookkeeping (the engine's stop
 checks, syncs, cache preparation, tool calls, injections; generate's own loop for the baselines).
 
     OMP_NUM_THREADS=1 python bench/rollout.py                        # tiny preset (~3M params), batch 32, CPU
@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
+import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from tools import THINK_OPEN, TOOL_NAMES, ToolRegistry, action_close, calculator, format_observation  # noqa: E402
 
@@ -141,7 +142,7 @@ def timed(name, fn):
 
 lm.forward = timed("forward", lm.forward)  # nn.Module.__call__ finds the instance attribute: generate uses it too
 script_bias = timed("script", script_bias)
-M._sample = timed("sample", M._sample)     # rollout() looks _sample up in the module at each step
+E._sample = timed("sample", E._sample)     # rollout() looks _sample up in engine.py at each step
 
 forward_tokens = [0]
 lm.model.embed_tokens.register_forward_hook(lambda mod, inp, out: forward_tokens.__setitem__(0, forward_tokens[0]
@@ -212,16 +213,17 @@ def generate_loop(stop_at_action):
             responses[i] += keep
             contexts[i] += keep
             sampled[i] += len(keep)
-            if cut is not None and cut <= room and sampled[i] < args.max_new_tokens:
+            if cut is not None and cut <= room:  # an action on the last budget token is answered too (as ours)
                 text = tok.decode(responses[i], skip_special_tokens=False)
                 name = close_ids[keep[-1]]
-                calls.append((i, name, M._action_argument(text, name)))
+                calls.append((i, name, E._action_argument(text, name)))
         observations = tools([(n, a) for _, n, a in calls]) if calls else []
         for (i, name, _), obs in zip(calls, observations):
-            obs_ids = tok.encode(format_observation(name, obs), add_special_tokens=False)
+            obs_ids = M.encode_observation(tok, format_observation(name, obs))  # as the engine does
             responses[i] += obs_ids
             contexts[i] += obs_ids
-            next_active.append(i)
+            if sampled[i] < args.max_new_tokens:
+                next_active.append(i)
         active = next_active
     return responses, sum(sampled), wasted
 
@@ -239,7 +241,7 @@ for method in args.methods.split(","):
     if method == "ours":
         # answer_tokens=0: the baselines have no forced answer, so every row samples max_new_tokens while thinking;
         # the forced "</think>\n" the engine then appends (the only injection outside an observation) is cut below
-        outs = M.rollout(Scripted(), tok, prompts, tools, "real", max_new_tokens=args.max_new_tokens,
+        outs = E.rollout(Scripted(), tok, prompts, tools, "real", max_new_tokens=args.max_new_tokens,
                          max_context=4096, answer_tokens=0, greedy=True)
         generated = sum(sum(r.loss_mask) for r in outs)
         forced = [next((j for j, (lm_, o) in enumerate(zip(r.loss_mask, r.obs_mask)) if not lm_ and not o),

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from tools import ToolRegistry, action_close, action_open, calculator, format_observation, special_tokens  # noqa: E402
 
@@ -70,7 +71,7 @@ def test_greedy_engine_equals_generate_token_for_token(smollm2):
     prompts = [chat(tok, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts)
     tools = ToolRegistry({"search": lambda qs: pytest.fail("a tool was called"), "calculator": calculator})
-    outs = M.rollout(model, tok, prompts, tools, "real", max_new_tokens=MIN_NEW, answer_tokens=0, greedy=True)
+    outs = E.rollout(model, tok, prompts, tools, "real", max_new_tokens=MIN_NEW, answer_tokens=0, greedy=True)
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -132,12 +133,13 @@ def test_trajectory_with_an_observation_encodes_to_the_engine_ids(smollm2):
     queries = []
     tools = ToolRegistry({"search": lambda qs: queries.extend(qs) or [OBSERVATION] * len(qs),
                           "calculator": calculator}, cache_size=0)
-    out = M.rollout(ForceAt(model, forced), tok, [prompt], tools, "real", max_new_tokens=40, answer_tokens=8,
+    out = E.rollout(ForceAt(model, forced), tok, [prompt], tools, "real", max_new_tokens=40, answer_tokens=8,
                     greedy=True)[0]
     assert out.num_actions == {"search": 1} and out.real_calls == 1, out.text
     assert out.response_ids[close] == forced[start + close] and out.obs_mask[:close + 1] == [0] * (close + 1)
     assert queries == [tok.decode(out.response_ids[2:close]).strip()] and queries[0], out.text
-    obs_ids = tok.encode(format_observation("search", OBSERVATION), add_special_tokens=False)
+    obs_ids = M.encode_observation(tok, format_observation("search", OBSERVATION))
+    assert obs_ids == tok.encode(format_observation("search", OBSERVATION), add_special_tokens=False)  # no tags inside
     assert out.response_ids[close + 1:close + 1 + len(obs_ids)] == obs_ids, out.text
     assert out.obs_mask[close + 1:close + 1 + len(obs_ids)] == [1] * len(obs_ids)
     assert out.obs_mask[close + 1 + len(obs_ids)] == 0  # the policy again
