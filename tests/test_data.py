@@ -1,4 +1,5 @@
-"""data.py: the embedded world. One small world is built once per module (and a second time for determinism)."""
+"""data.py and teacher.py: the embedded world and its scripted teacher. One small world is built once per module (and
+a second time for determinism)."""
 import json
 import os
 import random
@@ -7,6 +8,7 @@ import re
 import pytest
 
 import data
+import teacher
 import tools
 
 SMALL = ["--people", "150", "--companies", "60", "--bands", "40", "--cities", "20", "--train", "200", "--dev", "40",
@@ -121,7 +123,7 @@ def test_base_has_known_facts_only(world):
     assert not unknown.search(base), "an unknown entity is named in base.jsonl"
     for name, e in ents.items():
         if e["pool"] == "known" and e["type"] == "person":
-            assert data.FACT_SENTENCE["born_in"].format(s=name, o=e["born_in"]) in base
+            assert teacher.FACT_SENTENCE["born_in"].format(s=name, o=e["born_in"]) in base
     # base QA documents are the exact training prompt (model.build_prompt) followed by a pure-CoT response
     from model import build_prompt
     qa = [r["text"] for r in world["base"] if "\nQuestion: " in r["text"]]
@@ -182,7 +184,7 @@ def test_renamed_copies(world):
     observations move by one offset (calculator results stay true) and the answer is still the golden one."""
     ents, mix = world["entities"], {r["id"]: r for r in world["sft_mix"]}
     words = {pool: {w for n, e in ents.items() if e["pool"] == pool for w in n.split()} for pool in data.POOLS}
-    train_only = words["train"] - words["known"] - {"The", *data.COMPANY_SUFFIXES}
+    train_only = words["train"] - words["known"] - {"The", *teacher.COMPANY_SUFFIXES}
     rows = world["sft_mix_renamed"]
     assert len(rows) == 5 * len(mix)
     copies = 0
@@ -206,8 +208,8 @@ def test_renamed_copies(world):
         assert len(recalled(text)) == len(recalled(trajectory_text(src["segments"])))
         for a, b in zip(recalled(trajectory_text(src["segments"])), recalled(text)):
             assert re.findall(r"\d+", a) == re.findall(r"\d+", b)  # known facts keep their years
-        offsets = {int(b) - int(a) for a, b in zip(data.YEAR.findall(trajectory_text(src["segments"])),
-                                                   data.YEAR.findall(trajectory_text(r["segments"])))}
+        offsets = {int(b) - int(a) for a, b in zip(teacher.YEAR.findall(trajectory_text(src["segments"])),
+                                                   teacher.YEAR.findall(trajectory_text(r["segments"])))}
         assert len(offsets - {0}) <= 1
         for prev, seg in zip(r["segments"], r["segments"][1:]):
             m = re.search(r"<begin_calculator> (.*?) </end_calculator>$", prev["text"])

@@ -1,0 +1,450 @@
+"""
+The embedded world's scripted teacher: the stand-in for the paper's R1-32B teacher on the toy world (data.py builds the
+world and calls this library module; synthesize.py is the same stage for real questions and a real teacher model).
+
+The scripted teacher answers with the REAL tools (tools.BM25Index over the corpus data.py writes, tools.calculator):
+it first writes a one-line plan of the facts the question needs ("Plan: label, then founder, then birth year."), then
+for each fact on the chain it recalls it if the subject is known, else it searches; when the fact is not in the top-3
+it reformulates (natural question -> name + relation words -> name alone, the title form). Observations are exactly
+what the tool returned, wrapped by tools.format_observation. Its trajectories are the SFT data:
+    sft_cot.jsonl    pure CoT (no tools) on known questions
+    sft_coa.jsonl    CoA (tools) on the other questions
+    sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
+    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
+    sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
+                     unknown: chosen = act and end right, rejected = guess without acting and end wrong.
+                     known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
+                     We chose "unnecessary search" over "wrong guess" for the known rejected side: the pair should
+                     differ only in the decision to act, which is what stage 1 teaches; a wrong guess would teach
+                     "be right", which the unknown pairs already do.
+and its real calls on train and dev questions are the world model's data (tool_calls.jsonl).
+Segments hold the RESPONSE only: model.build_prompt() ends with "<think>", so the first policy segment starts after it.
+
+Departure from the paper (why): the teacher is a script, not a prompted large model (determinism, and its
+observations are real by construction).
+
+The world's language lives here too, because the world, its questions and the teacher must share it: the name maker,
+the relation table (how a relation is asked, stated, reasoned about and searched for) and the question chains, with
+make_question, which writes each question's plan: the script the teacher follows. data.py (a stage script) imports
+them; this library module imports no stage script.
+
+Every function takes `env`, the world as the teacher sees it (data.py builds it):
+    world, by_type    the entities {name: {"type","pool",relation: value}} and the names per type
+    index, search     the BM25 index over the corpus and the search tool on it; calc: the calculator tool
+    stating           per fact (subject, relation), the ids of the passages that state it
+    args              data.py's arguments (--topk, --max-tries, --mix-ratio, --renamed-copies, --seed)
+
+No command of its own.
+"""
+import random
+import re
+from collections import Counter, defaultdict
+
+from tools import THINK_CLOSE, action_close, action_open, format_observation
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Names: built from a small syllable set, so the names are fictional and the BPE vocabulary stays small
+
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "vel"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "or", "ar", "en"]
+CODAS = ["", "", "", "n", "r", "s", "l", "m", "th"]
+COMPANY_SUFFIXES = ["Works", "Labs", "Systems", "Group", "Studios", "Motors", "Foods", "Press"]
+
+
+def make_word(rng, syllables):
+    word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(syllables - 1))
+    return (word + rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)).capitalize()
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Relations: question phrasing, reasoning phrasing, corpus phrasings, teacher queries. One table, so the teacher, the
+# corpus and the questions can never disagree on a relation.
+
+RELATIONS = {
+    # name: (subject type, object type, noun for "I need the NOUN of X", question "wh" form, corpus phrasings,
+    #        query forms tried in order: natural question, name + relation words, name alone)
+    "born_in": ("person", "city", "birthplace", "Where was {s} born?",
+                ["{s} was born in {o}.", "{s} is a native of {o}."],
+                ["where was {s} born", "{s} born native", "{s}"]),
+    "birth_year": ("person", "year", "birth year", "In what year was {s} born?",
+                   ["{s} was born in {o}.", "The birth year of {s} is {o}."],
+                   ["when was {s} born", "{s} birth year born", "{s}"]),
+    "employer": ("person", "company", "employer", "Which company does {s} work for?",
+                 ["{s} works for {o}.", "{s} is employed by {o}."],
+                 ["which company does {s} work for", "{s} works employed", "{s}"]),
+    "founded_by": ("company", "person", "founder", "Who founded {s}?",
+                   ["{s} was founded by {o}.", "{o} is the founder of {s}."],
+                   ["who founded {s}", "{s} founder founded", "{s}"]),
+    "headquartered_in": ("company", "city", "headquarters", "In which city is {s} headquartered?",
+                         ["{s} is headquartered in {o}.", "The head office of {s} is in {o}."],
+                         ["where is {s} headquartered", "{s} headquartered head office", "{s}"]),
+    "founded_year": ("company", "year", "founding year", "In what year was {s} founded?",
+                     ["{s} was founded in {o}.", "{s} opened its doors in {o}."],
+                     ["when was {s} founded", "{s} founded opened year", "{s}"]),
+    "signed_to": ("band", "company", "label", "Which label is {s} signed to?",
+                  ["{s} is signed to {o}.", "{s} records for the label {o}."],
+                  ["which label is {s} signed to", "{s} label signed records", "{s}"]),
+    "formed_in": ("band", "city", "home city", "In which city was {s} formed?",
+                  ["{s} was formed in {o}.", "{s} started out in {o}."],
+                  ["where was {s} formed", "{s} formed started", "{s}"]),
+    "located_in": ("city", "country", "country", "In which country is {s}?",
+                   ["{s} is a city in {o}.", "{s} lies in {o}."],
+                   ["which country is {s} in", "{s} city country lies", "{s}"]),
+}
+# Canonical sentence the teacher writes once it has a fact (from memory or from a result).
+FACT_SENTENCE = {r: v[4][0] for r, v in RELATIONS.items()}
+
+# Question types: relation chains, head type first. A chain [r1, r2, ...] asks r_last of (... r2 of (r1 of head)).
+CHAINS = {
+    "1hop": [["born_in"], ["birth_year"], ["employer"], ["founded_by"], ["headquartered_in"], ["founded_year"],
+             ["signed_to"], ["formed_in"], ["located_in"]],
+    "2hop": [["founded_by", "born_in"], ["founded_by", "birth_year"], ["headquartered_in", "located_in"],
+             ["born_in", "located_in"], ["employer", "founded_by"], ["employer", "headquartered_in"],
+             ["signed_to", "founded_by"], ["signed_to", "headquartered_in"], ["formed_in", "located_in"]],
+    "3hop": [["founded_by", "born_in", "located_in"], ["signed_to", "founded_by", "born_in"],
+             ["signed_to", "headquartered_in", "located_in"], ["signed_to", "founded_by", "birth_year"],
+             ["employer", "headquartered_in", "located_in"], ["employer", "founded_by", "born_in"]],
+    "4hop": [["signed_to", "founded_by", "born_in", "located_in"], ["employer", "founded_by", "born_in", "located_in"],
+             ["founded_by", "employer", "headquartered_in", "located_in"]],
+}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Questions and their plans: make_question writes the plan, the teacher follows it
+
+
+def noun_phrase(head, chain):
+    """'the founder of the label of The Morvans' for chain [signed_to, founded_by] (all but the last relation)."""
+    np = head
+    for r in chain:
+        np = f"the {RELATIONS[r][2]} of {np}"
+    return np
+
+
+def resolve(world, head, chain):
+    """Walk the chain; returns the list of (subject, relation, object) steps."""
+    steps, s = [], head
+    for r in chain:
+        o = world[s][r]
+        steps.append((s, r, o))
+        s = o
+    return steps
+
+
+def make_question(world, heads_of, qtype, pool, want_known, rng):
+    """One question dict (with the internal fields "plan" and "named") or None if this draw does not fit.
+    heads_of[(kind, pool)]: the entities a question of this pool may name."""
+    def heads(kind):
+        return heads_of[(kind, pool)]
+
+    if qtype in CHAINS:
+        chain = rng.choice(CHAINS[qtype])
+        head = rng.choice(heads(RELATIONS[chain[0]][0]))
+        steps = resolve(world, head, chain)
+        question = RELATIONS[chain[-1]][3].format(s=noun_phrase(head, chain[:-1]))
+        answers = [steps[-1][2]]
+        named = [head]
+        plan = {"kind": "chain", "steps": steps}
+    elif qtype == "comparison":
+        kind, rel, verb = rng.choice([("person", "birth_year", "was born"), ("company", "founded_year", "was founded")])
+        a, b = rng.sample(heads(kind), 2)
+        ya, yb = int(world[a][rel]), int(world[b][rel])
+        if ya == yb:
+            return None
+        question = f"{'Who' if kind == 'person' else 'Which'} {verb} first, {a} or {b}?"
+        answers = [a if ya < yb else b]
+        named = [a, b]
+        plan = {"kind": "comparison", "steps": [(a, rel, world[a][rel]), (b, rel, world[b][rel])], "verb": verb}
+    else:  # arithmetic: a person and a company (its founder or not) of the same pool
+        c = rng.choice(heads("company"))
+        p = world[c]["founded_by"] if rng.random() < 0.5 else rng.choice(heads("person"))
+        yp, yc = int(world[p]["birth_year"]), int(world[c]["founded_year"])
+        if yc <= yp or world[p]["pool"] != pool:
+            return None
+        question = f"How many years after {p} was born was {c} founded?"
+        answers = [str(yc - yp), f"{yc - yp} years"]
+        named = [p, c]
+        plan = {"kind": "arithmetic", "steps": [(p, "birth_year", str(yp)), (c, "founded_year", str(yc))]}
+    known = all(world[s]["pool"] == "known" for s, _, _ in plan["steps"])
+    if known != want_known:
+        return None
+    return {"question": question, "golden_answers": answers, "type": qtype, "hops": len(plan["steps"]),
+            "known": known, "plan": plan, "named": named}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The scripted teacher
+
+
+def fact_found(results, stating, subject, rel, topk):
+    """Does any of the top-k passages state this fact? (the teacher reads like a careful human: by passage meaning)"""
+    ids = set(stating[(subject, rel)])
+    return any(doc["id"] in ids for doc, _ in results[:topk])
+
+
+def solve(q, env, act=True, rng=None, world=None):
+    """Solve one question. Returns segments (response only), the answer, the tool calls and per-step info.
+
+    act=True: recall known facts, search the others (reformulating when a result lacks the fact), use the calculator.
+    act=False: never act; an unknown fact is guessed with a random entity of the right type (rng), i.e. chance.
+    env: see the module docstring; world overrides env["world"] (known pairs).
+    "gap" is the policy text up to the first unknown fact: where a CoT+A pair's prefix stops; "plan_text" the opening
+    plan line."""
+    world = world or env["world"]
+    args, stating = env["args"], env["stating"]
+    segments, text, calls, first_hits, gap = [], "", [], [], None
+    plan = q["plan"]
+
+    # The plan: the facts the question needs, in order, written before any of them. After each fact the model
+    # finds where it stands in this one line and reads the next step, or "." (answer now), instead of re-parsing the
+    # question: the tiny model otherwise ran on past a 1-hop answer into a 2-hop chain. Measured (60 dev questions,
+    # stage 2 from the base model, renamed copies, equal compute): EM 11.7% without the plan line, 30.0% with it.
+    nouns = [RELATIONS[rel][2] for _, rel, _ in plan["steps"]]
+    if plan["kind"] == "chain":
+        text = " Plan: " + ", then ".join(nouns) + "."
+    else:
+        (a, _, _), (b, _, _) = plan["steps"]
+        last = "compare" if plan["kind"] == "comparison" else "subtract"
+        text = f" Plan: {nouns[0]} of {a}, then {nouns[1]} of {b}, then {last}."
+    plan_text = text
+
+    def flush_policy():
+        nonlocal text
+        if text:
+            segments.append({"kind": "policy", "text": text})
+        text = ""
+
+    def get_fact(subject, rel):
+        nonlocal text, gap
+        text += f" I need the {RELATIONS[rel][2]} of {subject}."
+        truth = world[subject][rel]
+        if world[subject]["pool"] == "known":
+            text += " I know " + FACT_SENTENCE[rel].format(s=subject, o=truth)
+            return truth
+        if gap is None:
+            gap = text  # no action happened before the first unknown fact, so this is the whole prefix
+        if not act:
+            kind = RELATIONS[rel][1]
+            # a uniform guess of the right type (so accuracy is chance), from the subject's own pool or the known pool
+            # (so no test name leaks into a rejected continuation); pairs drop the lucky guesses
+            cands = ([str(y) for y in range(1900, 2040)] if kind == "year" else
+                     [n for n in env["by_type"][kind] if world[n]["pool"] in ("known", world[subject]["pool"])])
+            guess = rng.choice(cands)
+            text += " I think " + FACT_SENTENCE[rel].format(s=subject, o=guess)
+            return guess
+        for t, form in enumerate(RELATIONS[rel][5][:args.max_tries]):
+            query = form.format(s=subject)
+            if t > 0:
+                text += " The results do not say."
+            text += f" {action_open('search')} {query} {action_close('search')}"
+            flush_policy()
+            results = env["index"].search([query], k=args.topk)[0]
+            obs = env["search"]([query])[0]
+            calls.append({"tool": "search", "args": query, "observation": obs, "subject": subject})
+            segments.append({"kind": "obs", "text": format_observation("search", obs)})
+            found = fact_found(results, stating, subject, rel, args.topk)
+            if t == 0:
+                first_hits.append(found)
+            if found:
+                text += FACT_SENTENCE[rel].format(s=subject, o=truth)
+                return truth
+        text += " I could not find it."
+        return None
+
+    if plan["kind"] == "chain":
+        s = plan["steps"][0][0]
+        for _, rel, _ in plan["steps"]:
+            s = get_fact(s, rel)
+            if s is None:
+                break
+        answer = s
+    elif plan["kind"] == "comparison":
+        (a, rel, _), (b, _, _) = plan["steps"]
+        ya, yb = get_fact(a, rel), get_fact(b, rel)
+        if ya is None or yb is None:
+            answer = None
+        else:
+            answer = a if int(ya) < int(yb) else b
+            early, late = (ya, yb) if int(ya) < int(yb) else (yb, ya)
+            text += f" {early} is before {late}, so {answer} {plan['verb']} first."
+    else:  # arithmetic
+        (p, _, _), (c, _, _) = plan["steps"]
+        yp, yc = get_fact(p, "birth_year"), get_fact(c, "founded_year")
+        if yp is None or yc is None:
+            answer = None
+        elif act and not q["known"]:
+            expr = f"{yc} - {yp}"
+            text += f" I need {expr}. {action_open('calculator')} {expr} {action_close('calculator')}"
+            flush_policy()
+            obs = env["calc"]([expr])[0]
+            calls.append({"tool": "calculator", "args": expr, "observation": obs, "subject": None})
+            segments.append({"kind": "obs", "text": format_observation("calculator", obs)})
+            answer = obs.strip()
+            text += f"So the difference is {answer}."
+        else:  # from memory, the reasoning model does the subtraction itself
+            answer = str(int(yc) - int(yp))
+            text += f" {yc} - {yp} = {answer}."
+    answer = answer if answer is not None else "unknown"
+    text += f" {THINK_CLOSE}\nThe answer is \\boxed{{{answer}}}"
+    flush_policy()
+    # Glue: a policy segment right after an observation starts without the leading space (the obs ends in "\n").
+    for i in range(1, len(segments)):
+        if segments[i]["kind"] == "policy" and segments[i - 1]["kind"] == "obs":
+            segments[i]["text"] = segments[i]["text"].lstrip(" ")
+    return {"segments": segments, "answer": answer, "calls": calls, "first_hits": first_hits, "gap": gap,
+            "plan_text": plan_text}
+
+
+def run_all(splits, env):
+    """The teacher on every question (real tools), and the guessing teacher on the unknown ones (chance level).
+    Returns the runs by question id (the guess under "guess"), and summary.json's "teacher" and
+    "no_tool_accuracy_unknown_by_type" entries."""
+    stats = {s: Counter() for s in splits}
+    runs = {}
+    guess_rng, guess_by_type = random.Random(env["args"].seed + 1), defaultdict(list)
+    for split, qs in splits.items():
+        for q in qs:
+            r = solve(q, env)
+            runs[q["id"]] = r
+            st = stats[split]
+            st["n"] += 1
+            st["correct"] += r["answer"] in q["golden_answers"]
+            st["first_query"] += len(r["first_hits"])
+            st["first_hit"] += sum(r["first_hits"])
+            st["searches"] += sum(c["tool"] == "search" for c in r["calls"])
+            if not q["known"]:
+                g = solve(q, env, act=False, rng=guess_rng)
+                st["unknown"] += 1
+                st["guess_correct"] += g["answer"] in q["golden_answers"]
+                guess_by_type[q["type"]].append(g["answer"] in q["golden_answers"])
+                runs[q["id"]]["guess"] = g
+    accuracy = {s: {"accuracy": round(st["correct"] / st["n"], 4),
+                    "first_query_top3_hit": round(st["first_hit"] / max(1, st["first_query"]), 4),
+                    "searches_per_question": round(st["searches"] / st["n"], 3),
+                    "no_tool_accuracy_unknown": round(st["guess_correct"] / max(1, st["unknown"]), 4)}
+                for s, st in stats.items()}
+    # all splits; chance is 1/2 for comparisons and about 1/(entities of the answer's type in reach) otherwise
+    guess_accuracy = {t: round(sum(v) / len(v), 4) for t, v in sorted(guess_by_type.items())}
+    return runs, accuracy, guess_accuracy
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SFT data and tool calls from the runs
+
+
+def sft_data(train, runs, env):
+    """From the train questions the teacher got right: the CoT rows, the CoA rows, the CoT+A pairs, the mix and the
+    mix with renamed copies (the rows of sft_cot/coa/pairs/mix/mix_renamed.jsonl)."""
+    args, world = env["args"], env["world"]
+    cot, coa, pairs = [], [], []
+    for q in train:
+        r = runs[q["id"]]
+        if r["answer"] not in q["golden_answers"]:
+            continue
+        row = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "type": q["type"],
+               "segments": r["segments"]}
+        (cot if q["known"] else coa).append(row)
+        if q["known"]:
+            # chosen = answer from memory; rejected = the same chain, but searching the first fact needlessly
+            subject, rel, _ = q["plan"]["steps"][0]
+            need = r["plan_text"] + f" I need the {RELATIONS[rel][2]} of {subject}."
+            searcher = dict(world[subject], pool="train")  # pretend the subject is unknown, only to script the search
+            alt = solve(q, env, world=dict(world, **{subject: searcher}))
+            if alt["answer"] not in q["golden_answers"]:
+                continue
+            prefix = [{"kind": "policy", "text": need}]
+            chosen = [dict(r["segments"][0], text=r["segments"][0]["text"][len(need):])] + r["segments"][1:]
+            rejected = [dict(alt["segments"][0], text=alt["segments"][0]["text"][len(need):])] + alt["segments"][1:]
+        else:
+            g = r["guess"]
+            if g["answer"] in q["golden_answers"]:
+                continue  # a lucky guess is not a "guess and end wrong" example
+            gap = r["gap"]
+            assert r["segments"][0]["text"].startswith(gap) and g["segments"][0]["text"].startswith(gap)
+            prefix = [{"kind": "policy", "text": gap}]
+            chosen = [dict(r["segments"][0], text=r["segments"][0]["text"][len(gap):])] + r["segments"][1:]
+            rejected = [dict(g["segments"][0], text=g["segments"][0]["text"][len(gap):])] + g["segments"][1:]
+        pairs.append({"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
+                      "type": q["type"], "known": q["known"], "prefix": prefix, "chosen": chosen, "rejected": rejected})
+    n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))
+    mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
+    random.Random(args.seed + 3).shuffle(mix)
+    mix_renamed = renamed_mix(mix, world, args.renamed_copies, args.seed + 5)
+    return cot, coa, pairs, mix, mix_renamed
+
+
+def tool_calls(splits, runs):
+    """The teacher's real calls on train and dev questions (test calls would leak test facts into the world model);
+    "entity_seen": the call's subject is named by a train question."""
+    train_named = {n for q in splits["train"] for n in q["named"]}
+    return [{"tool": c["tool"], "args": c["args"], "observation": c["observation"],
+             "entity_seen": c["subject"] in train_named, "split": split}
+            for split in ("train", "dev") for q in splits[split] for c in runs[q["id"]]["calls"]]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Renamed copies: the tiny model's stand-in for a pretrained model's skill of copying unseen names
+#
+# A pretrained LLM already copies a name it has never seen from the question into its query and reads a fact about it
+# out of a passage. A 3.5M-parameter model trained from scratch on ~700 train entities does not: it memorises them,
+# and on a test question writes a TRAIN name into its query (measured on the unknown dev questions after stage 2 at
+# equal compute: the first query named the question's entity for 1 of 38 without renamed copies, 34 of 38 with).
+# So sft_mix_renamed.jsonl adds, per CoA trajectory, copies in which every unknown-pool name word is replaced by a
+# fresh word (consistently within the copy; never a word of any pool, so no dev/test name appears) and every year
+# read from an observation is shifted by one random offset (so differences, orders and calculator results stay true).
+# Names and years of known-pool entities stay: they are the base model's knowledge. CoT rows are repeated unchanged,
+# keeping the 1 CoT : 5 CoA ratio.
+# A renamed copy is the same trajectory in a consistently renamed world (names map one to one, so BM25 ranks the
+# renamed passages as it ranked the originals).
+
+NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
+YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")  # world years are 1900-2039; a copy shifts them by at most 30
+
+
+class Renamer:
+    def __init__(self, world, rng):
+        fixed = {"The", *COMPANY_SUFFIXES}
+        words = defaultdict(set)
+        for name, e in world.items():
+            words[e["pool"]].update(w for w in name.split() if w not in fixed)
+        self.taken = set().union(*words.values())
+        # every unknown name word: train ones, and the rare other-pool word a reformulated query surfaced (counted in
+        # summary.json) is gone from the copies too (pools have their own name parts; see data.make_world)
+        self.renamed = self.taken - words["known"]
+        self.band_words = {name.split()[1] for name, e in world.items() if e["type"] == "band"}
+        self.rng = rng
+
+    def __call__(self, row):
+        """A renamed copy of a CoA row ({"question","golden_answers","segments",...}); other fields are kept."""
+        rng, fresh = self.rng, {}
+
+        def word(m):
+            w = m.group(0)
+            if w not in self.renamed:
+                return w
+            while w not in fresh:
+                new = make_word(rng, rng.choice([2, 3]))
+                if new not in self.taken and new + "s" not in self.taken and len(new) <= 9 \
+                        and new not in fresh.values():
+                    fresh[w] = new + ("s" if w in self.band_words else "")
+            return fresh[w]
+
+        # shift only years seen in observations and never recalled ("I know X was born in 1931."): known facts stay
+        segs = row["segments"]
+        recalled = {y for s in segs if s["kind"] == "policy" for sent in re.findall(r"I know [^.]*\.", s["text"])
+                    for y in YEAR.findall(sent)}
+        shifted = {y for s in segs if s["kind"] == "obs" for y in YEAR.findall(s["text"])} - recalled
+        offset = rng.randint(-30, 30)
+
+        def text(t):
+            t = NAME_WORD.sub(word, t)
+            return YEAR.sub(lambda m: str(int(m.group(0)) + offset) if m.group(0) in shifted else m.group(0), t)
+
+        return dict(row, question=text(row["question"]),
+                    golden_answers=[text(a) for a in row["golden_answers"]],
+                    segments=[dict(s, text=text(s["text"])) for s in segs])
+
+
+def renamed_mix(mix, world, copies, seed):
+    """mix + `copies` renamed copies of each CoA row (CoT rows: exact repeats), shuffled."""
+    renamer, out = Renamer(world, random.Random(seed)), []
+    for row in mix:
+        acts = any(s["kind"] == "obs" for s in row["segments"])
+        out += [row] + [dict(renamer(row), id=f"{row['id']}_renamed{i}") if acts else row for i in range(copies)]
+    random.Random(seed + 1).shuffle(out)
+    return out
