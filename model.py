@@ -140,19 +140,22 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     return model.to(device), tok
 
 
-def save(model, tokenizer, out_dir, args):
+def save(model, tokenizer, out_dir, args, state_dict=None):
     """Write a save_pretrained dir (+ value_head.pt, run_args.json) atomically: build OUT.tmp-XXXX, then rename it over
-    OUT, so a crash never leaves a half-written checkpoint under OUT. Pass the unwrapped model (not DDP)."""
+    OUT, so a crash never leaves a half-written checkpoint under OUT. Pass the unwrapped model (not DDP).
+    state_dict: the weights to write instead of model.state_dict() (FSDP: common.full_state_dict, gathered)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=os.path.dirname(out_dir))
     try:
         head = getattr(model, "value_head", None)
-        weights = {k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
+        state = model.state_dict() if state_dict is None else state_dict
+        weights = {k: v for k, v in state.items() if not k.startswith("value_head.")}
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         if head is not None:
-            torch.save(head.state_dict(), os.path.join(tmp, "value_head.pt"))
+            torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
+                       os.path.join(tmp, "value_head.pt"))
         with open(os.path.join(tmp, "run_args.json"), "w") as f:
             json.dump(args, f, indent=2, default=str)
         if os.path.exists(out_dir):  # move the old one aside first: rename cannot replace a non-empty dir

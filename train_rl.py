@@ -37,7 +37,7 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
   python train_rl.py --init out/sft123 --data out/world --out out/rl_ppo --algo ppo --sim-steps 0 --real-steps 96
   python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
-      --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7
+      --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (common.shard)
 Defaults are the paper's (48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the tiny CPU model needs a
 larger --lr and fewer, shorter rollouts (run.sh). After a kill at any point: the same command plus --resume.
 Outputs (common.py's checkpoint format): OUT/ final checkpoint, OUT/metrics.jsonl (a row per step), OUT/resume/,
@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from common import (all_sum, all_sum_dict, clear_resume, default_device, find_resume, load_resume_state, open_step_log, save_final,
+from common import (all_sum, all_sum_dict, default_device, load_resume_state, open_step_log, resume_point, save_final,
                     save_resume, setup_distributed, teardown_distributed, token_logprobs)
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from engine import rollout
@@ -257,7 +257,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
     seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
     before = tool_usage(real_tools)
-    with torch.no_grad(), amp():
+    with torch.no_grad(), amp(), common.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
@@ -337,7 +337,7 @@ def update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
                 micro["loss"] = loss.item()
                 for k, v in micro.items():
                     stats[k] += v / (args.ppo_epochs * args.minibatches)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+            grad_norm = common.clip_grad_norm(params, args.grad_clip)  # the global norm, of FSDP shards too
             if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
                 return all_sum_dict(stats), f"gradient is not finite (grad norm {grad_norm.item()})"
             optimizer.step()
@@ -368,6 +368,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     g.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
+    g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2 per "
+                   "decoder layer, torchrun; common.shard); rollouts gather the whole policy (common.whole_model)")
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
@@ -446,7 +448,10 @@ def build_models(args, start, device, ddp):
         reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
         reference.eval().requires_grad_(False)
     model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
-    if ddp:
+    if args.fsdp:  # FSDP2 shards in place: policy and model are the same sharded module
+        model = policy = common.shard(policy, device, args.bf16)
+        reference = common.shard(reference, device, args.bf16) if reference is not None else None
+    elif ddp:
         model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     return policy, reference, model, tokenizer
 
@@ -465,21 +470,14 @@ def main(argv=None):
         print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples = "
               f"{args.prompts_per_step * args.group_size} trajectories/step; {args.ppo_epochs} epochs x "
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
-    os.makedirs(args.out, exist_ok=True)
-    resume_dir = os.path.join(args.out, "resume")
-    if master and args.resume:
-        find_resume(args.out)  # also finishes a swap a kill interrupted
-    elif master:  # a run that starts over drops an earlier run's state
-        clear_resume(args.out)
-    if ddp:
-        dist.barrier()
-    if args.resume:
-        if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
-            raise SystemExit(f"--resume: no {resume_dir}/trainer_state.pt (nothing saved yet, or a different --out)")
+    resume_dir = resume_point(args.out, args.resume, master, ddp)
 
     # --- models, tools, data
     amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-    policy, reference, model, tokenizer = build_models(args, resume_dir if args.resume else args.init, device, ddp)
+    policy, reference, model, tokenizer = build_models(args, resume_dir or args.init, device, ddp)
+    common.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
+                        bf16=args.bf16, reference=reference is not None,
+                        rollout_batch=prompts_per_rank * args.group_size)  # None: no --grad-checkpointing here
     value_head = policy.value_head
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -496,9 +494,9 @@ def main(argv=None):
         world_model_tools = common.load_world_model_tools(args.world_model, device=device)
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
-    if args.resume:
+    if resume_dir:
         state = load_resume_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer_state(policy, optimizer, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_step, totals, collapse_streak = state["step"], state["totals"], state["collapse_streak"]
         # the tool cache decides which calls reach the tool: without it a resumed run's counts and call log differ
@@ -506,10 +504,10 @@ def main(argv=None):
         if master:
             print(f"resumed from {resume_dir} at step {start_step} ({totals['real_calls']} real tool calls so far)")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    metrics_file = open_step_log(metrics_path, args.resume, start_step) if master else None
+    metrics_file = open_step_log(metrics_path, resume_dir is not None, start_step) if master else None
     # every real call (tool, args, observation) of this rank's rollouts: world_model.py collect --rollout-logs reads it
     calls_file = open_step_log(os.path.join(args.out, "real_calls.jsonl" if rank == 0 else
-                                            f"real_calls.rank{rank}.jsonl"), args.resume, start_step)
+                                            f"real_calls.rank{rank}.jsonl"), resume_dir is not None, start_step)
     real_tools.log = []
 
     def save_state(done_steps):
@@ -518,10 +516,11 @@ def main(argv=None):
         if ddp:
             caches = [None] * world
             dist.all_gather_object(caches, [[t, a, o] for (t, a), o in real_tools.cache.items()])
+        weights, optimizer_state = common.full_state_dict(policy), common.optimizer_state(policy, optimizer)
         if master:
             save_resume(policy, tokenizer, args.out, vars(args), {
-                "step": done_steps, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "totals": totals, "collapse_streak": collapse_streak, "tool_cache": caches})
+                "step": done_steps, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
+                "totals": totals, "collapse_streak": collapse_streak, "tool_cache": caches}, weights)
 
     stop = None
     for step in range(start_step, total_steps):
@@ -542,7 +541,7 @@ def main(argv=None):
         t0 = time.time()
         batches, log["logp_gap"] = score(policy, reference, value_head, seqs, pad_id, device, amp, args)
         log.update(ADVANTAGES[args.algo](batches, args))
-        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
+        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, ddp and not args.fsdp, world)
         log.update(stats, rollout_s=rollout_s, update_s=time.time() - t0)
 
         # --- stopping rules, evaluation, logging, checkpoints
@@ -556,15 +555,16 @@ def main(argv=None):
                     f"{1 - log['format_violation']:.2f} < {args.collapse_format} for {collapse_streak} steps "
                     f"(lower --lr, raise --entropy-coef or --kl-coef; --collapse-patience 0 disables this stop)")
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            if master:
-                from evaluate import evaluate  # lazy: evaluation is optional
-                dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
-                eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-                summary = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template, progress=False,
-                                   max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
-                                   max_context=args.max_context)[0]  # greedy, real tools
-                log.update(dev_em=summary["overall"]["em"], dev_f1=summary["overall"]["f1"],
-                           dev_actions=summary["overall"].get("num_actions"))
+            with common.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates
+                if master:
+                    from evaluate import evaluate  # lazy: evaluation is optional
+                    dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
+                    eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
+                    summary = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template,
+                                       progress=False, max_new_tokens=args.max_new_tokens,
+                                       max_actions=args.max_actions, max_context=args.max_context)[0]  # greedy, real
+                    log.update(dev_em=summary["overall"]["em"], dev_f1=summary["overall"]["f1"],
+                               dev_actions=summary["overall"].get("num_actions"))
             if ddp:
                 dist.barrier()
         if master:
@@ -573,13 +573,15 @@ def main(argv=None):
             metrics_file.flush()
         if stop:
             if master:
-                last = f"the last good checkpoint is {resume_dir}" if os.path.exists(resume_dir) else "nothing saved"
+                saved = os.path.join(args.out, "resume")
+                last = f"the last good checkpoint is {saved}" if os.path.exists(saved) else "nothing saved"
                 print(f"stopping: {stop}; {last}", flush=True)
             break
-        if master and step + 1 == args.sim_steps and args.real_steps > 0:
-            # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row, from the same run
-            save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args))
-            shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
+        if step + 1 == args.sim_steps and args.real_steps > 0:
+            weights = common.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
+            if master:  # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row
+                save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args), weights)
+                shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
         if args.save_every and (step + 1) % args.save_every == 0:
             save_state(step + 1)
 
@@ -588,9 +590,10 @@ def main(argv=None):
     if not stop:
         if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
             save_state(total_steps)
+        weights = common.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
         if master:
             metrics_file.close()
-            save_final(policy, tokenizer, args.out, vars(args))
+            save_final(policy, tokenizer, args.out, vars(args), weights)
             print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
     teardown_distributed()
     if stop:

@@ -36,6 +36,8 @@ Commands (DIR from `python data.py --out DIR`):
   python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
+  torchrun --standalone --nproc_per_node=8 train_sft.py ... --init QWEN_7B_DIR --bf16 --fsdp --grad-checkpointing
+      (the paper's 7B: FSDP2 shards weights, gradients and AdamW state; `python common.py plan` shows the memory)
 Outputs and interrupted runs (common.py's one checkpoint format, as train_rl.py): OUT/ the final checkpoint,
 OUT/metrics.jsonl, OUT/resume/ (weights + trainer_state.pt: every --save-every steps and at the end). After a kill at
 any point, the final save included, rerun the same command with --resume: it continues from OUT/resume/ (a finished
@@ -56,9 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (clear_resume, collate, default_device, epoch_batches, find_resume, load_resume_state,  # noqa: F401
-                    lr_factor, open_step_log, save_final, save_resume, setup_distributed, teardown_distributed,
-                    token_logprobs)
+from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
+                    resume_point, save_final, save_resume, setup_distributed, teardown_distributed, token_logprobs)
+import common
 from model import build_prompt, checkpoint_template, encode_segments, load
 from tools import read_jsonl
 
@@ -104,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.2, help="stage 1: weight of the auxiliary loss -P(chosen|c)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
+                   "(FSDP2 per decoder layer, torchrun; common.shard): a 7B on 8 x 80 GB")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     # Checkpointing
@@ -204,19 +208,7 @@ def main(args):
     rank, world_size, device, ddp = setup_distributed(args.device)
     cuda, master = device.startswith("cuda"), rank == 0
     log = print if master else (lambda *a, **k: None)
-    os.makedirs(args.out, exist_ok=True)
-    resume_dir = None
-    if master and args.resume:
-        find_resume(args.out)  # also finishes a swap a kill interrupted
-    elif master:  # a run that starts over drops an earlier run's state
-        clear_resume(args.out)
-    if ddp:
-        dist.barrier()
-    if args.resume:
-        resume_dir = os.path.join(args.out, "resume")
-        if not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
-            log(f"--resume: no {resume_dir}/trainer_state.pt, starting from scratch")
-            resume_dir = None
+    resume_dir = resume_point(args.out, args.resume, master, ddp)
 
     torch.manual_seed(args.seed)
     if resume_dir:
@@ -232,7 +224,9 @@ def main(args):
         model.config.use_cache = False
     model.train()
     raw_model = model
-    if ddp:
+    if args.fsdp:  # FSDP2 shards in place: the training module is the model itself
+        model = raw_model = common.shard(model, device, args.bf16)
+    elif ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
@@ -255,6 +249,8 @@ def main(args):
     log(f"stage {args.stage} | {path}: {len(examples)} {unit}, {dropped} dropped as longer than --max-len "
         f"{args.max_len} | world {world_size} x micro {m} x accum {accum_steps} = batch {B} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps} | lr {args.lr:g}")
+    common.check_memory(raw_model.config, device, master, world_size, m, args.max_len, args.fsdp,
+                        args.grad_checkpointing, bf16=args.bf16, rows_per_item=2 if args.stage == "1" else 1)
 
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -268,7 +264,7 @@ def main(args):
             assert state["args"][key] == getattr(args, key), \
                 f"--resume: {key} was {state['args'][key]!r} in {resume_dir}, now {getattr(args, key)!r}; the data " \
                 "order would differ from the interrupted run's"
-        optimizer.load_state_dict(state["optimizer"])
+        common.load_optimizer_state(raw_model, optimizer, state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
@@ -278,11 +274,15 @@ def main(args):
         log(f"resumed from {resume_dir} at step {step}")
 
     def save_state():
-        # rank 0's RNG only: ranks differ only if the model uses dropout (the presets do not)
+        # every rank calls it (under FSDP gathering the weights and the optimizer state is a collective); rank 0
+        # writes, with its own RNG only: ranks differ only if the model uses dropout (the presets do not)
+        weights, optimizer_state = common.full_state_dict(raw_model), common.optimizer_state(raw_model, optimizer)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state() if cuda else None}
-        save_resume(raw_model, tok, args.out, vars(args), {"optimizer": optimizer.state_dict(), "step": step,
-                                                           "rng": rng, "args": vars(args)})
+        if master:
+            state = {"optimizer": optimizer_state, "step": step, "rng": rng, "args": vars(args)}
+            gathered = {"state_dict": weights} if weights is not None else {}  # FSDP only: the weights gathered above
+            save_resume(raw_model, tok, args.out, vars(args), state, **gathered)
 
     # -------------------------------------------------------------------------
     # training loop
@@ -312,7 +312,7 @@ def main(args):
         obs_count = float(sum(sum(row[2][shift]) for ex in batch for row in ex))
         sums = torch.zeros(7, device=device)  # loss, obs nll, P_chosen, P_rejected, correct, pad tokens, all tokens
         for k, examples_k in enumerate(micro_batches):
-            sync = nullcontext() if (not ddp or k == len(micro_batches) - 1) else model.no_sync()
+            sync = nullcontext() if (not isinstance(model, DDP) or k == len(micro_batches) - 1) else model.no_sync()
             with sync:
                 # One padded tensor per row kind: stage 1 forwards its chosen rows, then its rejected rows (their
                 # lengths differ a lot, one tensor for both would be a third padding); one backward for both.
@@ -336,8 +336,7 @@ def main(args):
                 # DDP averages gradients over ranks; our loss is already a share of the global sum, so undo the mean
                 (loss * world_size).backward()
             sums[0] += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip if args.grad_clip > 0
-                                                   else float("inf"))
+        grad_norm = common.clip_grad_norm(raw_model.parameters(), args.grad_clip)  # global norm, FSDP shards too
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ddp:
@@ -365,7 +364,7 @@ def main(args):
             metrics_file.write(json.dumps(metrics) + "\n")
             metrics_file.flush()
         stop_early = args.max_steps_this_run and steps_this_run >= args.max_steps_this_run and step < total_steps
-        if master and ((args.save_every and step % args.save_every == 0) or stop_early):
+        if (args.save_every and step % args.save_every == 0) or stop_early:
             save_state()
         if stop_early:
             log(f"stopping after {steps_this_run} steps this run (--max-steps-this-run); continue with --resume")
@@ -374,11 +373,13 @@ def main(args):
     log(f"{steps_this_run} steps this run | pad {run_pad / max(run_tokens, 1):.1%} of {run_tokens:.0f} tokens")
     if master:
         metrics_file.close()
-    if master and step >= total_steps:
+    if step >= total_steps:
         if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
             save_state()
-        save_final(raw_model, tok, args.out, vars(args))  # into OUT, file by file: the logs and resume/ stay
-        log(f"saved {args.out}")
+        weights = common.full_state_dict(raw_model)  # every rank (FSDP: a collective), rank 0 writes
+        if master:
+            save_final(raw_model, tok, args.out, vars(args), weights)  # into OUT, file by file: logs, resume/ stay
+            log(f"saved {args.out}")
     # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage collector
     # after destroy_process_group, gloo sometimes hung in its destructor once the other rank had exited.
     del model

@@ -49,8 +49,9 @@ Commands:
   python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
   python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
   python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
-A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. Training is small and single-process: there is no
-torchrun form (for a large world model, train it with train_sft.py's DDP loop on rows built by wm_example).
+A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. Training is small and single-process; a model
+too big for one GPU: torchrun --nproc_per_node=N world_model.py train ... --fsdp (sharded, the same batches on every
+rank; for data parallelism use train_sft.py's loop on rows built by wm_example).
 In-process (train_rl.py's "world-model" environment):  tools = load_world_model_tools("runs/wm", max_obs_tokens=192)
 """
 import argparse
@@ -59,6 +60,7 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -296,7 +298,7 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
         loss = -(logp * mask).sum() / mask.sum()  # mean NLL of the observation tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        common.clip_grad_norm(model.parameters(), 1.0)  # the global norm, of FSDP shards too
         optimizer.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == total:
@@ -419,6 +421,8 @@ def parse_args(argv=None):
                          help="longest call + observation in tokens (longer: dropped)")
     p_train.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     p_train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p_train.add_argument("--fsdp", action="store_true", help="shard the model over torchrun's ranks (FSDP2; "
+                         "common.shard): for memory only, every rank trains on the same batches")
     # Generation
     for p in (p_serve, p_eval):
         p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
@@ -474,12 +478,22 @@ def main(args):
         torch.manual_seed(args.seed)
         if args.init == "tiny":
             assert args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
-        model, tokenizer = M.load(args.init, tokenizer=args.tokenizer, device=args.device, add_action_tokens=True,
+        # --fsdp (torchrun): the model sharded for memory only; every rank trains on the same batches, rank 0 logs
+        rank, world, device, _ = common.setup_distributed(args.device) if args.fsdp else (0, 1, args.device, False)
+        if rank:
+            sys.stdout = open(os.devnull, "w")
+        model, tokenizer = M.load(args.init, tokenizer=args.tokenizer, device=device, add_action_tokens=True,
                                   seed=args.seed)
+        common.check_memory(model.config, device, rank == 0, world, args.batch_size, args.max_len, args.fsdp, None)
+        if args.fsdp:
+            model = common.shard(model, device)
         train_world_model(model, tokenizer, calls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_len=args.max_len, seed=args.seed, log_every=args.log_every)
-        M.save(model, tokenizer, args.out, {**vars(args), "calls": os.path.abspath(args.calls)})
-        print(f"saved {args.out}")
+        weights = common.full_state_dict(model)  # FSDP: gathered to rank 0 (every rank calls it), else None
+        if rank == 0:
+            M.save(model, tokenizer, args.out, {**vars(args), "calls": os.path.abspath(args.calls)}, weights)
+            print(f"saved {args.out}")
+        common.teardown_distributed()
 
     elif args.command == "serve":
         registry = load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size)
