@@ -277,12 +277,3 @@ def encode_segments(tokenizer, segments, train_obs=False, add_eos=False):
     if add_eos:
         ids, loss_mask, obs_mask = ids + [tokenizer.eos_token_id], loss_mask + [1], obs_mask + [0]
     return ids, loss_mask, obs_mask
-
-
-# TEMPORARY: removed once train_rl/train_sft/synthesize/bench import engine. The engine's names, looked up in engine.py
-# on first use (a module __getattr__, PEP 562, so model.py never imports engine.py at import time).
-def __getattr__(name):
-    if name in ("rollout", "naive_rollout", "policy_text", "Rollout", "_sample", "_action_argument"):
-        import engine
-        return getattr(engine, name)
-    raise AttributeError(f"module 'model' has no attribute {name!r}")

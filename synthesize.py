@@ -7,7 +7,7 @@ SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any 
 Segments [{"kind": "policy"|"obs", "text"}] are the RESPONSE after the prompt's "<think>". CoT: the teacher reasons
 under a prompt that forbids tools; CoA: under the authors' instruction, real tools answer (--cot/--coa-prompt-file).
 
-Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine model.rollout (batched,
+Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine engine.rollout (batched,
 stops at the action's close tag, calls the tool, prefills the observation). Segments are the runs of the engine's
 obs_mask over its token ids (obs = observation tokens, policy = the rest), each run decoded once: no span is found by
 re-tokenising; summary.json reports the share of segment texts that re-encode to exactly the teacher's ids (what

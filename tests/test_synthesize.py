@@ -198,7 +198,7 @@ def test_resume_skips_done_ids_and_gives_the_same_files(tmp_path, scripted_setup
 
 
 def test_hf_teacher_end_to_end_on_the_embedded_world_and_resume(world, tmp_path):
-    """The tiny random teacher through model.rollout, sampled with per-row seeds: an interrupted + resumed run writes
+    """The tiny random teacher through engine.rollout, sampled with per-row seeds: an interrupted + resumed run writes
     the same files as an uninterrupted one although its batches differ; train_sft stage 2 trains on sft_mix."""
     args = ["--questions", world["train"], "--limit", "4", "--teacher", world["teacher"], "--corpus", world["corpus"],
             "--samples", "2", "--max-new-tokens", "24", "--answer-tokens", "8", "--temperature", "1.0", "--keep-all", "--device", "cpu"]
