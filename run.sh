@@ -40,7 +40,7 @@ case "$PRESET" in
     INIT=tiny
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16"
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8"
-    # stages 2 and 3 read the world's renamed copies (4 per CoA trajectory, data.py "Renamed copies"): one pass
+    # stages 2 and 3 read the world's renamed copies (4 per CoA trajectory, teacher.py "Renamed copies"): one pass
     # costs what 5 epochs of sft_mix did, and the tiny model learns to copy names instead of memorising them. Stage 3
     # on them (0.4 of a pass, the compute of 2 epochs of sft_mix) also teaches it to copy years out of results
     # (measured on 60 dev questions from SFT-1&2: 16.7% EM -> 40.0%; stage 3 on sft_mix: 21.7%)
