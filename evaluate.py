@@ -49,6 +49,7 @@ import os
 import re
 import string
 import sys
+import time
 import unicodedata
 from collections import Counter, defaultdict
 
@@ -388,6 +389,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
     jobs = [(qi, si) for qi in range(len(questions)) for si in range(n_samples)]
     outs = {}
     batches = range(0, len(jobs), batch_size)
+    t0 = time.time()
     for start in tqdm(batches, desc=f"eval {mode}", unit="batch", disable=not progress):
         chunk = jobs[start:start + batch_size]
         rolls = rollout(model, tokenizer, [prompt_ids[qi] for qi, _ in chunk], tools if env == "real" else None,
@@ -441,7 +443,8 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
     summary["tool_calls"] = {**calls, "real_calls_per_question": calls["real_calls"] / len(questions),
                              "engine_real_calls": sum(s["real_calls"] for _, ss in predictions for s in ss),
                              "simulated_observations": sum(s["sim_obs"] for _, ss in predictions for s in ss)}
-    summary.update(mode=mode, n_questions=len(questions), n_samples=n_samples)
+    summary.update(mode=mode, n_questions=len(questions), n_samples=n_samples,
+                   questions_per_minute=60 * len(questions) / max(time.time() - t0, 1e-9))  # generation + tools + judge
     return summary, records
 
 
@@ -681,6 +684,7 @@ def main(argv=None):
     summary["args"] = vars(args)
     write_outputs(args.out, summary, predictions, label=args.label or args.model)
     print(format_results_md(summary, args.label or args.model))
+    print(f"{summary['questions_per_minute']:.1f} questions per minute ({args.mode}, batch {args.batch_size})")
     print(f"wrote {args.out}/results.json, results.md, predictions.jsonl")
     return summary
 
