@@ -53,6 +53,8 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from tools import THINK_CLOSE, THINK_OPEN, read_jsonl, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -536,22 +538,94 @@ def write_outputs(out_dir, summary, predictions, label="run"):
 # Table 1 on the embedded world: one row per evaluated checkpoint (run.sh's last step)
 
 WORLD_COLUMNS = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
+AVG_OF = WORLD_COLUMNS + ["known"]  # avg = mean of these cells (macro, like the paper's Avg over datasets)
+# Each RL row of run.sh and the row of the checkpoint its RL started from (run_args.json "init" of the RL checkpoint)
+RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-sim": "sft-123", "sft-123+rl-sim-real": "sft-123"}
+FIG3_BUCKETS = ("0", "1", "2", "3", "4+")  # paper Figure 3: success rate by number of actions
+
+
+def world_cells(predictions):
+    """The per-question scores behind each Table 1 cell: cell -> {(dataset, id): score}. Type columns hold
+    UNKNOWN-entity questions (the model must act); unknown_multihop the 2- to 4-hop ones; known_no_action scores a
+    known-fact question 1 when it was answered without acting."""
+    def scores(rows, key="em"):
+        return {(r.get("dataset"), r["id"]): float(r[key]) for r in rows}
+    unknown = [r for r in predictions if not r.get("known")]
+    known = [r for r in predictions if r.get("known")]
+    cells = {t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
+    cells["known"] = scores(known)
+    cells["unknown_multihop"] = scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
+    cells["known_no_action"] = {(r.get("dataset"), r["id"]): float(r["num_actions"] == 0) for r in known}
+    return cells
+
+
+def cell_groups(cells, cell):
+    """The question groups a cell averages over: avg is the mean of its columns' means, any other cell one group."""
+    return [cells[c] for c in (AVG_OF if cell == "avg" else [cell]) if cells[c]]
+
+
+def bootstrap_ci(groups, n_boot=1000, seed=0):
+    """95% percentile bootstrap of mean-over-groups(mean of group): questions resampled with replacement within each
+    group (one group = one cell; AVG_OF = the avg cell; per-question differences = a paired difference of means)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return None, None
+    stats = np.mean([g[rng.integers(0, len(g), (n_boot, len(g)))].mean(1) for g in groups], axis=0)  # (n_boot,)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_diff(cells, base_cells, cell):
+    """cell of one row minus the same cell of another, on the questions both answered (matched by dataset and id)."""
+    diffs = [[g[k] - b[k] for k in sorted(g.keys() & b.keys())]
+             for g, b in zip(cell_groups(cells, cell), cell_groups(base_cells, cell))]
+    diffs = [d for d in diffs if d]
+    lo, hi = bootstrap_ci(diffs)
+    return {"diff": float(np.mean([np.mean(d) for d in diffs])) if diffs else None, "lo": lo, "hi": hi,
+            "n": sum(map(len, diffs))}
+
+
+def success_by_actions(predictions):
+    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, 2, 3, 4+ actions."""
+    b = {k: {"n": 0, "correct": 0.0} for k in FIG3_BUCKETS}
+    for r in predictions:
+        for s in r.get("samples", [r]):
+            b[FIG3_BUCKETS[min(s["num_actions"], 4)]]["n"] += 1
+            b[FIG3_BUCKETS[min(s["num_actions"], 4)]]["correct"] += s["em"]
+    return {k: {**v, "success_rate": v["correct"] / v["n"] if v["n"] else None} for k, v in b.items()}
+
+
+def plot_fig3(fig3, path):
+    """Figure 3 of the run, one line per agent row, as a PNG when matplotlib is installed; returns whether written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, b in fig3.items():
+        ax.plot(FIG3_BUCKETS, [100 * b[k]["success_rate"] if b[k]["n"] else float("nan") for k in FIG3_BUCKETS],
+                marker="o", label=label)
+    ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
 
 
 def world_row(predictions, model_dir):
     """EM per question type on UNKNOWN-entity questions (the model must act), EM on known-fact questions, their mean,
     EM on unknown multi-hop (2- to 4-hop), the share of known questions answered without acting, and the real tool
     calls RL spent to make this checkpoint (read from the metrics.jsonl train_rl.py leaves in it; 0 without RL)."""
-    def em(rows):
-        return sum(r["em"] for r in rows) / len(rows) if rows else None
-    unknown = [r for r in predictions if not r.get("known")]
-    known = [r for r in predictions if r.get("known")]
-    row = {t: em([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
-    row["known"] = em(known)
-    present = [v for v in row.values() if v is not None]
-    row["avg"] = sum(present) / len(present) if present else None
-    row["unknown_multihop"] = em([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
-    row["known_no_action"] = sum(r["num_actions"] == 0 for r in known) / len(known) if known else None
+    cells = world_cells(predictions)
+    row = {c: sum(v.values()) / len(v) if v else None for c, v in cells.items()}
+    present = [row[c] for c in AVG_OF if row[c] is not None]
+    row = {**{c: row[c] for c in AVG_OF}, "avg": sum(present) / len(present) if present else None,
+           "unknown_multihop": row["unknown_multihop"], "known_no_action": row["known_no_action"]}
     metrics = os.path.join(model_dir, "metrics.jsonl")
     calls = 0
     if os.path.exists(metrics):
@@ -563,15 +637,18 @@ def world_row(predictions, model_dir):
 
 
 def world_table(run_dir, labels, wall_seconds=None):
-    """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict)."""
-    rows = {}
+    """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict, extras dict):
+    Table 1, then its 95% bootstrap intervals, each RL row minus its starting row (RL_START), and Figure 3."""
+    rows, cells, fig3 = {}, {}, {}
     for label in labels:
         d = os.path.join(run_dir, "eval", label)
         with open(os.path.join(d, "results.json")) as f:
-            model_dir = json.load(f)["args"]["model"]
+            args = json.load(f)["args"]
         with open(os.path.join(d, "predictions.jsonl")) as f:
             predictions = [json.loads(line) for line in f if line.strip()]
-        rows[label] = world_row(predictions, model_dir)
+        rows[label], cells[label] = world_row(predictions, args["model"]), world_cells(predictions)
+        if ENV_OF_MODE.get(args.get("mode")) != "none":  # agent rows only: model-only and workflow never act
+            fig3[label] = success_by_actions(predictions)
     cols = WORLD_COLUMNS + ["known", "avg", "unknown_multihop", "known_no_action"]
     head = ["row"] + cols + ["RL real calls"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -583,7 +660,29 @@ def world_table(run_dir, labels, wall_seconds=None):
             "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
     if wall_seconds is not None:
         note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
-    return "\n".join(lines) + "\n" + note + "\n", rows
+
+    def ci(x, signed=False):  # "28.4 [22.1, 35.0]"
+        return "-" if x[0] is None else (f"{100 * x[0]:+.1f}" if signed else _pct(x[0])) + \
+            f" [{_pct(x[1])}, {_pct(x[2])}]"
+    intervals = {label: {c: dict(zip(("value", "lo", "hi"), (rows[label][c], *bootstrap_ci(
+        [list(g.values()) for g in cell_groups(cells[label], c)]))), n=sum(map(len, cell_groups(cells[label], c))))
+        for c in cols} for label in labels}
+    paired = {label: {"start": start, **{c: paired_diff(cells[label], cells[start], c) for c in ("avg", "unknown_multihop")}}
+              for label, start in RL_START.items() if label in cells and start in cells}
+    md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", "",
+          "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    md += ["| " + " | ".join([label] + [ci([iv[c][k] for k in ("value", "lo", "hi")]) for c in cols]) + " |"
+           for label, iv in intervals.items()]
+    md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
+           "| RL row | start | n | avg | unknown_multihop |", "|---|---|---|---|---|"]
+    md += [f"| {label} | {p['start']} | {p['avg']['n']} | " + " | ".join(ci([p[c][k] for k in ("diff", "lo", "hi")],
+           True) for c in ("avg", "unknown_multihop")) + " |" for label, p in paired.items()]
+    md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
+           "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
+    md += ["| " + " | ".join([label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})" for k in FIG3_BUCKETS]) + " |"
+           for label, b in fig3.items()]
+    extras = {"intervals": intervals, "paired": paired, "fig3": fig3}
+    return "\n".join(lines) + "\n" + note + "\n" + "\n".join(md) + "\n", rows, extras
 
 
 def table_main(argv):
@@ -593,12 +692,13 @@ def table_main(argv):
     p.add_argument("--rows", nargs="+", required=True, help="row labels, in table order (eval/LABEL must exist)")
     p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
     args = p.parse_args(argv)
-    md, rows = world_table(args.run, args.rows, args.wall_seconds)
+    md, rows, extras = world_table(args.run, args.rows, args.wall_seconds)
     write_atomic(os.path.join(args.run, "results.md"), md)
     write_atomic(os.path.join(args.run, "results.json"),
-                 json.dumps({"rows": rows, "wall_seconds": args.wall_seconds}, indent=2) + "\n")
+                 json.dumps({"rows": rows, "wall_seconds": args.wall_seconds, **extras}, indent=2) + "\n")
+    png = plot_fig3(extras["fig3"], os.path.join(args.run, "results_fig3.png"))
     print(md)
-    print(f"wrote {args.run}/results.md and results.json")
+    print(f"wrote {args.run}/results.md and results.json" + (" and results_fig3.png" if png else ""))
 
 
 # -----------------------------------------------------------------------------

@@ -498,3 +498,58 @@ def test_cli_tools_requirements(capsys):
         with pytest.raises(SystemExit):
             ev.get_args(base + bad)
     assert "needs --corpus or --url" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Table 1 error bars: bootstrap intervals, RL row minus its start, Figure 3 buckets
+
+
+def test_bootstrap_ci_hand_cases():
+    assert ev.bootstrap_ci([[1.0] * 10]) == (1.0, 1.0)  # all correct: no spread to resample
+    assert ev.bootstrap_ci([]) == (None, None)
+    widths = []
+    for n in (20, 200):
+        lo, hi = ev.bootstrap_ci([[1.0, 0.0] * (n // 2)])
+        assert lo < 0.5 < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 10x the questions, ~3x narrower
+    assert 0.25 < widths[0] < 0.55  # normal approximation: 2 * 1.96 * sqrt(0.25 / 20) = 0.44
+    assert ev.bootstrap_ci([[1.0, 0.0, 1.0]]) == ev.bootstrap_ci([[1.0, 0.0, 1.0]])  # fixed seed
+
+
+def _pred(i, t, em, known=False, actions=1):
+    return {"id": f"q{i}", "type": t, "known": known, "em": em, "num_actions": actions}
+
+
+def test_paired_diff_identical_rows_is_zero(tmp_path):
+    preds = [_pred(i, t, float(i % 2), known=i % 3 == 0, actions=i % 6)
+             for i, t in enumerate(ev.WORLD_COLUMNS * 5)]
+    for label in ("sft-12", "sft-12+rl-real"):
+        d = tmp_path / "eval" / label
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"args": {"model": str(tmp_path / label), "mode": "agent"}}))
+        (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in (preds if label == "sft-12" else preds[::-1])))
+    md, rows, extras = ev.world_table(str(tmp_path), ["sft-12", "sft-12+rl-real"])
+    p = extras["paired"]["sft-12+rl-real"]
+    assert p["start"] == "sft-12"
+    assert p["avg"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}
+    assert p["unknown_multihop"]["diff"] == 0.0 and (p["unknown_multihop"]["lo"], p["unknown_multihop"]["hi"]) == (0, 0)
+    iv = extras["intervals"]["sft-12"]["avg"]
+    assert iv["value"] == rows["sft-12"]["avg"] and iv["lo"] <= iv["value"] <= iv["hi"] and iv["n"] == 30
+    assert "+0.0 [0.0, 0.0]" in md and set(extras["fig3"]) == {"sft-12", "sft-12+rl-real"}
+
+
+def test_paired_diff_matches_by_id():
+    """A question only one row answered is left out; the difference is taken on the same questions."""
+    a = ev.world_cells([_pred(0, "1hop", 1.0), _pred(1, "1hop", 1.0), _pred(2, "1hop", 0.0)])
+    b = ev.world_cells([_pred(2, "1hop", 0.0), _pred(0, "1hop", 0.0)])
+    assert ev.paired_diff(a, b, "1hop") == {"diff": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+
+
+def test_success_by_actions_buckets():
+    preds = [_pred(0, "1hop", 1.0, actions=0), _pred(1, "1hop", 0.0, actions=0), _pred(2, "1hop", 1.0, actions=2),
+             _pred(3, "1hop", 1.0, actions=4), _pred(4, "1hop", 0.0, actions=9),
+             {"id": "q5", "samples": [{"em": 1.0, "num_actions": 3}, {"em": 0.0, "num_actions": 3}]}]
+    b = ev.success_by_actions(preds)
+    assert {k: v["n"] for k, v in b.items()} == {"0": 2, "1": 0, "2": 1, "3": 2, "4+": 2}
+    assert {k: v["success_rate"] for k, v in b.items()} == {"0": 0.5, "1": None, "2": 1.0, "3": 0.5, "4+": 0.5}
