@@ -545,23 +545,20 @@ FIG3_BUCKETS = ("0", "1", "2", "3", "4+")  # paper Figure 3: success rate by num
 
 
 def world_cells(predictions):
-    """The per-question scores behind each Table 1 cell: cell -> {(dataset, id): score}. Type columns hold
-    UNKNOWN-entity questions (the model must act); unknown_multihop the 2- to 4-hop ones; known_no_action scores a
-    known-fact question 1 when it was answered without acting."""
-    def scores(rows, key="em"):
-        return {(r.get("dataset"), r["id"]): float(r[key]) for r in rows}
+    """The per-question scores behind each Table 1 cell (see world_row): cell -> {(dataset, id): score}."""
+    def scores(rows):
+        return {(r.get("dataset"), r["id"]): float(r["em"]) for r in rows}
     unknown = [r for r in predictions if not r.get("known")]
     known = [r for r in predictions if r.get("known")]
     cells = {t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
     cells["known"] = scores(known)
     cells["unknown_multihop"] = scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
-    cells["known_no_action"] = {(r.get("dataset"), r["id"]): float(r["num_actions"] == 0) for r in known}
+    cells["known_no_action"] = scores([{**r, "em": r["num_actions"] == 0} for r in known])  # 1 = answered w/o acting
     return cells
 
 
-def cell_groups(cells, cell):
-    """The question groups a cell averages over: avg is the mean of its columns' means, any other cell one group."""
-    return [cells[c] for c in (AVG_OF if cell == "avg" else [cell]) if cells[c]]
+def cell_groups(cells, cell):  # the question groups a cell averages: avg the means of AVG_OF, any other cell one
+    return [cells[c] for c in (AVG_OF if cell == "avg" else [cell])]  # empty ones (no such question) drop later
 
 
 def bootstrap_ci(groups, n_boot=1000, seed=0):
@@ -576,14 +573,16 @@ def bootstrap_ci(groups, n_boot=1000, seed=0):
     return float(lo), float(hi)
 
 
-def paired_diff(cells, base_cells, cell):
-    """cell of one row minus the same cell of another, on the questions both answered (matched by dataset and id)."""
-    diffs = [[g[k] - b[k] for k in sorted(g.keys() & b.keys())]
-             for g, b in zip(cell_groups(cells, cell), cell_groups(base_cells, cell))]
+def cell_ci(cells, cell, base_cells=None):
+    """A Table 1 cell with its bootstrap 95% interval -> {value, lo, hi, n questions}; with base_cells (another row),
+    the paired difference cell - base cell on the questions both rows answered (matched by dataset and id)."""
+    groups = cell_groups(cells, cell)
+    base = cell_groups(base_cells, cell) if base_cells else [{}] * len(groups)
+    diffs = [[g[k] - b.get(k, 0) for k in sorted(g.keys() & b.keys() if base_cells else g)]
+             for g, b in zip(groups, base)]
     diffs = [d for d in diffs if d]
-    lo, hi = bootstrap_ci(diffs)
-    return {"diff": float(np.mean([np.mean(d) for d in diffs])) if diffs else None, "lo": lo, "hi": hi,
-            "n": sum(map(len, diffs))}
+    return {"value": sum(sum(d) / len(d) for d in diffs) / len(diffs) if diffs else None,
+            **dict(zip(("lo", "hi"), bootstrap_ci(diffs))), "n": sum(map(len, diffs))}
 
 
 def success_by_actions(predictions):
@@ -606,14 +605,11 @@ def plot_fig3(fig3, path):
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, b in fig3.items():
-        ax.plot(FIG3_BUCKETS, [100 * b[k]["success_rate"] if b[k]["n"] else float("nan") for k in FIG3_BUCKETS],
-                marker="o", label=label)
-    ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions")
+        ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
+    ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return True
 
 
@@ -661,22 +657,20 @@ def world_table(run_dir, labels, wall_seconds=None):
     if wall_seconds is not None:
         note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
 
-    def ci(x, signed=False):  # "28.4 [22.1, 35.0]"
-        return "-" if x[0] is None else (f"{100 * x[0]:+.1f}" if signed else _pct(x[0])) + \
-            f" [{_pct(x[1])}, {_pct(x[2])}]"
-    intervals = {label: {c: dict(zip(("value", "lo", "hi"), (rows[label][c], *bootstrap_ci(
-        [list(g.values()) for g in cell_groups(cells[label], c)]))), n=sum(map(len, cell_groups(cells[label], c))))
-        for c in cols} for label in labels}
-    paired = {label: {"start": start, **{c: paired_diff(cells[label], cells[start], c) for c in ("avg", "unknown_multihop")}}
+    def ci(value, lo, hi, n=None, signed=False):  # "28.4 [22.1, 35.0]"
+        v = "-" if value is None else f"{100 * value:+.1f}" if signed else _pct(value)
+        return v if value is None else f"{v} [{_pct(lo)}, {_pct(hi)}]"
+    intervals = {label: {c: cell_ci(cells[label], c) for c in cols} for label in labels}
+    paired = {label: {"start": start, **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg",
+                                                                                         "unknown_multihop")}}
               for label, start in RL_START.items() if label in cells and start in cells}
     md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", "",
           "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    md += ["| " + " | ".join([label] + [ci([iv[c][k] for k in ("value", "lo", "hi")]) for c in cols]) + " |"
-           for label, iv in intervals.items()]
+    md += ["| " + " | ".join([label] + [ci(**iv[c]) for c in cols]) + " |" for label, iv in intervals.items()]
     md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
-           "| RL row | start | n | avg | unknown_multihop |", "|---|---|---|---|---|"]
-    md += [f"| {label} | {p['start']} | {p['avg']['n']} | " + " | ".join(ci([p[c][k] for k in ("diff", "lo", "hi")],
-           True) for c in ("avg", "unknown_multihop")) + " |" for label, p in paired.items()]
+           "| RL row | start | n (avg / multihop) | avg | unknown_multihop |", "|---|---|---|---|---|"]
+    md += [f"| {label} | {p['start']} | {p['avg']['n']} / {p['unknown_multihop']['n']} | "
+           f"{ci(**p['avg'], signed=True)} | {ci(**p['unknown_multihop'], signed=True)} |" for label, p in paired.items()]
     md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
            "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
     md += ["| " + " | ".join([label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})" for k in FIG3_BUCKETS]) + " |"

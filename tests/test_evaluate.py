@@ -528,14 +528,16 @@ def test_paired_diff_identical_rows_is_zero(tmp_path):
         d = tmp_path / "eval" / label
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"args": {"model": str(tmp_path / label), "mode": "agent"}}))
-        (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in (preds if label == "sft-12" else preds[::-1])))
+        lines = [json.dumps(p) + "\n" for p in preds]
+        (d / "predictions.jsonl").write_text("".join(lines if label == "sft-12" else lines[::-1]))
     md, rows, extras = ev.world_table(str(tmp_path), ["sft-12", "sft-12+rl-real"])
     p = extras["paired"]["sft-12+rl-real"]
     assert p["start"] == "sft-12"
-    assert p["avg"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}
-    assert p["unknown_multihop"]["diff"] == 0.0 and (p["unknown_multihop"]["lo"], p["unknown_multihop"]["hi"]) == (0, 0)
+    assert p["avg"] == {"value": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}
+    m = p["unknown_multihop"]
+    assert (m["value"], m["lo"], m["hi"]) == (0, 0, 0) and m["n"] == 10  # unknown (i % 3 != 0) 2/3/4-hop
     iv = extras["intervals"]["sft-12"]["avg"]
-    assert iv["value"] == rows["sft-12"]["avg"] and iv["lo"] <= iv["value"] <= iv["hi"] and iv["n"] == 30
+    assert iv["value"] == pytest.approx(rows["sft-12"]["avg"]) and iv["lo"] <= iv["value"] <= iv["hi"] and iv["n"] == 30
     assert "+0.0 [0.0, 0.0]" in md and set(extras["fig3"]) == {"sft-12", "sft-12+rl-real"}
 
 
@@ -543,7 +545,7 @@ def test_paired_diff_matches_by_id():
     """A question only one row answered is left out; the difference is taken on the same questions."""
     a = ev.world_cells([_pred(0, "1hop", 1.0), _pred(1, "1hop", 1.0), _pred(2, "1hop", 0.0)])
     b = ev.world_cells([_pred(2, "1hop", 0.0), _pred(0, "1hop", 0.0)])
-    assert ev.paired_diff(a, b, "1hop") == {"diff": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+    assert ev.cell_ci(a, "1hop", b) == {"value": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
 
 
 def test_success_by_actions_buckets():
