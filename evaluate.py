@@ -670,7 +670,8 @@ def world_table(run_dir, labels, wall_seconds=None):
     md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
            "| RL row | start | n (avg / multihop) | avg | unknown_multihop |", "|---|---|---|---|---|"]
     md += [f"| {label} | {p['start']} | {p['avg']['n']} / {p['unknown_multihop']['n']} | "
-           f"{ci(**p['avg'], signed=True)} | {ci(**p['unknown_multihop'], signed=True)} |" for label, p in paired.items()]
+           f"{ci(**p['avg'], signed=True)} | {ci(**p['unknown_multihop'], signed=True)} |"
+           for label, p in paired.items()]
     md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
            "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
     md += ["| " + " | ".join([label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})" for k in FIG3_BUCKETS]) + " |"
