@@ -1,0 +1,351 @@
+"""
+The per-row rules of the agent rollout (paper 2.1, Algorithm 1), shared by the batched engine (engine.py) and its
+oracle (naive_rollout, here): the result (Rollout), one row's state and phases (_Row), budgets and the forced answer
+(_limits, _settle), the transition after each sampled token (_on_token), close tags found by decoding
+(_completed_tag), the environment step (_environment: one batched tool call; limit, disabled or simulated observations),
+sampling (_sample, per-row generators) and policy_text. They sit apart from engine.py so that the engine file holds only
+the batched execution (KV cache, forwards, the steps of the loop) and the oracle runs the very same rules without any of
+it: what the oracle checks is the batching, not a second copy of the rules.
+
+naive_rollout() is the oracle: the same state machine, no cache, one row at a time, a full forward per token. Tags are
+always found by decoding, so it also checks the engine's one-token fast path (tests/test_engine.py).
+
+The rules, where they depart from the paper / the original code, and why:
+- Forced answer at the budget (paper Algorithm 1, lines 24-27): `answer_tokens` (plus the few tokens of the forced tags)
+  are reserved inside max_new_tokens / max_context; when a row still thinking runs out, "</think>\\n" is appended
+  (loss_mask 0) and it writes at most answer_tokens more. A row that closed </think> itself may use the reserve.
+- seed may be one int per prompt: each row then samples from its own generator, so its trajectory does not depend on
+  the other rows of the batch (N-process RL == 1-process RL).
+- env="sim" (RL stage 1): the policy writes the observation itself after "\\n<NAME_result>\\n" until it writes
+  </NAME_result> (at most sim_obs_tokens, then the close is forced); those tokens are obs (loss_mask 0 unless
+  train_sim_obs) and no tool is called.
+
+Imports model.py and tools.py only. engine.py imports it and re-exports Rollout, naive_rollout, policy_text (callers
+import them from engine). No command of its own.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from model import TOOLS_DISABLED, encode_observation
+from tools import (LIMIT_MESSAGE, THINK_CLOSE, TOOL_NAMES, action_close, action_open, format_observation, result_close,
+                   result_open)
+
+# -----------------------------------------------------------------------------
+# Results, per-row state and the state machine shared by the engine and the oracle
+
+@dataclass
+class Rollout:
+    prompt_ids: list
+    response_ids: list
+    loss_mask: list        # 1 = the policy sampled it and it is trained on (SPEC 3)
+    obs_mask: list         # 1 = observation (real, disabled/limit text, or simulated by the policy)
+    logprobs: list         # log-prob of the sampled token under the distribution it was drawn from (logits / T,
+                           # renormalised over the top-p nucleus); 0.0 where injected
+    text: str              # decoded response (special tokens kept: the tags may be special tokens)
+    policy_text: str       # the response as the POLICY wrote it: each observation replaced by its empty result block,
+                           # so answer extraction and the format check never read tool output (OBSERVATION_STUB)
+    num_actions: dict      # tool name -> actions the row emitted (past max_actions too)
+    real_calls: int        # tool requests this row sent to the ToolRegistry (its cache may still answer some)
+    sim_obs: int           # observations the policy wrote itself (env="sim")
+    stop_reason: str       # "eos" | "max_new_tokens" | "max_context" | "forced_answer"
+
+
+GEN, SIM, ANSWER, DONE = "gen", "sim", "answer", "done"  # row phases: thinking/acting, writing a sim observation,
+                                                          # writing the forced answer, finished
+
+
+@dataclass
+class _Row:
+    """Host-side state of one trajectory. Token counters are exact at every event (the engine syncs them then)."""
+    prompt_len: int
+    phase: str = GEN
+    thought_closed: bool = False
+    seg_start: int = 0      # response index where the current segment (policy text or sim observation) starts
+    gen: int = 0            # tokens sampled
+    length: int = 0         # response tokens: sampled + injected (queued injections included)
+    phase_count: int = 0    # tokens sampled in the current phase
+    sim_name: str = ""
+    action: str = None      # tool name of the action waiting for the environment
+    inject: list = field(default_factory=list)  # [(ids, loss, obs)] waiting to be prefilled
+    num_actions: dict = field(default_factory=dict)
+    real_calls: int = 0
+    sim_obs: int = 0
+    obs_names: list = field(default_factory=list)  # tool name of each observation, in order (for policy_text)
+    stop_reason: str = ""
+
+
+@dataclass
+class _Setup:
+    """Everything the state machine needs that depends only on the tokenizer and the rollout() arguments."""
+    tokenizer: object
+    env: str
+    max_new_tokens: int
+    max_actions: int
+    max_context: int
+    answer_tokens: int
+    sim_obs_tokens: int
+    train_sim_obs: bool
+    tags: dict              # close tag text -> ("action"|"result"|"think", tool name)
+    names: list
+    think_ids: list         # "</think>\n", the forced-answer switch
+    reserve: int            # context tokens kept free for the forced tags + answer
+
+
+def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
+           train_sim_obs):
+    if env not in ("real", "sim", "none"):
+        raise ValueError(f"env must be 'real', 'sim' or 'none', got {env!r}")
+    if env == "real" and tools is None:
+        raise ValueError("env='real' needs tools (a ToolRegistry)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token")
+    if answer_tokens >= max_new_tokens:
+        raise ValueError(f"answer_tokens ({answer_tokens}) must be < max_new_tokens ({max_new_tokens})")
+    names = list(dict.fromkeys([*TOOL_NAMES, *getattr(tools, "names", ())]))
+    tags = {THINK_CLOSE: ("think", None)}
+    for name in names:
+        tags[action_close(name)] = ("action", name)
+        tags[result_close(name)] = ("result", name)
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    think_ids = enc(THINK_CLOSE + "\n")
+    sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
+    return _Setup(tokenizer, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
+                  train_sim_obs, tags, names, think_ids, answer_tokens + len(think_ids) + sim_tags)
+
+
+def _limits(row, s):
+    """-> (max sampled tokens, max response length, max tokens in this phase) for the row's current phase."""
+    big = 1 << 30
+    if row.phase == ANSWER:
+        return s.max_new_tokens, s.max_context - row.prompt_len, s.answer_tokens
+    if row.phase == GEN and row.thought_closed:  # writing its own answer: the reserve is its to use
+        return s.max_new_tokens, s.max_context - row.prompt_len, big
+    cap = s.sim_obs_tokens if row.phase == SIM else big
+    return s.max_new_tokens - s.answer_tokens, s.max_context - s.reserve - row.prompt_len, cap
+
+
+def _out_of_budget(row, s):
+    max_gen, max_len, max_phase = _limits(row, s)
+    return row.gen >= max_gen or row.length >= max_len or row.phase_count >= max_phase
+
+
+def _watched(row, s):
+    """Close tags that end something for this row now."""
+    if row.phase == GEN:
+        return [t for t, (kind, _) in s.tags.items()
+                if kind == "action" or (kind == "think" and not row.thought_closed)]
+    if row.phase == SIM:
+        return [result_close(row.sim_name)]
+    return []
+
+
+def _completed_tag(tokenizer, tail_ids, tags):
+    """The tag in `tags` whose text the LAST token of tail_ids completes, else None. tail_ids must hold at least as
+    many tokens as the longest tag has characters (+1), so the whole tag is inside the decoded window."""
+    text = tokenizer.decode(tail_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    before = tokenizer.decode(tail_ids[:-1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return next((t for t in tags if t in text and t not in before), None)
+
+
+def _queue(row, ids, loss, obs):
+    row.inject.append((list(ids), loss, obs))
+    row.length += len(ids)
+
+
+def _settle(row, s):
+    """Apply the budget rules until the row may sample again (or is done): close a sim observation that ran out, force
+    the answer for a row still thinking (Algorithm 1, lines 24-27), stop a row that is answering."""
+    while row.phase != DONE and _out_of_budget(row, s):
+        if row.phase == SIM:
+            _queue(row, s.tokenizer.encode(result_close(row.sim_name) + "\n", add_special_tokens=False), 0, 1)
+            row.phase, row.phase_count, row.seg_start = GEN, 0, row.length
+        elif row.phase == GEN and not row.thought_closed:
+            _queue(row, s.think_ids, 0, 0)
+            row.phase, row.thought_closed, row.phase_count, row.seg_start = ANSWER, True, 0, row.length
+        else:
+            row.stop_reason = ("forced_answer" if row.phase == ANSWER else
+                               "max_new_tokens" if row.gen >= s.max_new_tokens else "max_context")
+            row.phase = DONE
+
+
+def _on_token(row, s, eos, tag):
+    """Transition after the row sampled a token (counters already updated). tag: the close tag it completed, or None."""
+    if eos:
+        row.stop_reason = "forced_answer" if row.phase == ANSWER else "eos"
+        row.phase = DONE
+        return
+    kind, name = s.tags[tag] if tag else (None, None)
+    if kind == "action":
+        row.num_actions[name] = row.num_actions.get(name, 0) + 1
+        row.action = name  # paused until the environment answers
+        return
+    if kind == "think":
+        row.thought_closed = True
+    elif kind == "result":
+        _queue(row, s.tokenizer.encode("\n", add_special_tokens=False), 0, 1)
+        row.phase, row.phase_count, row.seg_start = GEN, 0, row.length
+    _settle(row, s)
+
+
+def _action_argument(text, name):
+    """The argument of the action that `text` (the current segment) ends with: between the last <begin_NAME> and the
+    last </end_NAME>. No open tag -> "" (the registry answers with an error observation)."""
+    end = text.rfind(action_close(name))
+    start = text.rfind(action_open(name), 0, end)
+    return text[start + len(action_open(name)):end].strip() if start >= 0 else ""
+
+
+def _environment(rows, segment_texts, tools, s):
+    """Answer every paused row's action: ONE batched tool call for the real ones. Queues the observation ids; an
+    observation longer than the row's context budget is cut to it (_settle then forces the answer)."""
+    def observe(row, name, text):
+        room = _limits(row, s)[1] - row.length
+        _queue(row, encode_observation(s.tokenizer, format_observation(name, text))[:max(room, 0)], 0, 1)
+        row.obs_names.append(name)
+
+    calls = []
+    for row, text in zip(rows, segment_texts):
+        name, row.action = row.action, None
+        if sum(row.num_actions.values()) > s.max_actions:
+            observe(row, name, LIMIT_MESSAGE)
+        elif s.env == "none":
+            observe(row, name, TOOLS_DISABLED)
+        elif s.env == "sim":  # the policy writes the observation text itself, after the forced open tag (the
+            # reserve always has room for it)
+            _queue(row, s.tokenizer.encode(f"\n{result_open(name)}\n", add_special_tokens=False), 0, 1)
+            row.phase, row.sim_name, row.phase_count, row.sim_obs = SIM, name, 0, row.sim_obs + 1
+            row.obs_names.append(name)
+        else:
+            calls.append((row, name, _action_argument(text, name)))
+    observations = tools([(name, arg) for _, name, arg in calls]) if calls else []
+    for (row, name, _), text in zip(calls, observations):
+        row.real_calls += 1
+        observe(row, name, text)
+    for row in rows:
+        row.seg_start = row.length
+        _settle(row, s)
+
+
+def _generators(seed, batch, device):
+    """seed: None, one int (one generator for the whole batch: the fast path) or one int per prompt (each row draws from
+    its own generator only when it samples, so its trajectory does not depend on which rows share its batch)."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return torch.Generator(device=device).manual_seed(seed)
+    if len(seed) != batch:
+        raise ValueError(f"seed has {len(seed)} entries for {batch} prompts (give one int, or one per prompt)")
+    return [torch.Generator(device=device).manual_seed(int(x)) for x in seed]
+
+
+def _sample(logits, temperature, top_p, greedy, generator):
+    """logits (B, V) -> token (B,), logprob (B,) of the token under the distribution it was drawn from: softmax(z / T),
+    renormalised over the top-p nucleus when top_p < 1 (the RL trainer scores softmax(z / T) and, with --tis-cap,
+    corrects the difference with these). generator: None, one generator, or a list with one per row (None: that row
+    takes the argmax and draws nothing)."""
+    logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, V)
+    if greedy:
+        token = logp.argmax(-1)
+    else:
+        probs = logp.exp()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            logp = torch.log(probs / probs.sum(-1, keepdim=True))  # -inf outside the nucleus: never drawn
+        if isinstance(generator, list):
+            token = probs.argmax(-1)
+            for b, g in enumerate(generator):
+                if g is not None:
+                    token[b] = torch.multinomial(probs[b], 1, generator=g)[0]
+        else:
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+def policy_text(tokenizer, ids, obs_mask, obs_names):
+    """The text the policy wrote: ids decoded with each observation span (a run of obs_mask 1) replaced by the empty
+    result block of its tool, format_observation(name, ""). Tool output (or, in env="sim", the policy's own simulated
+    observation) can then never supply the answer, a </think> or a tag; a result tag the policy wrote itself stays
+    visible, and evaluate.format_ok rejects it (a fabricated observation)."""
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    parts, start, names = [], 0, iter(obs_names)
+    for i in range(len(ids) + 1):
+        boundary = i == len(ids) or (i > 0 and obs_mask[i] != obs_mask[i - 1])
+        if boundary and i > start:
+            parts.append(format_observation(next(names, "search"), "") if obs_mask[start] else decode(ids[start:i]))
+            start = i
+    return "".join(parts)
+
+
+def _result(tokenizer, prompt, row, ids, loss, obs, logp):
+    n = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id and row.stop_reason in ("eos", "forced_answer") \
+        else len(ids)
+    return Rollout(list(prompt), ids, loss, obs, logp,
+                   tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                   policy_text(tokenizer, ids[:n], obs[:n], row.obs_names),
+                   dict(row.num_actions), row.real_calls, row.sim_obs, row.stop_reason)
+
+
+def _rows(prompts, s):
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        row = _Row(len(prompt))
+        if _limits(row, s)[1] <= 0:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens: no room left under max_context={s.max_context} "
+                             f"(which keeps {s.reserve} tokens for the forced answer)")
+        rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The oracle: same state machine, no cache, one row at a time, a full forward per token
+
+@torch.no_grad()
+def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10,
+                  max_context=2048, answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None,
+                  train_sim_obs=False, progress=False, sim_obs_tokens=256):
+    """Reference for engine.rollout(): same arguments and semantics, written for obviousness, not speed. Tags are always
+    found by decoding (never by id), so it also checks the engine's one-token fast path."""
+    s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
+               train_sim_obs)
+    rows = _rows(prompts, s)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generators = _generators(seed, len(prompts), device)
+    tail = max(len(t) for t in s.tags) + 1
+    results = []
+    for b, (prompt, row) in enumerate(zip(prompts, rows)):
+        generator = generators[b] if isinstance(generators, list) else generators
+        ids, loss, obs, logp = [], [], [], []
+        while row.phase != DONE:
+            if row.action is not None:
+                text = tokenizer.decode(ids[row.seg_start:], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=False)
+                _environment([row], [text], tools, s)
+            for chunk_ids, chunk_loss, chunk_obs in row.inject:
+                ids += chunk_ids
+                loss += [chunk_loss] * len(chunk_ids)
+                obs += [chunk_obs] * len(chunk_ids)
+                logp += [0.0] * len(chunk_ids)
+            row.inject = []
+            if row.phase == DONE:
+                break
+            logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
+            token, token_logp = _sample(logits, temperature, top_p, greedy, generator)
+            ids.append(int(token))
+            loss.append(int(row.phase != SIM or train_sim_obs))
+            obs.append(int(row.phase == SIM))
+            logp.append(float(token_logp))
+            row.gen, row.length, row.phase_count = row.gen + 1, row.length + 1, row.phase_count + 1
+            is_eos = ids[-1] == tokenizer.eos_token_id
+            tag = None if is_eos else _completed_tag(tokenizer, ids[max(row.seg_start, len(ids) - tail):],
+                                                     _watched(row, s))
+            _on_token(row, s, is_eos, tag)
+        results.append(_result(tokenizer, prompt, row, ids, loss, obs, logp))
+    model.train(was_training)
+    return results
