@@ -63,6 +63,7 @@ import numpy as np
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 TOOL_NAMES = ("search", "calculator")
+LOCAL_TOOLS = ("calculator",)  # run in-process at no cost: not "real calls" in the paper's sense (those are retrievals)
 LIMIT_MESSAGE = "Reach the limit of search times."  # AutoCoA's exact text past the action budget (SPEC 2)
 
 
@@ -393,6 +394,11 @@ class ToolRegistry:
     @property
     def names(self):
         return list(self.tools)
+
+    @property
+    def paid_calls(self):
+        """Arguments that reached a tool other than the local ones (LOCAL_TOOLS): the paper's count of real calls."""
+        return sum(n for name, n in self.real_counts.items() if name not in LOCAL_TOOLS)
 
     def reset_counts(self):
         self.counts, self.real_counts = Counter(), Counter()

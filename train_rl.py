@@ -233,12 +233,10 @@ def forward(model, value_head, ids, attention, temperature=1.0, need_entropy=Tru
 
 
 def tool_usage(registry):
-    """Cumulative counters of a ToolRegistry: real_calls = arguments that reached a real tool other than the (local,
-    free) calculator, i.e. the paper's cost; cache hits, calculator calls and error observations apart."""
-    reached = registry.real_counts
-    return {"real_calls": sum(n for name, n in reached.items() if name != "calculator"),
-            "calculator_calls": reached.get("calculator", 0), "cache_hits": registry.cache_hits,
-            "tool_errors": registry.errors}
+    """Cumulative counters of a ToolRegistry: real_calls = arguments that reached a tool other than the local calculator
+    (registry.paid_calls, the paper's cost); cache hits, calculator calls and error observations apart."""
+    return {"real_calls": registry.paid_calls, "calculator_calls": registry.real_counts.get("calculator", 0),
+            "cache_hits": registry.cache_hits, "tool_errors": registry.errors}
 
 
 COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_errors")  # per step, and *_total
