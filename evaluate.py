@@ -242,9 +242,11 @@ Question: {question}"""
 
 
 def user_turn(tokenizer, text):
-    """model.build_prompt's wrapping (chat template when there is one, then <think>) for a prompt that brings its own
-    instruction: the react and workflow prompts are not nested inside the --template instruction. The text ends with a
-    newline, as the trained template does ("Question: {question}\n"), so the prompt ends "...\n<think>" in every mode."""
+    """model.wrap_prompt (chat template when there is one, then <think>) for a prompt that brings its own instruction:
+    the react and workflow prompts are not nested inside the --template instruction. The text ends with a newline, as
+    the trained template does ("Question: {question}\n"), so the prompt ends "...\n<think>" in every mode. A copy of
+    wrap_prompt's three lines, not an import: this part of evaluate.py imports without torch, and the tests swap
+    model.py out."""
     if not text.endswith("\n"):
         text += "\n"
     if getattr(tokenizer, "chat_template", None):
@@ -312,20 +314,30 @@ def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, se
 MODES = ("agent", "no-action", "workflow", "react", "agent-sim")
 ENV_OF_MODE = {"agent": "real", "react": "real", "no-action": "none", "workflow": "none", "agent-sim": "sim"}
 NEEDS_TOOLS = ("agent", "react", "workflow")
-ACTION_BUCKETS = ("0", "1", "2", "3", "4", "5+")
+ACTION_BUCKETS = ("0", "1", "2", "3", "4", "5+")  # one run's results.json / results.md
+FIG3_BUCKETS = ("0", "1", "2", "3", "4+")  # paper Figure 3 in the run.sh table (few questions take 5+ actions)
 
 
 def tool_counters(tools):
     """Cumulative registry counters. real_calls: arguments that reached a tool (cache misses; calculator included),
-    search_calls: those that reached the search tool (the paper's cost), errors: error observations."""
+    paid_calls: those that reached a non-local tool (the paper's cost, as train_rl's real_calls), errors: error
+    observations."""
     if tools is None:
-        return {"requests": 0, "real_calls": 0, "search_calls": 0, "cache_hits": 0, "errors": 0}
-    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls,
-            "search_calls": tools.real_counts.get("search", 0), "cache_hits": tools.cache_hits, "errors": tools.errors}
+        return {"requests": 0, "real_calls": 0, "paid_calls": 0, "cache_hits": 0, "errors": 0}
+    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "paid_calls": tools.paid_calls,
+            "cache_hits": tools.cache_hits, "errors": tools.errors}
 
 
-def action_bucket(n):
-    return str(n) if n < 5 else "5+"
+def success_by_actions(predictions, buckets=FIG3_BUCKETS):
+    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, ... actions; the last bucket ("4+",
+    or "5+" of ACTION_BUCKETS) takes every larger count."""
+    b = {k: {"n": 0, "correct": 0} for k in buckets}
+    for r in predictions:
+        for s in r.get("samples", [r]):
+            k = buckets[min(s["num_actions"], len(buckets) - 1)]
+            b[k]["n"] += 1
+            b[k]["correct"] += s["em"]
+    return {k: {**v, "success_rate": v["correct"] / v["n"] if v["n"] else None} for k, v in b.items()}
 
 
 def _metrics(records, with_judge):
@@ -350,17 +362,12 @@ def summarize(predictions, with_judge=False):
     per_group = summary.get("by_dataset") or summary.get("by_type") or {"all": summary["overall"]}
     summary["average"] = {k: sum(m[k] for m in per_group.values()) / len(per_group)
                           for k in summary["overall"] if k != "n"}
-    by_actions = {b: {"n": 0, "correct": 0} for b in ACTION_BUCKETS}
     stops, formats = Counter(), Counter()
     for r in predictions:
         for s in r.get("samples", [r]):
             formats[s["format"]] += 1
-            by_actions[action_bucket(s["num_actions"])]["n"] += 1
-            by_actions[action_bucket(s["num_actions"])]["correct"] += s["em"]
             stops[s["stop_reason"]] += 1
-    for b in by_actions.values():
-        b["success_rate"] = b["correct"] / b["n"] if b["n"] else None
-    summary["by_actions"] = by_actions
+    summary["by_actions"] = success_by_actions(predictions, ACTION_BUCKETS)
     summary["stop_reasons"], summary["format_checks"] = dict(stops), dict(formats)
     return summary
 
@@ -502,13 +509,21 @@ def format_results_md(summary, label):
     return "\n".join(out)
 
 
-def plot_by_actions(summary, path):
-    """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
+def _pyplot():
+    """matplotlib.pyplot on a file backend, or None when matplotlib (an optional dependency) is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_by_actions(summary, path):
+    """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
+    plt = _pyplot()
+    if plt is None:
         return False
     b = summary["by_actions"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -541,7 +556,6 @@ WORLD_COLUMNS = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
 AVG_OF = WORLD_COLUMNS + ["known"]  # avg = mean of these cells (macro, like the paper's Avg over datasets)
 # Each RL row of run.sh and the row of the checkpoint its RL started from (run_args.json "init" of the RL checkpoint)
 RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-sim": "sft-123", "sft-123+rl-sim-real": "sft-123"}
-FIG3_BUCKETS = ("0", "1", "2", "3", "4+")  # paper Figure 3: success rate by number of actions
 
 
 def world_cells(predictions):
@@ -585,23 +599,10 @@ def cell_ci(cells, cell, base_cells=None):
             **dict(zip(("lo", "hi"), bootstrap_ci(diffs))), "n": sum(map(len, diffs))}
 
 
-def success_by_actions(predictions):
-    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, 2, 3, 4+ actions."""
-    b = {k: {"n": 0, "correct": 0.0} for k in FIG3_BUCKETS}
-    for r in predictions:
-        for s in r.get("samples", [r]):
-            b[FIG3_BUCKETS[min(s["num_actions"], 4)]]["n"] += 1
-            b[FIG3_BUCKETS[min(s["num_actions"], 4)]]["correct"] += s["em"]
-    return {k: {**v, "success_rate": v["correct"] / v["n"] if v["n"] else None} for k, v in b.items()}
-
-
 def plot_fig3(fig3, path):
     """Figure 3 of the run, one line per agent row, as a PNG when matplotlib is installed; returns whether written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, b in fig3.items():

@@ -231,16 +231,20 @@ def checkpoint_template(checkpoint, override=None):
     return template
 
 
-def build_prompt(tokenizer, question, template="short"):
-    """The prompt text, ending with THINK_OPEN (the policy's first token comes right after it). A tokenizer with a
-    chat template gets the filled template as one user message, with the generation prompt."""
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {list(TEMPLATES)}, got {template!r}")
-    text = TEMPLATES[template].replace("{question}", question)  # not str.format: the text has literal braces
+def wrap_prompt(tokenizer, text):
+    """An instruction as the policy's prompt, ending with THINK_OPEN (the policy's first token comes right after it).
+    A tokenizer with a chat template gets the text as one user message, with the generation prompt."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return text + THINK_OPEN
+
+
+def build_prompt(tokenizer, question, template="short"):
+    """The prompt text of a question in one of TEMPLATES (wrap_prompt)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {list(TEMPLATES)}, got {template!r}")
+    return wrap_prompt(tokenizer, TEMPLATES[template].replace("{question}", question))  # not str.format: literal {}
 
 
 _RESULT_WRAP = re.compile(r"(\s*<(\w+)_result>)(.*)(</\2_result>\s*)\Z", re.S)

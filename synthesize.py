@@ -18,7 +18,7 @@ continues: the same trajectory shape, at text level. A server down or answering 
 URL and the status.
 Acceptance: a trajectory is kept when the teacher finished it (eos; a forced answer is not), evaluate.format_ok holds,
 CoT did not act and CoA acted, and the answer is right (EM of evaluate.extract_answer, or F1 >= --min-f1), all read from
-the teacher's own text (observation contents blanked, as model.policy_text does). The best per question and kind is
+the teacher's own text (observation contents blanked, as engine.policy_text does). The best per question and kind is
 kept (max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests with untrained teachers only).
 CoT+A pairs: where the split point is. Case "act" (a CoA sample accepted, no CoT sample): the shared prefix is the best
 CoA trajectory's reasoning before its first action open tag <begin_NAME>, where the teacher met its first knowledge gap
@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tools
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
-from tools import LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, TOOL_NAMES, action_close, format_observation, write_atomic
+from tools import LIMIT_MESSAGE, THINK_CLOSE, TOOL_NAMES, action_close, format_observation, write_atomic
 
 COT_TEMPLATE = """You are an intelligent reasoning assistant. Answer the user's question using only your own knowledge: you have no tools, so never search and never write <begin_search> or any other tool tag. Think step by step inside <think></think>, then give your final answer in the format \\boxed{YOUR_ANSWER}.
 
@@ -90,7 +90,7 @@ def get_args(argv=None):
     p.add_argument("--teacher-concurrency", type=int, default=8, help="--teacher-url: trajectories in flight at once")
     p.add_argument("--teacher-timeout", type=float, default=600, help="--teacher-url: seconds per HTTP request")
     p.add_argument("--add-action-tokens", action="store_true", help="--teacher: tags as special tokens (if trained so)")
-    p.add_argument("--device", default="auto", help="--teacher: 'auto' (cuda if available), 'cpu' or 'cuda'")
+    p.add_argument("--device", default=None, help="--teacher: cpu or cuda (default: cuda when there is one)")
     # Prompts
     p.add_argument("--coa-prompt-file", default=None, help="CoA instruction with {question} (default: the authors')")
     p.add_argument("--cot-prompt-file", default=None, help="CoT instruction with {question} (default: COT_TEMPLATE)")
@@ -128,12 +128,9 @@ def seed_of(args, qid, kind, i):
 
 
 def wrap(tokenizer, template, question):
-    """model.build_prompt's wrapping for any instruction text: chat template if the tokenizer has one, then <think>."""
-    text = template.replace("{question}", question)  # not str.format: templates have literal braces
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return text + THINK_OPEN
+    """model.build_prompt for any instruction text: chat template if the tokenizer has one, then <think>."""
+    from model import wrap_prompt
+    return wrap_prompt(tokenizer, template.replace("{question}", question))  # not str.format: templates have {}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Teachers: prompt(template, question) -> prompt P (token ids or text); P + prefix (same type) continues a trajectory;
@@ -143,12 +140,12 @@ def wrap(tokenizer, template, question):
 
 class HFTeacher:
     def __init__(self, args):
-        import torch
         import engine
         import model as M
+        from common import default_device  # the one default device rule of every script
         self.M, self.engine, self.args = M, engine, args
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tok = M.load(args.teacher, device=device, add_action_tokens=args.add_action_tokens)
+        self.model, self.tok = M.load(args.teacher, device=args.device or default_device(),
+                                      add_action_tokens=args.add_action_tokens)
 
     def prompt(self, template, question):
         return self.tok(wrap(self.tok, template, question), add_special_tokens=False).input_ids
@@ -293,7 +290,7 @@ class URLTeacher:
 
 
 def policy_text(segments):
-    """The text the teacher wrote: each observation replaced by its empty result block (model.policy_text's rule), so
+    """The text the teacher wrote: each observation replaced by its empty result block (engine.policy_text's rule), so
     a passage holding "</think>" or "\\boxed{X}" never supplies the answer or the format."""
     return "".join(format_observation(re.match(r"\s*<(\w+)_result>", s["text"]).group(1), "")
                    if s["kind"] == "obs" and re.match(r"\s*<(\w+)_result>", s["text"]) else s["text"]
