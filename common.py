@@ -165,20 +165,21 @@ def save_resume(model, tokenizer, out, args, state, state_dict=None):
     replace_dir(tmp, os.path.join(out, "resume"))
 
 
+RESUME_DIRS = ("resume", ".resume.tmp", "resume.old")  # the state, its next version being built, the one moved aside
+
+
 def find_resume(out):
-    """OUT/resume after finishing a swap a kill interrupted (resume moved aside to resume.old, the new one still at
-    .resume.tmp: the newest complete one wins), or None when nothing complete was saved."""
-    resume, found = os.path.join(out, "resume"), None
-    for name in ("resume", ".resume.tmp", "resume.old"):  # newest first
+    """Finish a swap of OUT/resume a kill interrupted (resume moved aside to resume.old, the new one still at
+    .resume.tmp: the newest complete one becomes OUT/resume) and drop the leftovers."""
+    resume = os.path.join(out, "resume")
+    for name in RESUME_DIRS:  # newest first
         path = os.path.join(out, name)
         if os.path.exists(os.path.join(path, "trainer_state.pt")):
             if path != resume:
                 replace_dir(path, resume)
-            found = resume
             break
-    for name in (".resume.tmp", "resume.old", "resume"):  # what an interrupted save left behind
+    for name in RESUME_DIRS:  # what an interrupted save left behind
         drop_leftovers(os.path.join(out, name), keep=name == "resume")
-    return found
 
 
 def drop_leftovers(path, keep=False):
@@ -197,7 +198,10 @@ def resume_point(out, resume, master, ddp):
     never mixes two runs. Every rank calls it."""
     if master:
         os.makedirs(out, exist_ok=True)
-        find_resume(out) if resume else clear_resume(out)
+        if resume:
+            find_resume(out)
+        else:
+            clear_resume(out)
     if ddp:
         dist.barrier()
     resume_dir = os.path.join(out, "resume")
@@ -210,7 +214,7 @@ def resume_point(out, resume, master, ddp):
 
 def clear_resume(out):
     """A run that starts over (no --resume) drops an earlier run's state, so a later --resume never mixes the two."""
-    for name in ("resume", ".resume.tmp", "resume.old"):
+    for name in RESUME_DIRS:
         drop_leftovers(os.path.join(out, name))
 
 

@@ -281,8 +281,7 @@ def main(args):
                "cuda": torch.cuda.get_rng_state() if cuda else None}
         if master:
             state = {"optimizer": optimizer_state, "step": step, "rng": rng, "args": vars(args)}
-            gathered = {"state_dict": weights} if weights is not None else {}  # FSDP only: the weights gathered above
-            save_resume(raw_model, tok, args.out, vars(args), state, **gathered)
+            save_resume(raw_model, tok, args.out, vars(args), state, weights)  # weights: FSDP's gathered, else None
 
     # -------------------------------------------------------------------------
     # training loop

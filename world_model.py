@@ -71,7 +71,7 @@ import torch
 import engine
 import model as M
 import common
-from common import load_world_model_tools, simulate, wm_prompt  # noqa: F401  (re-exported for readers)
+from common import load_world_model_tools, simulate, wm_prompt
 from evaluate import exact_match, extract_answer, f1, normalize_answer
 from tools import BM25Index, action_close, action_open, make_tools, read_jsonl, result_close, serve, write_atomic
 

@@ -336,11 +336,11 @@ def test_kill_between_metrics_row_and_resume_state(world, full_run, monkeypatch)
     calls = []
     original = train_sft.save_resume
 
-    def save_or_die(model, tok, out, args, state):
+    def save_or_die(model, tok, out, args, state, state_dict=None):
         calls.append(state["step"])
         if state["step"] == 3:
             raise Killed("killed while saving the step-3 state")
-        original(model, tok, out, args, state)
+        original(model, tok, out, args, state, state_dict)
     with monkeypatch.context() as m:
         m.setattr(train_sft, "save_resume", save_or_die)
         with pytest.raises(Killed):

@@ -315,27 +315,39 @@ def test_server_lying_content_length_and_unknown_path(server):
     assert e.value.code == 404
 
 
-def test_server_concurrent_clients(server):
-    url, idx = server
+def concurrent_searches(url, idx, clients, join_s, together=False, **client_args):
+    """`clients` threads, each a RetrievalClient (the two APIs alternating) making 5 two-query searches checked against
+    idx (together: all start at once) -> (errors, ids of the clients that finished); an assert inside a thread would be
+    lost, so failures come back as errors."""
     queries = ["hamlet", "paris france", "berlin germany", "shakespeare 1564", "capital", "english playwright"]
     want = {q: [p["id"] for p, _ in idx.search([q], 3)[0]] for q in queries}
-    errors = []
+    errors, done = [], []
+    start = threading.Barrier(clients) if together else None
 
     def worker(i):
         try:
-            client = tools.RetrievalClient(url, api="flashrag" if i % 2 else "searchr1")
+            client = tools.RetrievalClient(url, api="flashrag" if i % 2 else "searchr1", **client_args)
+            if start:
+                start.wait(10)
             for j in range(5):
                 qs = [queries[(i + j) % len(queries)], queries[(i * j) % len(queries)]]
                 got = client.search(qs, 3)
                 assert [[p["id"] for p, _ in h] for h in got] == [want[q] for q in qs]
-        except Exception as e:  # surfaced below: an assert in a thread would be lost
+            done.append(i)
+        except Exception as e:
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(20)
+        t.join(join_s)
+    return errors, done
+
+
+def test_server_concurrent_clients(server):
+    url, idx = server
+    errors, _ = concurrent_searches(url, idx, 8, 20)
     assert errors == []
 
 
@@ -667,27 +679,5 @@ def test_server_16_concurrent_clients(bounded_server):
     """16 clients at once against 4 workers: every request is queued (listen backlog sized for it) and answered."""
     _, url, _, _ = bounded_server
     assert tools.BoundedHTTPServer.request_queue_size >= 16
-    idx = tools.BM25Index(CORPUS)
-    queries = ["hamlet", "paris france", "berlin germany", "shakespeare 1564", "capital", "english playwright"]
-    want = {q: [p["id"] for p, _ in idx.search([q], 3)[0]] for q in queries}
-    errors, done = [], []
-    start = threading.Barrier(16)
-
-    def worker(i):
-        try:
-            client = tools.RetrievalClient(url, api="flashrag" if i % 2 else "searchr1", retries=0, timeout_s=10)
-            start.wait(10)
-            for j in range(5):
-                qs = [queries[(i + j) % len(queries)], queries[(i * j) % len(queries)]]
-                got = client.search(qs, 3)
-                assert [[p["id"] for p, _ in h] for h in got] == [want[q] for q in qs]
-            done.append(i)
-        except Exception as e:  # surfaced below: an assert in a thread would be lost
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    errors, done = concurrent_searches(url, tools.BM25Index(CORPUS), 16, 30, together=True, retries=0, timeout_s=10)
     assert errors == [] and sorted(done) == list(range(16))
