@@ -18,6 +18,7 @@ Also here: the separate world model as a tool (world_model.py trains it; train_r
 
 No command of its own.
 """
+import gc
 import json
 import math
 import os
@@ -54,7 +55,10 @@ def setup_distributed(device):
 
 
 def teardown_distributed():
+    """Callers drop their DDP/FSDP modules first: a wrapper or DTensor freed after destroy_process_group still holds
+    the gloo group, whose destructor then aborted ("terminate called without an active exception") or hung."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # reference cycles among the dropped modules
         dist.barrier()
         dist.destroy_process_group()
 

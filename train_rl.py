@@ -593,6 +593,7 @@ def main(argv=None):
             metrics_file.close()
             save_final(policy, tokenizer, args.out, vars(args), weights)
             print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
+    del policy, reference, model, value_head, params, optimizer, save_state  # before the group goes: see teardown
     teardown_distributed()
     if stop:
         raise SystemExit(1)

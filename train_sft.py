@@ -379,9 +379,7 @@ def main(args):
         if master:
             save_final(raw_model, tok, args.out, vars(args), weights)  # into OUT, file by file: logs, resume/ stay
             log(f"saved {args.out}")
-    # Free the DDP wrapper (it holds the process group) while every rank is still here: left to the garbage collector
-    # after destroy_process_group, gloo sometimes hung in its destructor once the other rank had exited.
-    del model
+    del model, raw_model, optimizer, save_state  # before the group goes: see common.teardown_distributed
     teardown_distributed()
 
 

@@ -493,6 +493,7 @@ def main(args):
         if rank == 0:
             M.save(model, tokenizer, args.out, {**vars(args), "calls": os.path.abspath(args.calls)}, weights)
             print(f"saved {args.out}")
+        del model  # before the group goes: see common.teardown_distributed
         common.teardown_distributed()
 
     elif args.command == "serve":
