@@ -8,7 +8,7 @@
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
 # (train_sft.py) -> world model (world_model.py) -> RL: real-only from SFT-1&2, simulated from SFT-1&2&3, then
-# simulated -> real (train_rl.py) -> evaluate every row on the test split (evaluate.py) -> the table.
+# simulated -> real (train_rl.py) -> evaluate every row on the test split (evaluate.py) -> the table (report.py).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -137,6 +137,6 @@ evaluate_row sft-123+rl-sim    "$OUT/rl_sim_real/sim_end" agent
 evaluate_row sft-123+rl-sim-real "$OUT/rl_sim_real" agent
 
 mv "$TIMES.new" "$TIMES"
-$PY evaluate.py table --run "$OUT" --wall-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" --rows model-only workflow sft-1 sft-2 sft-12 \
-  sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real
+$PY report.py --run "$OUT" --wall-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" \
+  --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real
 echo "== time per stage (s):"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"

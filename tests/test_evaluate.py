@@ -1,5 +1,6 @@
-"""Tests for evaluate.py: the answer metrics on tricky cases (the RL reward uses them too), the question loader's
-errors, the summary and tables, and one end-to-end run of a tiny model through a real retrieval server process."""
+"""Tests for evaluate.py and report.py: the answer metrics on tricky cases (the RL reward uses them too), the question
+loader's errors, the summary and tables, and one end-to-end run of a tiny model through a real retrieval server
+process."""
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate as ev  # noqa: E402
+import report  # noqa: E402
 import tools as tools_mod  # noqa: E402
 from evaluate import cover_em, exact_match, extract_answer, f1, format_ok, normalize_answer  # noqa: E402
 
@@ -176,8 +178,10 @@ class CharTokenizer:
 @pytest.fixture
 def scripted_engine(monkeypatch):
     """Replace model.build_prompt / engine.rollout: the answer and the number of searches are read from the question
-    ("... ANSWER=x ACTIONS=n"); the fake engine makes n real registry calls per row when env == "real"."""
+    ("... ANSWER=x ACTIONS=n"); the fake engine makes n real registry calls per row when env == "real". The real
+    model.wrap_prompt stays (evaluate.user_turn wraps the react and workflow prompts with it)."""
     import types
+    from model import wrap_prompt
     seen = {}
 
     def build_prompt(tokenizer, question, template="short"):
@@ -202,7 +206,7 @@ def scripted_engine(monkeypatch):
             outs.append(ScriptedRollout(text, {"search": n}, len(calls)))
         return outs
 
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(build_prompt=build_prompt))
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(build_prompt=build_prompt, wrap_prompt=wrap_prompt))
     monkeypatch.setitem(sys.modules, "engine", types.SimpleNamespace(rollout=rollout))
     return seen
 
@@ -262,7 +266,7 @@ def test_evaluate_n_samples_average(scripted_engine, tmp_path):
     assert all(len(p["samples"]) == 3 for p in preds)
     assert sum(b["n"] for b in summary["by_actions"].values()) == 12
     assert scripted_engine["kw"][0]["greedy"] is False and scripted_engine["kw"][0]["temperature"] == 0.6
-    ev.write_outputs(str(tmp_path), summary, preds, label="x")
+    report.write_outputs(str(tmp_path), summary, preds, label="x")
     assert json.loads((tmp_path / "results.json").read_text())["n_samples"] == 3
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
@@ -274,7 +278,7 @@ def test_judge_majority_and_missing_predictions(scripted_engine):
                                  judge=(None, CharTokenizer()), judge_votes=3)
     assert [p["judge"] for p in preds] == [1, 1, 0, 0]  # the judge disagrees with EM on purpose: Milan != Rome
     assert summary["overall"]["judge"] == 0.5 and summary["by_dataset"]["NQ"]["judge"] == 1.0
-    assert "/ 100.0" in ev.format_table([("run", summary)])
+    assert "/ 100.0" in report.format_table([("run", summary)])
     verdicts = ev.judge_answers(None, CharTokenizer(), [("q", ["Paris"], None), ("q", ["Paris"], "Paris")], votes=1)
     assert verdicts == [0, 1]  # no prediction: 0 without asking
 
@@ -283,7 +287,7 @@ def test_format_table_two_runs(scripted_engine):
     tools = tools_mod.ToolRegistry({"search": lambda qs: ["r"] * len(qs)})
     s1, _ = ev.evaluate(None, CharTokenizer(), make_questions(), tools, "agent", progress=False)
     s2, _ = ev.evaluate(None, CharTokenizer(), make_questions()[:2], tools, "agent", progress=False)
-    table = ev.format_table([("full", s1), ("nq only", s2)]).splitlines()
+    table = report.format_table([("full", s1), ("nq only", s2)]).splitlines()
     assert table[0] == "| run | NQ | HotpotQA | Avg |"
     assert table[2] == "| full | 50.0 | 100.0 | 75.0 |"
     assert table[3] == "| nq only | 50.0 | - | 50.0 |"
@@ -505,16 +509,16 @@ def test_cli_tools_requirements(capsys):
 
 
 def test_bootstrap_ci_hand_cases():
-    assert ev.bootstrap_ci([[1.0] * 10]) == (1.0, 1.0)  # all correct: no spread to resample
-    assert ev.bootstrap_ci([]) == (None, None)
+    assert report.bootstrap_ci([[1.0] * 10]) == (1.0, 1.0)  # all correct: no spread to resample
+    assert report.bootstrap_ci([]) == (None, None)
     widths = []
     for n in (20, 200):
-        lo, hi = ev.bootstrap_ci([[1.0, 0.0] * (n // 2)])
+        lo, hi = report.bootstrap_ci([[1.0, 0.0] * (n // 2)])
         assert lo < 0.5 < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 10x the questions, ~3x narrower
     assert 0.25 < widths[0] < 0.55  # normal approximation: 2 * 1.96 * sqrt(0.25 / 20) = 0.44
-    assert ev.bootstrap_ci([[1.0, 0.0, 1.0]]) == ev.bootstrap_ci([[1.0, 0.0, 1.0]])  # fixed seed
+    assert report.bootstrap_ci([[1.0, 0.0, 1.0]]) == report.bootstrap_ci([[1.0, 0.0, 1.0]])  # fixed seed
 
 
 def _pred(i, t, em, known=False, actions=1):
@@ -523,14 +527,14 @@ def _pred(i, t, em, known=False, actions=1):
 
 def test_paired_diff_identical_rows_is_zero(tmp_path):
     preds = [_pred(i, t, float(i % 2), known=i % 3 == 0, actions=i % 6)
-             for i, t in enumerate(ev.WORLD_COLUMNS * 5)]
+             for i, t in enumerate(report.WORLD_COLUMNS * 5)]
     for label in ("sft-12", "sft-12+rl-real"):
         d = tmp_path / "eval" / label
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"args": {"model": str(tmp_path / label), "mode": "agent"}}))
         lines = [json.dumps(p) + "\n" for p in preds]
         (d / "predictions.jsonl").write_text("".join(lines if label == "sft-12" else lines[::-1]))
-    md, rows, extras = ev.world_table(str(tmp_path), ["sft-12", "sft-12+rl-real"])
+    md, rows, extras = report.world_table(str(tmp_path), ["sft-12", "sft-12+rl-real"])
     p = extras["paired"]["sft-12+rl-real"]
     assert p["start"] == "sft-12"
     assert p["avg"] == {"value": 0.0, "lo": 0.0, "hi": 0.0, "n": 30}
@@ -543,15 +547,21 @@ def test_paired_diff_identical_rows_is_zero(tmp_path):
 
 def test_paired_diff_matches_by_id():
     """A question only one row answered is left out; the difference is taken on the same questions."""
-    a = ev.world_cells([_pred(0, "1hop", 1.0), _pred(1, "1hop", 1.0), _pred(2, "1hop", 0.0)])
-    b = ev.world_cells([_pred(2, "1hop", 0.0), _pred(0, "1hop", 0.0)])
-    assert ev.cell_ci(a, "1hop", b) == {"value": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
+    a = report.world_cells([_pred(0, "1hop", 1.0), _pred(1, "1hop", 1.0), _pred(2, "1hop", 0.0)])
+    b = report.world_cells([_pred(2, "1hop", 0.0), _pred(0, "1hop", 0.0)])
+    assert report.cell_ci(a, "1hop", b) == {"value": 0.5, "lo": 0.0, "hi": 1.0, "n": 2}
 
 
 def test_success_by_actions_buckets():
     preds = [_pred(0, "1hop", 1.0, actions=0), _pred(1, "1hop", 0.0, actions=0), _pred(2, "1hop", 1.0, actions=2),
              _pred(3, "1hop", 1.0, actions=4), _pred(4, "1hop", 0.0, actions=9),
              {"id": "q5", "samples": [{"em": 1.0, "num_actions": 3}, {"em": 0.0, "num_actions": 3}]}]
-    b = ev.success_by_actions(preds)
+    b = report.success_by_actions(preds)
     assert {k: v["n"] for k, v in b.items()} == {"0": 2, "1": 0, "2": 1, "3": 2, "4+": 2}
     assert {k: v["success_rate"] for k, v in b.items()} == {"0": 0.5, "1": None, "2": 1.0, "3": 0.5, "4+": 0.5}
+
+
+def test_no_figure3_modes_match_evaluate():
+    """report.py imports nothing from evaluate.py (evaluate.py's CLI imports report.py, and a cycle is what we avoid),
+    so the two modes it leaves out of Figure 3 are named there again: pinned here to evaluate.ENV_OF_MODE."""
+    assert set(report.NO_ACTION_MODES) == {mode for mode, env in ev.ENV_OF_MODE.items() if env == "none"}

@@ -1,0 +1,326 @@
+"""
+From prediction records to the paper's numbers, tables and figures. evaluate.py scores each question; this file
+aggregates the scores: a run's summary (results.json: EM / F1 / cover-EM / LLM judge per dataset and averaged, success
+rate by number of actions, stop reasons), its results.md and by_actions.png (evaluate.py's CLI writes them with
+write_outputs), and Table 1 of a run.sh run.
+
+Table 1 on the embedded world (run.sh's last step) reads OUT/eval/LABEL/{results.json,predictions.jsonl} per row: EM
+per question type on unknown-entity questions (the model must act), EM on known-fact questions, their mean (avg), EM
+on unknown multi-hop, the share of known questions answered without acting, and the real tool calls RL spent. Under
+it, additions the paper does not print: each cell's 95% percentile-bootstrap interval (1000 resamples of the cell's
+questions, seed 0; avg resamples each of its columns), each RL row minus its starting checkpoint (RL_START) on the
+same questions with a paired bootstrap interval (on a test split this small, a few EM points can be noise), and
+Figure 3 (EM by 0-4+ actions, agent rows).
+
+Usage (no model, no torch; run.sh's last step):
+  python report.py --run out/tiny --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real \\
+      sft-123+rl-sim sft-123+rl-sim-real --wall-seconds 2160
+writes OUT/results.md, OUT/results.json (rows, intervals, paired, fig3) and OUT/results_fig3.png (with matplotlib).
+In-process (evaluate.py):  summary = summarize(predictions); write_outputs(out_dir, summary, predictions, label)
+"""
+import argparse
+import json
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from tools import write_atomic
+
+# -----------------------------------------------------------------------------
+# A run's numbers (results.json)
+
+ACTION_BUCKETS = ("0", "1", "2", "3", "4", "5+")  # one run's results.json / results.md
+FIG3_BUCKETS = ("0", "1", "2", "3", "4+")  # paper Figure 3 in the run.sh table (few questions take 5+ actions)
+# evaluate.py's modes whose actions never run (its ENV_OF_MODE "none"; a test pins the two): no Figure 3 row
+NO_ACTION_MODES = ("no-action", "workflow")
+
+
+def success_by_actions(predictions, buckets=FIG3_BUCKETS):
+    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, ... actions; the last bucket ("4+",
+    or "5+" of ACTION_BUCKETS) takes every larger count."""
+    b = {k: {"n": 0, "correct": 0} for k in buckets}
+    for r in predictions:
+        for s in r.get("samples", [r]):
+            k = buckets[min(s["num_actions"], len(buckets) - 1)]
+            b[k]["n"] += 1
+            b[k]["correct"] += s["em"]
+    return {k: {**v, "success_rate": v["correct"] / v["n"] if v["n"] else None} for k, v in b.items()}
+
+
+def _metrics(records, with_judge):
+    """Mean metrics over prediction records (each already averaged over its samples)."""
+    n = len(records)
+    keys = ["em", "f1", "cover_em", "mention", "format_ok", "answered", "num_actions"]
+    keys += ["judge"] if with_judge else []
+    return {"n": n, **{k: sum(r[k] for r in records) / max(n, 1) for k in keys}}
+
+
+def summarize(predictions, with_judge=False):
+    """Numbers for results.json from prediction records: overall, per dataset, per type, macro average (the paper's
+    Avg = mean over datasets), success by number of actions (Figure 3, counted per sample), stop reasons."""
+    summary = {"overall": _metrics(predictions, with_judge)}
+    for field in ("dataset", "type"):
+        groups = defaultdict(list)
+        for r in predictions:
+            if field in r:
+                groups[str(r[field])].append(r)
+        if groups:
+            summary[f"by_{field}"] = {g: _metrics(rs, with_judge) for g, rs in groups.items()}
+    per_group = summary.get("by_dataset") or summary.get("by_type") or {"all": summary["overall"]}
+    summary["average"] = {k: sum(m[k] for m in per_group.values()) / len(per_group)
+                          for k in summary["overall"] if k != "n"}
+    stops, formats = Counter(), Counter()
+    for r in predictions:
+        for s in r.get("samples", [r]):
+            formats[s["format"]] += 1
+            stops[s["stop_reason"]] += 1
+    summary["by_actions"] = success_by_actions(predictions, ACTION_BUCKETS)
+    summary["stop_reasons"], summary["format_checks"] = dict(stops), dict(formats)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# A run's results.md and plot
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(rows, metric="em"):
+    """Table-1-like markdown: one row per run, one column per dataset (or type) and Avg.
+    rows: list of (label, summary). Cells are `metric` x 100, with "/ judge" appended when the run has a judge."""
+    groups = []
+    for _, s in rows:
+        for g in s.get("by_dataset") or s.get("by_type") or {}:
+            if g not in groups:
+                groups.append(g)
+
+    def cell(m):
+        if m is None:
+            return "-"
+        return _pct(m[metric]) + (f" / {_pct(m['judge'])}" if "judge" in m else "")
+
+    head = ["run"] + groups + ["Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, s in rows:
+        per = s.get("by_dataset") or s.get("by_type") or {}
+        lines.append("| " + " | ".join([label] + [cell(per.get(g)) for g in groups] + [cell(s["average"])]) + " |")
+    return "\n".join(lines)
+
+
+def format_results_md(summary, label):
+    """results.md: the Table-1 row, the full metric table per group, success by #actions (Figure 3), tool calls."""
+    judge = "judge" in summary["overall"]
+    cols = ["em", "f1", "cover_em"] + (["judge"] if judge else []) + ["format_ok", "answered", "mention"]
+    out = [f"# {label}: {summary['mode']}, {summary['n_questions']} questions x {summary['n_samples']} samples", "",
+           f"EM{' / LLM judge' if judge else ''} (%), Avg = mean over groups:", "",
+           format_table([(label, summary)]), "",
+           "| group | n | " + " | ".join(cols) + " | actions/question |", "|" + "---|" * (len(cols) + 3)]
+    groups = {**summary.get("by_dataset", {}), **summary.get("by_type", {}), "overall (micro)": summary["overall"],
+              "Avg (macro)": {"n": summary["n_questions"], **summary["average"]}}
+    for g, m in groups.items():
+        out.append(f"| {g} | {m['n']} | " + " | ".join(_pct(m[c]) for c in cols) + f" | {m['num_actions']:.2f} |")
+    out += ["", "Success rate by number of actions (paper Figure 3, per sample):", "",
+            "| #actions | " + " | ".join(ACTION_BUCKETS) + " |", "|" + "---|" * (len(ACTION_BUCKETS) + 1),
+            "| n | " + " | ".join(str(summary["by_actions"][b]["n"]) for b in ACTION_BUCKETS) + " |",
+            "| EM (%) | " + " | ".join(_pct(summary["by_actions"][b]["success_rate"]) for b in ACTION_BUCKETS) + " |",
+            "", "Tool calls: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in summary["tool_calls"].items()),
+            "Stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["stop_reasons"].items())),
+            "Format checks: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["format_checks"].items())), ""]
+    return "\n".join(out)
+
+
+def _pyplot():
+    """matplotlib.pyplot on a file backend, or None when matplotlib (an optional dependency) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_by_actions(summary, path):
+    """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    b = summary["by_actions"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
+    ax1.set(xlabel="#actions", ylabel="correct answers", title="(a) correct by #actions")
+    ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
+    ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def write_outputs(out_dir, summary, predictions, label="run"):
+    """results.json, results.md, predictions.jsonl (+ by_actions.png when matplotlib is there), each atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_atomic(os.path.join(out_dir, "predictions.jsonl"),
+                 "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    write_atomic(os.path.join(out_dir, "results.md"), format_results_md(summary, label))
+    plot_by_actions(summary, os.path.join(out_dir, "by_actions.png"))
+    write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Table 1 on the embedded world: one row per evaluated checkpoint (run.sh's last step)
+
+WORLD_COLUMNS = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
+AVG_OF = WORLD_COLUMNS + ["known"]  # avg = mean of these cells (macro, like the paper's Avg over datasets)
+# Each RL row of run.sh and the row of the checkpoint its RL started from (run_args.json "init" of the RL checkpoint)
+RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-sim": "sft-123", "sft-123+rl-sim-real": "sft-123"}
+
+
+def world_cells(predictions):
+    """The per-question scores behind each Table 1 cell (see world_row): cell -> {(dataset, id): score}."""
+    def scores(rows):
+        return {(r.get("dataset"), r["id"]): float(r["em"]) for r in rows}
+    unknown = [r for r in predictions if not r.get("known")]
+    known = [r for r in predictions if r.get("known")]
+    cells = {t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
+    cells["known"] = scores(known)
+    cells["unknown_multihop"] = scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
+    cells["known_no_action"] = scores([{**r, "em": r["num_actions"] == 0} for r in known])  # 1 = answered w/o acting
+    return cells
+
+
+def cell_groups(cells, cell):  # the question groups a cell averages: avg the means of AVG_OF, any other cell one
+    return [cells[c] for c in (AVG_OF if cell == "avg" else [cell])]  # empty ones (no such question) drop later
+
+
+def bootstrap_ci(groups, n_boot=1000, seed=0):
+    """95% percentile bootstrap of mean-over-groups(mean of group): questions resampled with replacement within each
+    group (one group = one cell; AVG_OF = the avg cell; per-question differences = a paired difference of means)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return None, None
+    stats = np.mean([g[rng.integers(0, len(g), (n_boot, len(g)))].mean(1) for g in groups], axis=0)  # (n_boot,)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def cell_ci(cells, cell, base_cells=None):
+    """A Table 1 cell with its bootstrap 95% interval -> {value, lo, hi, n questions}; with base_cells (another row),
+    the paired difference cell - base cell on the questions both rows answered (matched by dataset and id)."""
+    groups = cell_groups(cells, cell)
+    base = cell_groups(base_cells, cell) if base_cells else [{}] * len(groups)
+    diffs = [[g[k] - b.get(k, 0) for k in sorted(g.keys() & b.keys() if base_cells else g)]
+             for g, b in zip(groups, base)]
+    diffs = [d for d in diffs if d]
+    return {"value": sum(sum(d) / len(d) for d in diffs) / len(diffs) if diffs else None,
+            **dict(zip(("lo", "hi"), bootstrap_ci(diffs))), "n": sum(map(len, diffs))}
+
+
+def plot_fig3(fig3, path):
+    """Figure 3 of the run, one line per agent row, as a PNG when matplotlib is installed; returns whether written."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, b in fig3.items():
+        ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
+    ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def world_row(predictions, model_dir):
+    """EM per question type on UNKNOWN-entity questions (the model must act), EM on known-fact questions, their mean,
+    EM on unknown multi-hop (2- to 4-hop), the share of known questions answered without acting, and the real tool
+    calls RL spent to make this checkpoint (read from the metrics.jsonl train_rl.py leaves in it; 0 without RL)."""
+    cells = world_cells(predictions)
+    row = {c: sum(v.values()) / len(v) if v else None for c, v in cells.items()}
+    present = [row[c] for c in AVG_OF if row[c] is not None]
+    row = {**{c: row[c] for c in AVG_OF}, "avg": sum(present) / len(present) if present else None,
+           "unknown_multihop": row["unknown_multihop"], "known_no_action": row["known_no_action"]}
+    metrics = os.path.join(model_dir, "metrics.jsonl")
+    calls = 0
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        calls = rows[-1].get("real_calls_total", 0) if rows else 0  # SFT checkpoints keep metrics.jsonl too
+    row["rl_real_calls"] = calls
+    return row
+
+
+def world_table(run_dir, labels, wall_seconds=None):
+    """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict, extras dict):
+    Table 1, then its 95% bootstrap intervals, each RL row minus its starting row (RL_START), and Figure 3."""
+    rows, cells, fig3 = {}, {}, {}
+    for label in labels:
+        d = os.path.join(run_dir, "eval", label)
+        with open(os.path.join(d, "results.json")) as f:
+            args = json.load(f)["args"]
+        with open(os.path.join(d, "predictions.jsonl")) as f:
+            predictions = [json.loads(line) for line in f if line.strip()]
+        rows[label], cells[label] = world_row(predictions, args["model"]), world_cells(predictions)
+        if args.get("mode") not in NO_ACTION_MODES:  # agent rows only: model-only and workflow never act
+            fig3[label] = success_by_actions(predictions)
+    cols = WORLD_COLUMNS + ["known", "avg", "unknown_multihop", "known_no_action"]
+    head = ["row"] + cols + ["RL real calls"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        lines.append("| " + " | ".join([label] + [_pct(r[c]) if r[c] is not None else "-" for c in cols]
+                                       + [str(r["rl_real_calls"])]) + " |")
+    note = ("\nEM (%) on the test split. Type columns: unknown-entity questions (answerable only by acting); known: "
+            "questions on facts the base model was taught; known_no_action: share of known questions answered without "
+            "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
+    if wall_seconds is not None:
+        note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
+
+    def ci(value, lo, hi, n=None, signed=False):  # "28.4 [22.1, 35.0]"
+        v = "-" if value is None else f"{100 * value:+.1f}" if signed else _pct(value)
+        return v if value is None else f"{v} [{_pct(lo)}, {_pct(hi)}]"
+    intervals = {label: {c: cell_ci(cells[label], c) for c in cols} for label in labels}
+    paired = {label: {"start": start, **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg",
+                                                                                         "unknown_multihop")}}
+              for label, start in RL_START.items() if label in cells and start in cells}
+    md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", "",
+          "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    md += ["| " + " | ".join([label] + [ci(**iv[c]) for c in cols]) + " |" for label, iv in intervals.items()]
+    md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
+           "| RL row | start | n (avg / multihop) | avg | unknown_multihop |", "|---|---|---|---|---|"]
+    md += [f"| {label} | {p['start']} | {p['avg']['n']} / {p['unknown_multihop']['n']} | "
+           f"{ci(**p['avg'], signed=True)} | {ci(**p['unknown_multihop'], signed=True)} |"
+           for label, p in paired.items()]
+    md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
+           "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
+    md += ["| " + " | ".join([label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})" for k in FIG3_BUCKETS]) + " |"
+           for label, b in fig3.items()]
+    extras = {"intervals": intervals, "paired": paired, "fig3": fig3}
+    return "\n".join(lines) + "\n" + note + "\n" + "\n".join(md) + "\n", rows, extras
+
+
+# -----------------------------------------------------------------------------
+# CLI: Table 1 of a run.sh run
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Table 1 of a run.sh run from its eval/ dirs (see the docstring)")
+    p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
+    p.add_argument("--rows", nargs="+", required=True, help="row labels, in table order (eval/LABEL must exist)")
+    p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
+    args = p.parse_args(argv)
+    md, rows, extras = world_table(args.run, args.rows, args.wall_seconds)
+    write_atomic(os.path.join(args.run, "results.md"), md)
+    write_atomic(os.path.join(args.run, "results.json"),
+                 json.dumps({"rows": rows, "wall_seconds": args.wall_seconds, **extras}, indent=2) + "\n")
+    png = plot_fig3(extras["fig3"], os.path.join(args.run, "results_fig3.png"))
+    print(md)
+    print(f"wrote {args.run}/results.md and results.json" + (" and results_fig3.png" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
