@@ -1,6 +1,6 @@
 """
-Tools for the agent model: the action/observation format, a BM25 search index, an HTTP retrieval client and server,
-a safe calculator, and the ToolRegistry that the rollout engine calls once per step with every paused row's action.
+Tools for the agent model: the action/observation format, a BM25 search index, an HTTP retrieval client, a safe
+calculator, and the ToolRegistry that the rollout engine calls once per step with every paused row's action.
 
 Format (SPEC section 2; every other script imports these strings from here):
     <think> ... <begin_search> QUERY </end_search>
@@ -12,38 +12,28 @@ A tool is an action type plus an argument (paper Algorithm 1): `<begin_NAME> ARG
 `<NAME_result> ... </NAME_result>`. `search` keeps AutoCoA's exact spelling.
 
 How this departs from the paper's setup and why:
-- AutoCoA (like Search-R1) retrieves with a separate FlashRAG/Pyserini server over Wikipedia. We serve the same two HTTP
-  APIs (FlashRAG `tok_k` and Search-R1 `topk`) from a pure Python + numpy Okapi BM25 index, so the whole pipeline runs
-  on a laptop with no Java and no FAISS. It is Pyserini's scoring (k1=0.9, b=0.4, idf = log(1 + (N-df+0.5)/(df+0.5)),
+- AutoCoA (like Search-R1) retrieves with a separate FlashRAG/Pyserini server over Wikipedia. We search a pure Python +
+  numpy Okapi BM25 index, in process or behind the same two HTTP APIs (server.py), so the whole pipeline runs on a
+  laptop with no Java and no FAISS. It is Pyserini's scoring (k1=0.9, b=0.4, idf = log(1 + (N-df+0.5)/(df+0.5)),
   Lucene's English stopwords) but without Porter stemming and with exact (not Lucene-quantised) document lengths, so
-  scores are close to, not identical with, Pyserini's. Point `--url` at a real server to use a dense retriever.
-  Measured here: 100k passages of ~100 words index in 5-10 s on one shared CPU core (peak ~650 MB RSS incl. the
-  passages), ~1,300 queries/s from 8 concurrent HTTP clients. Fine for the synthetic world and ~1M passages; use
-  Pyserini/FAISS behind `--url` for the 21M-passage Wikipedia dump.
+  scores are close to, not identical with, Pyserini's. Measured here: 100k passages of ~100 words index in 5-10 s on one
+  shared CPU core (peak ~650 MB RSS incl. the passages): fine for the synthetic world and ~1M passages. For the
+  21M-passage Wikipedia dump or a dense retriever, point `--url` at a real server (Pyserini/FAISS).
 - A calculator is the second tool (paper footnote 2: computation as well as information access). `^` is read as power.
-- Failed calls become an error observation for that row (SPEC 2), never a crash; failures are never cached.
-- Everything from outside is bounded, because one unbounded thing sank a run: an observation is cut at max_obs_chars
-  (4000) with a visible "... [truncated]" (a 10 MB result made one rollout take 69 s and 3.6 GB); the client reads at
-  most max_reply_bytes (8 MB) of a reply; the server serves with a fixed pool of --max-workers threads, gives an idle
-  connection no thread, and drops a client that takes over --request-timeout to send its request or read the reply
-  (slow and idle clients used to pin one thread each, without limit).
+- Failed calls become an error observation for that row (SPEC 2), never a crash, and are never cached. All that comes
+  from outside is bounded (one unbounded thing sank a run): observations, replies, the server (server.py).
 
-Commands:
-    python tools.py serve --corpus data/corpus.jsonl --host 127.0.0.1 --port 8080   # HTTP retrieval server, both APIs
-        [--max-workers 16 --request-timeout 30]                                     # threads; seconds per request
-    python tools.py search --corpus data/corpus.jsonl "who wrote hamlet"            # quick look (or --url URL)
-    python tools.py calc "2023 - 1987"                                              # calculator -> 36
-(No torchrun: nothing here is distributed. Every rank builds its own registry; a shared server is the usual setup.)
+Commands (no torchrun: nothing here is distributed; every rank builds its own registry, a shared server is usual):
+    python tools.py search --corpus data/corpus.jsonl "who wrote hamlet"   # quick look (or --url URL)
+    python tools.py calc "2023 - 1987"                                     # calculator -> 36
 """
 import argparse
 import ast
-import io
 import json
 import math
 import operator
 import os
 import re
-import selectors
 import sys
 import tempfile
 import threading
@@ -52,8 +42,6 @@ import urllib.error
 import urllib.request
 from array import array
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 
@@ -165,9 +153,8 @@ class BM25Index:
     def __init__(self, passages, k1=0.9, b=0.4):
         if not passages:
             raise ValueError("BM25Index: empty corpus")
-        self.passages, self.k1, self.b = passages, k1, b
+        self.passages, self.k1, self.b, self.vocab = passages, k1, b, {}
         N = len(passages)
-        self.vocab = {}
         term_ids, lengths = array("q"), np.empty(N, dtype=np.int64)  # flat int64 buffer numpy views without a copy
         for i, p in enumerate(passages):
             ids = [self.vocab.setdefault(w, len(self.vocab)) for w in tokenize(p["contents"])]
@@ -176,10 +163,9 @@ class BM25Index:
         # one key per token occurrence; np.unique sorts by (term, passage) and counts tf in one C pass
         keys = np.frombuffer(term_ids, dtype=np.int64) * N + np.repeat(np.arange(N, dtype=np.int64), lengths)
         keys, tf = np.unique(keys, return_counts=True)
-        post_terms = keys // N
-        self.post_docs = (keys % N).astype(np.int32)  # (P,) passage of each posting
+        self.post_docs = (keys % N).astype(np.int32)  # (P,) passage of each posting; keys // N is its term
         # term t owns postings [starts[t], starts[t+1])
-        self.starts = np.searchsorted(post_terms, np.arange(len(self.vocab) + 1))
+        self.starts = np.searchsorted(keys // N, np.arange(len(self.vocab) + 1))
         df = np.diff(self.starts)
         self.idf = np.log(1.0 + (N - df + 0.5) / (df + 0.5))  # (V,) Lucene's idf, always > 0
         avgdl = lengths.mean() if lengths.sum() else 1.0
@@ -225,10 +211,7 @@ class BM25Index:
 # -----------------------------------------------------------------------------
 # HTTP retrieval client (SPEC 7: FlashRAG/AutoCoA `tok_k` and Search-R1/verl `topk`)
 
-def retrieval_request(api, queries, k):
-    if api == "flashrag":
-        return {"query": queries, "tok_k": k, "return_score": True}  # the field really is `tok_k`
-    return {"queries": queries, "topk": k, "return_scores": True}
+API_FIELDS = {"flashrag": ("query", "tok_k", "return_score"), "searchr1": ("queries", "topk", "return_scores")}
 
 
 class RetrievalClient:
@@ -237,15 +220,13 @@ class RetrievalClient:
     ToolError, not retried, and never held whole in memory (a 200 MB reply used to be read, parsed and cached)."""
 
     def __init__(self, url, api="flashrag", timeout_s=10, retries=2, max_reply_bytes=8 << 20):
-        if api not in ("flashrag", "searchr1"):
+        if api not in API_FIELDS:
             raise ValueError(f"api must be 'flashrag' or 'searchr1', got {api!r}")
         url = url.rstrip("/")
         self.url = url if url.endswith("/retrieve") else url + "/retrieve"
         self.api, self.timeout_s, self.retries, self.max_reply_bytes = api, timeout_s, retries, max_reply_bytes
 
     def _read_reply(self, response):
-        """The reply body, refused (ToolError) as soon as it is known to pass max_reply_bytes: by its Content-Length
-        before reading a byte, else after reading one byte more than the cap."""
         too_big = ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
                             f"not read further")
         length = response.headers.get("Content-Length", "").strip()
@@ -257,7 +238,8 @@ class RetrievalClient:
         return data
 
     def search(self, queries, k=3):
-        data = json.dumps(retrieval_request(self.api, list(queries), k)).encode()
+        q_field, k_field, s_field = API_FIELDS[self.api]
+        data = json.dumps({q_field: list(queries), k_field: k, s_field: True}).encode()
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -288,7 +270,7 @@ class RetrievalClient:
 
 
 # -----------------------------------------------------------------------------
-# Tools: batched callables list[str] -> list[str]
+# Tools (batched callables list[str] -> list[str]) and the registry, the engine's one entry point
 
 def search_tool(backend, k=3):
     """backend: anything with search(queries, k) (BM25Index, RetrievalClient). Renders AutoCoA's observation text."""
@@ -310,8 +292,6 @@ CALC_MAX_BITS = 4096  # integers beyond ~1e1233 are refused: bounded memory and 
 
 def calc_eval(node):
     """Evaluate an arithmetic AST: numbers, + - * / // % **, unary +/-, parentheses. Anything else is refused."""
-    if isinstance(node, ast.Expression):
-        return calc_eval(node.body)
     if isinstance(node, ast.Constant):
         if type(node.value) not in (int, float):  # type(), not isinstance(): True is an int; refuse it and strings
             raise ValueError(f"unsupported constant {node.value!r}")
@@ -338,7 +318,7 @@ def calculator(exprs):
     out = []
     for expr in exprs:
         try:
-            x = calc_eval(ast.parse(expr.strip().replace("^", "**"), mode="eval"))
+            x = calc_eval(ast.parse(expr.strip().replace("^", "**"), mode="eval").body)
             if isinstance(x, float) and not math.isfinite(x):
                 raise ValueError("result is not finite")
             if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
@@ -350,9 +330,6 @@ def calculator(exprs):
             out.append(f"Error: cannot evaluate {expr.strip()!r}: {e.msg if isinstance(e, SyntaxError) else e}.")
     return out
 
-
-# -----------------------------------------------------------------------------
-# Registry: the engine's one entry point
 
 TRUNCATED = "... [truncated]"  # ends every observation cut at max_obs_chars, so the model (and a reader) can see it
 
@@ -378,17 +355,14 @@ class ToolRegistry:
       real_counts[tool] distinct arguments that reached the tool, i.e. cache misses sent to it (timeouts and failures
                         included: the tool did run); real_calls is their sum over tools;
       cache_hits        requests answered from the cache or by a duplicate in the same batch;
-      errors            error observations returned: unknown tool, empty or over-long argument (these never reach a
-                        tool), tool failure, timeout (every row that gets one, duplicates included).
-    Set `log` to a list to have every successful real call appended as {"tool", "args", "observation"} (the rows
-    world_model.py collect reads; the observation as the model saw it, i.e. clipped).
-    Not thread-safe: one registry per rollout loop."""
+      errors            error observations returned, of any kind above (every row that gets one, duplicates included).
+    Set `log` to a list to have every successful real call appended as {"tool", "args", "observation"}, the observation
+    clipped as the model saw it (the rows world_model.py collect reads). Not thread-safe: one per rollout loop."""
 
     def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000, max_obs_chars=4000):
         self.tools, self.cache_size, self.timeout_s = dict(tools), cache_size, timeout_s
         self.max_arg_chars, self.max_obs_chars = max_arg_chars, max_obs_chars
-        self.cache = OrderedDict()
-        self.log = None
+        self.cache, self.log = OrderedDict(), None
         self.reset_counts()
 
     @property
@@ -405,7 +379,6 @@ class ToolRegistry:
         self.real_calls = self.cache_hits = self.errors = 0
 
     def snapshot(self):
-        """The counters as plain numbers: {"reached": {tool: n}, "cache_hits", "errors", "requests"}."""
         return {"reached": dict(self.real_counts), "cache_hits": self.cache_hits, "errors": self.errors,
                 "requests": sum(self.counts.values())}
 
@@ -478,8 +451,7 @@ class ToolRegistry:
 
 def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, timeout_s=30, max_obs_chars=4000):
     """search (over a JSONL corpus path or a BM25Index, or a server at url) + calculator. With neither corpus nor url,
-    only the calculator is registered (a search action then gets the unknown-tool observation). Observations longer
-    than max_obs_chars are cut (ToolRegistry)."""
+    only the calculator is registered (a search action then gets the unknown-tool observation)."""
     if corpus is not None and url is not None:
         raise ValueError("give corpus or url, not both")
     tools = {}
@@ -492,224 +464,20 @@ def make_tools(corpus=None, url=None, api="flashrag", k=3, cache_size=4096, time
 
 
 # -----------------------------------------------------------------------------
-# HTTP retrieval server: both APIs on POST /retrieve, GET /health
-
-def parse_retrieve(body, max_queries, max_k):
-    """Validate a /retrieve body -> (api, queries, k, with_scores). Raises ValueError with a client-facing message."""
-    if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
-    if ("query" in body) == ("queries" in body):
-        raise ValueError("give exactly one of 'query' (FlashRAG, with 'tok_k') or 'queries' (Search-R1, with 'topk')")
-    api = "flashrag" if "query" in body else "searchr1"
-    q_field, k_field, s_field = (("query", "tok_k", "return_score") if api == "flashrag"
-                                 else ("queries", "topk", "return_scores"))
-    queries, k = body[q_field], body.get(k_field, 3)
-    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
-        raise ValueError(f"'{q_field}' must be a non-empty list of strings")
-    if len(queries) > max_queries:
-        raise ValueError(f"too many queries ({len(queries)}, limit {max_queries})")
-    if type(k) is not int or not 1 <= k <= max_k:
-        raise ValueError(f"'{k_field}' must be an integer in [1, {max_k}]")
-    return api, queries, k, bool(body.get(s_field, True))
-
-
-class DeadlineIO(io.RawIOBase):
-    """A socket as a raw stream in which every read and write gets only the time left before `deadline` (monotonic
-    seconds). A per-recv socket timeout alone lets a client that sends or reads 1 byte/s hold a thread for ever."""
-
-    def __init__(self, sock, deadline):
-        self.sock, self.deadline = sock, deadline
-
-    def readable(self):
-        return True
-
-    def writable(self):
-        return True
-
-    def _arm(self):
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("request deadline passed")
-        self.sock.settimeout(left)
-
-    def readinto(self, buffer):
-        self._arm()
-        return self.sock.recv_into(buffer)
-
-    def write(self, data):
-        self._arm()
-        self.sock.sendall(data)  # since Python 3.5 the timeout bounds the whole sendall, not each send
-        return len(data)
-
-
-class BoundedHTTPServer(HTTPServer):
-    """An HTTPServer with a fixed pool of max_workers threads (ThreadingHTTPServer starts one per connection, without
-    limit: 300 idle connections made 182 threads, 40 clients not reading a 5 MB answer took 582 MB). The accept loop
-    keeps every connection in a selector until its request starts arriving, so an idle socket costs a file descriptor,
-    not a thread, and is closed after request_timeout seconds of silence. A worker then serves ONE request (the reply
-    says Connection: close: a kept-alive connection idling between requests would hold its worker) under deadlines
-    (DeadlineIO): request_timeout seconds to read the request, and again to write the reply. Search time is not
-    counted: a slow backend is not the client's fault and cannot be interrupted anyway."""
-    request_queue_size = 128  # listen backlog: a burst of clients waits in the kernel instead of being refused
-
-    def __init__(self, address, handler, max_workers=16, request_timeout=30.0):
-        if max_workers < 1 or request_timeout <= 0:
-            raise ValueError(f"need max_workers >= 1 and request_timeout > 0, got {max_workers}, {request_timeout}")
-        super().__init__(address, handler)
-        self.max_workers, self.request_timeout = max_workers, request_timeout
-        self.pool = ThreadPoolExecutor(max_workers, thread_name_prefix="retrieve")
-        self.stopping = threading.Event()
-
-    def serve_forever(self, poll_interval=0.5):
-        waiting = {}  # connection -> (client address, monotonic time it is closed if still silent)
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.socket, selectors.EVENT_READ)
-            try:
-                while not self.stopping.is_set():
-                    for key, _ in selector.select(poll_interval):
-                        if key.fileobj is self.socket:
-                            try:
-                                conn, address = self.socket.accept()
-                            except OSError:  # the client gave up already, or out of file descriptors: try later
-                                continue
-                            waiting[conn] = (address, time.monotonic() + self.request_timeout)
-                            selector.register(conn, selectors.EVENT_READ)
-                        else:  # bytes (or EOF) arrived: the request is a worker's now
-                            conn = key.fileobj
-                            selector.unregister(conn)
-                            self.pool.submit(self.work, conn, waiting.pop(conn)[0])
-                    now = time.monotonic()
-                    for conn in [c for c, (_, deadline) in waiting.items() if deadline < now]:
-                        selector.unregister(conn)
-                        del waiting[conn]
-                        self.shutdown_request(conn)
-            finally:
-                for conn in waiting:
-                    self.shutdown_request(conn)
-
-    def work(self, conn, address):
-        try:
-            self.finish_request(conn, address)  # the handler serves one request under its deadlines
-        except OSError:  # reset, broken pipe: the client left; nothing to answer
-            pass
-        except Exception:
-            self.handle_error(conn, address)
-        finally:
-            self.shutdown_request(conn)
-
-    def shutdown(self):
-        self.stopping.set()
-
-    def server_close(self):
-        super().server_close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512, max_k=100, quiet=False,
-          max_workers=16, request_timeout=30.0):
-    """Serve index.search forever on a BoundedHTTPServer (max_workers threads; each request read, and its reply
-    written, within request_timeout seconds). index: anything with search(queries, k) and passages (world_model.py
-    serves its simulator this way). The socket listens before the "serving ... on http://HOST:PORT/retrieve" line is
-    printed (tests parse it for --port 0). Returns on Ctrl-C."""
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = request_timeout
-        protocol_version = "HTTP/1.1"
-
-        def setup(self):  # StreamRequestHandler's, with DeadlineIO in place of its socket files
-            self.connection = self.request
-            self.io = DeadlineIO(self.connection, time.monotonic() + request_timeout)
-            self.rfile, self.wfile = io.BufferedReader(self.io), self.io
-
-        def handle(self):
-            self.close_connection = True  # one request per connection (BoundedHTTPServer says why)
-            self.handle_one_request()  # a TimeoutError in it is logged and ends the request
-
-        def reply(self, code, obj):
-            data = json.dumps(obj).encode()
-            self.io.deadline = time.monotonic() + request_timeout  # the reply's own deadline: search time is free
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path == "/health":
-                self.reply(200, {"status": "ok", "passages": len(index.passages)})
-            else:
-                self.reply(404, {"error": f"no such path {self.path}; use POST /retrieve or GET /health"})
-
-        def do_POST(self):
-            if self.path != "/retrieve":
-                return self.reply(404, {"error": f"no such path {self.path}; use POST /retrieve"})
-            length = self.headers.get("Content-Length", "").strip()
-            if not length.isdigit():  # missing, negative or junk (chunked uploads are not supported)
-                return self.reply(411, {"error": "a valid Content-Length header is required"})
-            length = int(length)
-            if length > max_body:  # refused before reading a byte of it
-                return self.reply(413, {"error": f"body too large ({length} bytes, limit {max_body})"})
-            try:
-                api, queries, k, with_scores = parse_retrieve(json.loads(self.rfile.read(length)), max_queries, max_k)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
-                return self.reply(400, {"error": f"bad request: {e}"})
-            except RecursionError:  # e.g. 100k nested brackets: the decoder's recursion limit, not a server fault
-                return self.reply(400, {"error": "bad request: JSON nested too deeply"})
-            try:
-                rows = index.search(queries, k)
-            except Exception as e:  # a bug, not the client's fault: say so and keep serving
-                return self.reply(500, {"error": f"search failed: {type(e).__name__}: {e}"})
-            if api == "flashrag":
-                result = [{"documents": [p for p, _ in hits],
-                           **({"scores": [s for _, s in hits]} if with_scores else {})} for hits in rows]
-            else:
-                result = {"result": [[{"document": p, **({"score": s} if with_scores else {})} for p, s in hits]
-                                     for hits in rows]}
-            self.reply(200, result)
-
-        def log_message(self, fmt, *args):
-            if not quiet:
-                super().log_message(fmt, *args)
-
-    server = BoundedHTTPServer((host, port), Handler, max_workers=max_workers, request_timeout=request_timeout)
-    print(f"serving {len(index.passages)} passages on http://{host}:{server.server_address[1]}/retrieve "
-          f"(FlashRAG and Search-R1 APIs; {max_workers} workers, {request_timeout:g} s per request)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-# -----------------------------------------------------------------------------
 # CLI
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="AutoCoA tools: retrieval server, quick search, calculator")
+    parser = argparse.ArgumentParser(description="AutoCoA tools: quick search, calculator (the server: server.py)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="serve a BM25 index over HTTP (FlashRAG and Search-R1 APIs)")
     p_search = sub.add_parser("search", help="print the observation for one or more queries")
     p_calc = sub.add_parser("calc", help="evaluate arithmetic with the calculator tool")
     # Data
-    for p in (p_serve, p_search):
-        p.add_argument("--corpus", help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG format)")
-        p.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
-        p.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
-    # Server
-    p_serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; 0.0.0.0 exposes it)")
-    p_serve.add_argument("--port", type=int, default=8080, help="port (0 = pick a free one, printed at start)")
-    p_serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
-    p_serve.add_argument("--max-queries", type=int, default=512, help="most queries per request (else 400)")
-    p_serve.add_argument("--max-workers", type=int, default=16,
-                         help="worker threads, i.e. requests served at once (an idle connection takes none)")
-    p_serve.add_argument("--request-timeout", type=float, default=30.0,
-                         help="seconds a client gets to send its request, and again to read the reply (else dropped)")
-    p_serve.add_argument("--quiet", action="store_true", help="do not log each request")
+    p_search.add_argument("--corpus", help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG format)")
+    p_search.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
+    p_search.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
     # Search
     p_search.add_argument("--url", help="query a retrieval server instead of a local corpus")
-    p_search.add_argument("--api", choices=["flashrag", "searchr1"], default="flashrag", help="request shape for --url")
+    p_search.add_argument("--api", choices=list(API_FIELDS), default="flashrag", help="request shape for --url")
     p_search.add_argument("-k", type=int, default=3, help="passages per query")
     p_search.add_argument("queries", nargs="+", help="search queries")
     p_calc.add_argument("exprs", nargs="+", help="arithmetic expressions")
@@ -718,19 +486,15 @@ if __name__ == "__main__":
     if args.command == "calc":
         print("\n".join(calculator(args.exprs)))
         sys.exit(0)
-    if args.command == "search" and args.url:
+    if args.url:
         backend = RetrievalClient(args.url, api=args.api)
     else:
         if not args.corpus:
-            parser.error("--corpus is required" + (" (or --url)" if args.command == "search" else ""))
+            parser.error("--corpus is required (or --url)")
         t0 = time.time()
         backend = BM25Index.from_jsonl(args.corpus, k1=args.k1, b=args.b)
         print(f"indexed {len(backend.passages)} passages, {len(backend.vocab)} terms in {time.time() - t0:.1f} s",
               file=sys.stderr)
-    if args.command == "serve":
-        serve(backend, args.host, args.port, max_body=args.max_body, max_queries=args.max_queries, quiet=args.quiet,
-              max_workers=args.max_workers, request_timeout=args.request_timeout)
-    else:
-        registry = ToolRegistry({"search": search_tool(backend, args.k)})
-        for q, obs in zip(args.queries, registry([("search", q) for q in args.queries])):
-            print(f"{action_open('search')} {q} {action_close('search')}{format_observation('search', obs)}")
+    registry = ToolRegistry({"search": search_tool(backend, args.k)})
+    for q, obs in zip(args.queries, registry([("search", q) for q in args.queries])):
+        print(f"{action_open('search')} {q} {action_close('search')}{format_observation('search', obs)}")

@@ -10,7 +10,7 @@ Subcommands:
   train    a causal LM on  <begin_search> QUERY </end_search>\\n<search_result>\\n  ->  OBS\\n</search_result>,
            loss on the observation tokens only (model.encode_segments: the call is a "prompt" segment, the observation a
            "policy" segment, so the one mask rule of SPEC 3 is reused).
-  serve    the world model behind the same HTTP API as `tools.py serve` (FlashRAG and Search-R1 shapes).
+  serve    the world model behind the same HTTP API as `server.py` (FlashRAG and Search-R1 shapes).
   eval     fidelity on held-out calls: answer-bearing fact recall, token F1 to the real observation, and reward
            agreement (same policy, same dev questions, real tools vs simulated), split by seen / unseen entity.
 
@@ -73,7 +73,8 @@ import model as M
 import common
 from common import load_world_model_tools, simulate, wm_prompt
 from evaluate import exact_match, extract_answer, f1, normalize_answer
-from tools import BM25Index, action_close, action_open, make_tools, read_jsonl, result_close, serve, write_atomic
+from server import serve
+from tools import BM25Index, action_close, action_open, make_tools, read_jsonl, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
 # The world model's input and training example

@@ -320,10 +320,10 @@ def make_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def retrieval_server(tmp_path_factory):
-    """`python tools.py serve` on a free loopback port (--port 0: the server prints the one it bound)."""
+    """`python server.py` on a free loopback port (--port 0: the server prints the one it bound)."""
     corpus = write_lines(tmp_path_factory.mktemp("server") / "corpus.jsonl",
                          [json.dumps({"id": str(i), "contents": f'"{t}"\n{x}'}) for i, (t, x) in enumerate(CORPUS)])
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools.py"), "serve", "--corpus", corpus,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--corpus", corpus,
                              "--host", "127.0.0.1", "--port", "0", "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

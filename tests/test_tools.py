@@ -1,6 +1,6 @@
 """tools.py: format strings, BM25 (hand-computed score + naive oracle), corpus errors, calculator safety, registry
-error rows / timeouts / cache counters, and a REAL retrieval server process on a free loopback port (both APIs, 4xx,
-concurrent clients, client behaviour when the server is down)."""
+error rows / timeouts / cache counters; and server.py: a REAL retrieval server process on a free loopback port (both
+APIs, 4xx, concurrent clients, client behaviour when the server is down)."""
 import http.client
 import json
 import math
@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import server as server_mod  # noqa: E402  (not `server`: a fixture below has that name)
 import tools  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +230,7 @@ def test_client_server_down_gives_error_observation():
 def server(tmp_path_factory):
     corpus = write_jsonl(tmp_path_factory.mktemp("srv") / "corpus.jsonl", CORPUS)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools.py"), "serve", "--corpus", corpus,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--corpus", corpus,
                              "--port", str(port), "--max-body", "100000", "--max-queries", "8", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -544,10 +545,10 @@ BIG_PASSAGE = {"id": "big", "contents": "bigpassage " + "x" * 10_000_000}  # one
 
 @pytest.fixture(scope="module")
 def bounded_server(tmp_path_factory):
-    """`tools.py serve --max-workers 4 --request-timeout 1.5`: the process, its URL and the limits."""
+    """`server.py --max-workers 4 --request-timeout 1.5`: the process, its URL and the limits."""
     corpus = write_jsonl(tmp_path_factory.mktemp("bounded") / "corpus.jsonl", CORPUS + [BIG_PASSAGE])
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools.py"), "serve", "--corpus", corpus,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--corpus", corpus,
                              "--port", str(port), "--max-workers", "4", "--request-timeout", "1.5", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             # numpy's BLAS starts OMP_NUM_THREADS - 1 threads of its own: count only the server's
@@ -678,6 +679,6 @@ def test_server_drops_client_that_does_not_read(bounded_server):
 def test_server_16_concurrent_clients(bounded_server):
     """16 clients at once against 4 workers: every request is queued (listen backlog sized for it) and answered."""
     _, url, _, _ = bounded_server
-    assert tools.BoundedHTTPServer.request_queue_size >= 16
+    assert server_mod.BoundedHTTPServer.request_queue_size >= 16
     errors, done = concurrent_searches(url, tools.BM25Index(CORPUS), 16, 30, together=True, retries=0, timeout_s=10)
     assert errors == [] and sorted(done) == list(range(16))
