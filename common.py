@@ -14,7 +14,8 @@ swap), the final checkpoint is moved INTO OUT file by file (the logs and resume/
 already holds the last step when the final save starts, a rerun with --resume only redoes that save. On --resume the
 step log drops the rows of steps after the resume point, so every step's row is there exactly once.
 
-Also here: the separate world model as a tool (world_model.py trains it; train_rl.py --world-model uses it).
+Also here: typed JSONL reading whose errors name file:line and the field; the separate world model as a tool (world_model.py trains it; train_rl.py --world-model uses it).
+Sharding over GPUs (--fsdp) and the memory plan are fsdp.py's.
 
 No command of its own.
 """
@@ -23,14 +24,13 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import encode_segments, load, save
-from tools import ToolRegistry, action_close, action_open, calculator, result_close, result_open
+from tools import ToolRegistry, action_close, action_open, calculator, read_jsonl, result_close, result_open
 
 # -----------------------------------------------------------------------------
 # Device and ranks
@@ -55,8 +55,9 @@ def setup_distributed(device):
 
 
 def teardown_distributed():
-    """Callers drop their DDP/FSDP modules first: a wrapper or DTensor freed after destroy_process_group still holds
-    the gloo group, whose destructor then aborted ("terminate called without an active exception") or hung."""
+    """Call it once the DDP/FSDP modules are gone (the trainers: after train() returns): a wrapper or DTensor freed
+    after destroy_process_group still holds the gloo group, whose destructor then aborted ("terminate called without
+    an active exception") or hung."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # reference cycles among the dropped modules
         dist.barrier()
@@ -102,6 +103,23 @@ def token_logprobs(logits, ids):
     return -nll.view(R, T - 1)
 
 
+def policy_forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
+    """RL's forward: per-target log-prob, entropy and value of a padded batch (ids, attention: (B, T)) under
+    softmax(logits / temperature), the distribution the engine sampled from; values only with a value_head. Position t
+    scores ids[:, t + 1] (token_logprobs' one shift), as collate's masks [:, 1:] do."""
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
+    scaled = out.logits.float() / temperature                            # (B, T, V)
+    logp = token_logprobs(scaled, ids)                                   # (B, T-1) log pi_T(ids[:, 1:])
+    entropy = None
+    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
+        logits = scaled[:, :-1]                                          # (B, T-1, V)
+        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
+    return logp, entropy, values
+
+
 def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
     """Global batches (lists of example indices) for one epoch, identical on every rank: shuffle, fill the last batch
     with the epoch's first examples, sort by length within buffers of bucket_batches batches, shuffle the batches."""
@@ -124,6 +142,44 @@ def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Input files: typed JSONL rows, errors that name file:line and the field
+
+
+# The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
+# became the query "None", an int observation crashed split_results, a list as tool name a set insert).
+FIELD_TYPES = {"tool": (str, "a string"), "args": (str, "a string"), "observation": (str, "a string"),
+               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false")}
+CALL_FIELDS = ("tool", "args", "observation")
+
+
+def json_type(value):
+    """The JSON name of a parsed value's type, for error messages."""
+    return {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def check_fields(row, fields, where, what="field"):
+    """Every field present and of its FIELD_TYPES type, else ValueError naming where (file:line) and the field."""
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"{where}: missing {what} '{field}'")
+        kind, name = FIELD_TYPES.get(field, (object, ""))
+        if not isinstance(row[field], kind):
+            raise ValueError(f"{where}: {what} '{field}' must be {name}, got {json_type(row[field])}")
+
+
+def read_rows(path, fields=()):
+    """Rows of a JSONL file, each with "_where" (file:line); a missing field, or one of the wrong type, fails with
+    file:line and its name."""
+    rows = []
+    for where, row in read_jsonl(path):
+        check_fields(row, fields, where)
+        row["_where"] = where
+        rows.append(row)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -292,230 +348,3 @@ def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16
         return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size, greedy, temperature)
 
     return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)
-
-
-# -----------------------------------------------------------------------------
-# FSDP (--fsdp): the paper's 7B trained on one 8-GPU node. DDP keeps a whole copy of the fp32 weights, gradients and
-# AdamW moments on every GPU (16 bytes a parameter: 122 GB for 7.6B, more than an 80 GB GPU); FSDP2 keeps 1/world of
-# each and gathers one decoder layer at a time. `python common.py plan` prints the memory plan (memory_plan below).
-
-
-def shard(model, device, bf16=False):
-    """FSDP2 (torch.distributed.fsdp.fully_shard), in place: each decoder layer (HF's _no_split_modules) is one unit,
-    all-gathered just before its forward and again for its backward, and freed after; the PPO value head is one unit;
-    the root holds the rest (embeddings, final norm, lm_head) and stays gathered from forward to backward (FSDP2's
-    default for the root). The parameters become DTensor shards: build the optimizer AFTER this.
-    bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e. the gathered weights are cast to bfloat16
-    for compute, gradients are reduced in float32, the sharded master weights and AdamW state stay float32.
-    Gradients are reduce-scattered on every backward, micro-batches included (no no_sync: skipping the reduction would
-    hold unsharded gradients, the memory FSDP saves), and averaged over ranks as DDP does. Needs torchrun (a process
-    group); runs on CPU with gloo too (tests/test_fsdp.py)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    assert dist.is_initialized(), "--fsdp needs torchrun (torchrun --standalone --nproc_per_node=N ...)"
-    mesh = init_device_mesh(device.split(":")[0], (dist.get_world_size(),))
-    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
-    units = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
-    assert units, f"{type(model).__name__}: no decoder layers found (its _no_split_modules: {model._no_split_modules})"
-    if getattr(model, "value_head", None) is not None:
-        units.append(model.value_head)
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=precision)
-    fully_shard(model, mesh=mesh, mp_policy=precision)
-    return model
-
-
-def is_sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-@contextmanager
-def whole_model(model):
-    """Rollouts (and evaluation) under FSDP: gather every unit once, run, then shard again. A decode loop calls the
-    model once per token; sharded, each call would all-gather every layer (the whole model per token) and every rank
-    would have to make exactly as many calls as the others, which ranks generating their own prompts to different
-    lengths do not. Gathered, a forward makes no collective at all. Cost: the whole model in the compute dtype on
-    every GPU for the rollout (bf16 7.6B: 15 GB) on top of its shards; gradients are freed by then (zero_grad), which
-    is what makes room. Every rank must enter (the gather is a collective). A no-op without FSDP."""
-    if not is_sharded(model):
-        yield model
-        return
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    model.set_reshard_after_forward(False)  # forwards inside leave the units gathered
-    for unit in units:
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
-        model.set_reshard_after_forward(True)                 # the layers: free after forward (FSDP2's default) ...
-        model.set_reshard_after_forward(False, recurse=False)  # ... the root: kept until backward (its default)
-
-
-def clip_grad_norm(params, max_norm):
-    """torch's clip_grad_norm_ (max_norm <= 0: no clipping) -> the global norm as a plain tensor. Under FSDP2 the
-    gradients are DTensor shards and torch reduces the norm over all ranks itself (tests/test_fsdp.py checks it against
-    one process); the result is a replicated DTensor, made plain here."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def full_state_dict(model):
-    """The whole model's weights for model.save: under FSDP gathered to rank 0's CPU (a collective: EVERY rank calls
-    it; rank 0 gets the full dict, the others {}); None without FSDP (model.save then uses model.state_dict())."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model, optimizer):
-    """What trainer_state.pt stores of the optimizer: optimizer.state_dict(), or under FSDP the FULL AdamW state keyed
-    by parameter name, gathered to rank 0's CPU (a collective: every rank calls it). One resume format whatever the
-    world size: a run saved on 8 GPUs resumes on 4. Resume with the --fsdp setting the state was saved with."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Inverse of optimizer_state: every rank passes the full state it read; under FSDP each keeps its own shard."""
-    if not is_sharded(model):
-        return optimizer.load_state_dict(state)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
-# The paper's policy, Qwen2.5-7B (R1-Distill-Qwen-7B has the same shape): its config.json fields, so the plan needs no
-# download. head_dim = 3584 / 28 = 128; Qwen2 has biases on q, k and v.
-QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
-GB = 1e9
-
-
-def count_parameters(config):
-    """-> (parameters of one decoder layer, of the rest: embeddings, lm_head unless tied, final norm) of a
-    Llama/Qwen-shaped config (a dict or an HF config)."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    h, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    d = c.get("head_dim") or h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
-    bias = c.get("attention_bias", c.get("model_type") == "qwen2")
-    layer = h * q + 2 * h * kv + q * h + (q + 2 * kv) * bias + 3 * h * I + 2 * h  # attention, SwiGLU MLP, 2 norms
-    rest = V * h * (1 if c.get("tie_word_embeddings") else 2) + h
-    return layer, rest
-
-
-def memory_plan(config, world_size, micro_batch, context, fsdp, grad_checkpointing=False, bf16=True, reference=False,
-                rollout_batch=0, rows_per_item=1):
-    """Bytes per GPU, as {item: bytes}, of a training run: estimates from the config alone (no weights), for plain
-    DDP (fsdp=False: every GPU holds everything) or FSDP (1/world_size of the sharded items). The trainers keep
-    float32 weights (bf16: bfloat16 compute), so per parameter: weights 4, gradients 4, AdamW 2 moments x 4 bytes.
-      reference    the frozen KL reference of RL (float32 like the policy), sharded under FSDP
-      gathered     FSDP's working set: the root (embeddings, lm_head) + 2 layers (one computing, one prefetched) in
-                   the compute dtype, and their unreduced gradients
-      activations  per decoder layer and token, e bytes per value (2 in bf16, else 4), with SDPA/flash attention
-                   (no s x s scores): e * (8h + 2 kv_dim + 4I) = the norms' inputs and outputs and fp32 internals
-                   (8h), q, k, v (h + 2 kv_dim), the attention output (h), gate, up, silu(gate) and their product (4I).
-                   The same count as Korthikanti et al. 2022's 34 s b h for GPT (4h GELU MLP, dropout masks); Qwen's
-                   SwiGLU MLP makes it ~59 s b h. x layers x tokens (micro_batch x rows_per_item x context).
-                   --grad-checkpointing keeps only each layer's input (e h per token) + one layer recomputed.
-      logits       tokens x vocab x (e + 3 x 4): the logits and 3 float32 copies (the float cast, log-softmax,
-                   the entropy's softmax in RL)
-      rollout      (RL, rollout_batch > 0) the KV cache, 2 x layers x kv_heads x head_dim x context x rollout_batch x e,
-                   and under FSDP the whole model gathered in the compute dtype (common.whole_model)
-    The peak is the larger of the training step (everything but the rollout) and the rollout (no gradients: freed).
-    CUDA's own context and allocator fragmentation are not in it: check_memory keeps 10% for them."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    h, L, I, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-    kv_dim = c["num_key_value_heads"] * (c.get("head_dim") or h // c["num_attention_heads"])
-    layer, rest = count_parameters(c)
-    P, e, n = L * layer + rest, 2 if bf16 else 4, world_size if fsdp else 1
-    tokens = micro_batch * rows_per_item * context
-    per_layer = e * (8 * h + 2 * kv_dim + 4 * I) * tokens
-    plan = {"parameters (count)": P, "weights (fp32)": 4 * P / n, "gradients (fp32)": 4 * P / n,
-            "AdamW moments (2 x fp32)": 8 * P / n, "reference model (fp32)": 4 * P / n * reference,
-            "gathered units (FSDP)": (rest + 2 * layer) * (e + 4) * fsdp,
-            "activations": L * per_layer, "activations, --grad-checkpointing": L * e * h * tokens + per_layer,
-            "logits": tokens * V * (e + 12),
-            "rollout KV cache": 2 * L * kv_dim * context * rollout_batch * e,
-            "rollout: whole model gathered (FSDP)": P * e * fsdp * (rollout_batch > 0)}
-    kept = plan["weights (fp32)"] + plan["AdamW moments (2 x fp32)"] + plan["reference model (fp32)"]
-    activations = plan["activations, --grad-checkpointing" if grad_checkpointing else "activations"]
-    plan["peak: training step"] = kept + plan["gradients (fp32)"] + plan["gathered units (FSDP)"] + activations + \
-        plan["logits"]
-    plan["peak: rollout"] = (kept + plan["rollout KV cache"] + plan["rollout: whole model gathered (FSDP)"]) * \
-        (rollout_batch > 0)
-    plan["peak"] = max(plan["peak: training step"], plan["peak: rollout"])
-    return plan
-
-
-def format_plan(config, world_size, micro_batch, context, gpu_gb=None, **options):
-    """memory_plan for DDP and FSDP side by side, in GB per GPU: a small table."""
-    ddp, fsdp = (memory_plan(config, world_size, micro_batch, context, sharded, **options) for sharded in (False, True))
-    c = config if isinstance(config, dict) else config.to_dict()
-    lines = [f"memory plan per GPU: {c.get('model_type', '?')} {ddp['parameters (count)'] / 1e9:.2f}B parameters, "
-             f"{world_size} GPU(s), micro-batch {micro_batch} x {context} tokens, rollout "
-             f"{options.get('rollout_batch', 0)} sequences, {'bf16' if options.get('bf16', True) else 'fp32'}"
-             f"{', --grad-checkpointing' if options.get('grad_checkpointing') else ''}",
-             f"{'GB per GPU':<38} {'DDP':>8} {'FSDP':>8}"]
-    for key in ddp:
-        if key != "parameters (count)":
-            lines.append(f"{key:<38} {ddp[key] / GB:>8.1f} {fsdp[key] / GB:>8.1f}")
-    if gpu_gb:
-        fits = lambda plan: "yes" if plan["peak"] <= 0.9 * gpu_gb * GB else "NO"  # noqa: E731
-        lines.append(f"{f'fits in {gpu_gb:g} GB (90%)?':<38} {fits(ddp):>8} {fits(fsdp):>8}")
-    return "\n".join(lines)
-
-
-def check_memory(config, device, master, world_size, micro_batch, context, fsdp, grad_checkpointing=False, **options):
-    """Rank 0 prints the memory plan; on CUDA every rank refuses to start when the plan's peak exceeds 90% of the
-    GPU's memory, naming the first change that would fit: --fsdp, --grad-checkpointing, a smaller --micro-batch.
-    grad_checkpointing=None: the script has no such flag (never suggested)."""
-    if master:
-        print(format_plan(config, world_size, micro_batch, context, grad_checkpointing=grad_checkpointing, **options),
-              flush=True)
-    if not device.startswith("cuda"):
-        return
-    budget = 0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory
-    peak = lambda **change: memory_plan(**{**dict(config=config, world_size=world_size, micro_batch=micro_batch,  # noqa
-                                        context=context, fsdp=fsdp, grad_checkpointing=grad_checkpointing, **options),
-                                        **change})["peak"]
-    if peak() <= budget:
-        return
-    can_checkpoint = grad_checkpointing is not None
-    tries = [("--fsdp", dict(fsdp=True))]
-    if can_checkpoint:
-        tries += [("--grad-checkpointing", dict(grad_checkpointing=True)),
-                  ("--fsdp --grad-checkpointing", dict(fsdp=True, grad_checkpointing=True))]
-    tries += [(f"--fsdp{' --grad-checkpointing' * can_checkpoint} --micro-batch {m}",
-               dict(micro_batch=m, fsdp=True, grad_checkpointing=can_checkpoint))
-              for m in range(micro_batch - 1, 0, -1)]
-    fix = next((flags for flags, change in tries if peak(**change) <= budget), None)
-    raise SystemExit(f"memory plan: {peak() / GB:.1f} GB per GPU, more than 90% of this GPU's "
-                     f"{budget / 0.9 / GB:.0f} GB. " + (f"It fits with {fix}." if fix else
-                                                         "Nothing fits: more GPUs or a shorter context."))
-
-
-if __name__ == "__main__":  # python common.py plan [--config config.json] --world-size 8 --gpu-gb 80 ...
-    import argparse
-    p = argparse.ArgumentParser(description="memory plan per GPU, DDP vs FSDP, from a model config alone")
-    p.add_argument("command", choices=["plan"], help="the one command")
-    p.add_argument("--config", default=None, help="an HF config.json (default: Qwen2.5-7B, embedded)")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs")
-    p.add_argument("--gpu-gb", type=float, default=80, help="memory of one GPU")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward on one GPU")
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
-    p.add_argument("--rollout-batch", type=int, default=0, help="RL: trajectories one GPU generates at once (0: SFT)")
-    p.add_argument("--reference", action="store_true", help="RL: a frozen reference model for the KL term")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--fp32", action="store_true", help="float32 compute instead of bf16")
-    a = p.parse_args()
-    print(format_plan(json.load(open(a.config)) if a.config else QWEN25_7B, a.world_size, a.micro_batch, a.context,
-                      a.gpu_gb, grad_checkpointing=a.grad_checkpointing, bf16=not a.fp32, reference=a.reference,
-                      rollout_batch=a.rollout_batch))

@@ -143,7 +143,7 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
 def save(model, tokenizer, out_dir, args, state_dict=None):
     """Write a save_pretrained dir (+ value_head.pt, run_args.json) atomically: build OUT.tmp-XXXX, then rename it over
     OUT, so a crash never leaves a half-written checkpoint under OUT. Pass the unwrapped model (not DDP).
-    state_dict: the weights to write instead of model.state_dict() (FSDP: common.full_state_dict, gathered)."""
+    state_dict: the weights to write instead of model.state_dict() (FSDP: fsdp.full_state_dict, gathered)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=os.path.dirname(out_dir))

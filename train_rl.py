@@ -2,11 +2,10 @@
 RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's) or PPO over multi-turn rollouts in which the policy
 acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own observations:
 the internal world model of SFT stage 3), RL-stage 2 against the real tool; the paper's best schedule is
-`--sim-steps 80 --real-steps 16`. The file reads like the paper, one function per box of a step:
-    collect (rollouts, engine.rollout: token ids in and out, loss_mask from the engine; rewards)
-    -> ADVANTAGES[--algo] (one function per algorithm, same signature: add yours there)
-    -> score (old and reference log-probs, no grad) -> update (--ppo-epochs x --minibatches clipped updates).
-Real tool calls are counted per step and in total: spending few of them is the point of the simulated stage.
+`--sim-steps 80 --real-steps 16`. A step, one function per box: collect (engine.rollout: token ids in and out,
+loss_mask from the engine; rewards) -> score (old and reference log-probs) -> ADVANTAGES[--algo] (one function per
+algorithm, same signature) -> update (--ppo-epochs x --minibatches clipped updates). Real tool calls are counted per
+step and in total: spending few of them is the point of the simulated stage.
 
 Departures from the paper / the authors' verl code, and why:
   - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
@@ -18,8 +17,7 @@ Departures from the paper / the authors' verl code, and why:
     tokens (engine masks): the original checked prompt+response, so it could never fail, and a passage holding
     "</think>" or "\\boxed{X}" must not change the score; a result block the policy wrote itself breaks the format.
   - GRPO's division by the group std is a flag (on, as verl/DeepSeekMath; the paper's formula only mean-centers).
-    PPO (not in the paper): value head, GAE with gamma = lambda = 1, reward on the last policy token, observation
-    tokens skipped (the environment's transition), advantages whitened over the batch, value clipped at --clip.
+    PPO (--algo ppo, not in the paper): ppo.py, a value head and GAE over the policy's own tokens.
   - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy from
     logits / --temperature (as verl). Scoring at T=1 while sampling at 0.6 updates a policy that did not act: a
     non-zero update on logits that do not affect reward, a path to entropy collapse. Top-p is not part of the scored
@@ -37,13 +35,12 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
   python train_rl.py --init out/sft123 --data out/world --out out/rl_ppo --algo ppo --sim-steps 0 --real-steps 96
   python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
-      --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (common.shard)
+      --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (fsdp.shard)
 Defaults are the paper's (48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the tiny CPU model needs a
 larger --lr and fewer, shorter rollouts (run.sh). After a kill at any point: the same command plus --resume.
 Outputs (common.py's checkpoint format): OUT/ final checkpoint, OUT/metrics.jsonl (a row per step), OUT/resume/,
-OUT/real_calls.jsonl (every real call: step, tool, args, observation, what `world_model.py collect --rollout-logs`
-reads; rank r > 0 writes real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's
-RL-stage-1 row).
+OUT/real_calls.jsonl (step, tool, args, observation of every real call: world_model.py collect --rollout-logs; rank
+r > 0: real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's RL-stage-1 row).
 """
 import argparse
 import json
@@ -59,17 +56,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from common import (all_sum, all_sum_dict, default_device, load_resume_state, open_step_log, resume_point, save_final,
-                    save_resume, setup_distributed, teardown_distributed, token_logprobs)
+import fsdp
+import ppo
+from common import (all_sum, all_sum_dict, default_device, load_resume_state, open_step_log, policy_forward,
+                    resume_point, save_final, save_resume, setup_distributed, teardown_distributed)
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from engine import rollout
 from model import build_prompt, checkpoint_template, encode_segments, load, save
 from tools import make_tools
 
-GAMMA = LAM = 1.0  # PPO's GAE discount and lambda (SPEC 5): one reward, at the end of the trajectory
-
 # -----------------------------------------------------------------------------
 # Reward, advantages and losses: the math of the method, each a plain function (tests/test_rl.py checks them by hand)
+
 
 def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
     """Scalar reward of one trajectory (SPEC 5): EM (or token F1) of the extracted answer when the RESPONSE keeps the
@@ -90,24 +88,6 @@ def group_advantages(rewards, std_norm=True):
     # all-equal groups carry no signal; the mean of K equal floats can be 1 ulp off, which std division would blow up
     same = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)          # (P, 1)
     return A.masked_fill(same, 0.0)
-
-
-def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
-    """GAE over the masked-in (policy) tokens of each row; masked-out tokens (prompt, observations) are skipped, so the
-    next value of a policy token is the value of the next policy token. -> (advantages, returns), 0 where masked."""
-    # token_rewards, values, mask: (B, T)
-    m = mask.bool()
-    advantages = torch.zeros_like(values)
-    last_gae = torch.zeros_like(values[:, 0])                            # (B,)
-    next_value = torch.zeros_like(values[:, 0])                          # (B,) V after the last token = 0 (terminal)
-    for t in reversed(range(values.shape[1])):
-        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
-        gae_t = delta + gamma * lam * last_gae
-        advantages[:, t] = torch.where(m[:, t], gae_t, 0.0)
-        last_gae = torch.where(m[:, t], gae_t, last_gae)
-        next_value = torch.where(m[:, t], values[:, t], next_value)
-    returns = (advantages + values).masked_fill(~m, 0.0)
-    return advantages, returns
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
@@ -135,25 +115,6 @@ def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens,
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, num_tokens, clip=0.2):
-    """PPO clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), masked, / num_tokens."""
-    # values, old_values, returns, mask: (B, T)
-    m = mask.bool()
-    V, V_old, R = (x.masked_fill(~m, 0.0) for x in (values, old_values, returns))
-    V_clipped = V_old + (V - V_old).clamp(-clip, clip)
-    loss = 0.5 * torch.max((V - R) ** 2, (V_clipped - R) ** 2)           # (B, T)
-    return loss.masked_fill(~m, 0.0).sum() / num_tokens
-
-
-def masked_whiten(x, mask):
-    """(x - mean) / std over the masked-in entries of all ranks; 0 where masked."""
-    m = mask.bool()
-    n, s, sq = all_sum(torch.stack([m.sum().double(), x[m].double().sum(), (x[m].double() ** 2).sum()]))
-    mean = s / n
-    var = (sq / n - mean ** 2).clamp(min=0)
-    return ((x - mean) * torch.rsqrt(var + 1e-8)).float().masked_fill(~m, 0.0)
-
-
 def prompt_index(seed, step, j, num_prompts, num_questions):
     """Question index of the j-th prompt of a step: epochs over a seeded permutation (resume-safe, rank-independent)."""
     position = step * num_prompts + j
@@ -163,7 +124,8 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
 
 # -----------------------------------------------------------------------------
 # Advantages per algorithm: same signature, (batches, args) -> extra metrics; each sets b["advantages"] (B, T-1) on
-# every micro-batch b (batches[minibatch][micro], from score()). Add an algorithm by adding a function here.
+# every micro-batch b (batches[minibatch][micro], from score()). Add an algorithm by adding a function here (or a
+# module: PPO's is ppo.py).
 
 
 def grpo_advantages(batches, args):
@@ -177,31 +139,7 @@ def grpo_advantages(batches, args):
     return {}
 
 
-def ppo_advantages(batches, args):
-    """PPO: GAE on the value head with the reward on the last policy token, whitened over the masked-in tokens of the
-    whole batch on all ranks. Also sets b["returns"] for the value loss. -> {"explained_variance"}"""
-    micro = [b for minibatch in batches for b in minibatch]
-    ev = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2
-    for b in micro:
-        mask, B = b["mask"], len(b["seqs"])
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)  # (B,) last policy token
-        token_rewards = torch.zeros_like(b["old_logp"])
-        token_rewards[torch.arange(B, device=mask.device), last] = torch.tensor([s["reward"] for s in b["seqs"]],
-                                                                                device=mask.device)
-        token_rewards *= mask  # a row without any policy token gets no reward
-        b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask, GAMMA, LAM)
-        R, d = b["returns"][mask.bool()].double(), (b["returns"] - b["old_values"])[mask.bool()].double()
-        ev += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(), (d ** 2).sum()]).cpu()
-    whitened = masked_whiten(torch.cat([b["advantages"].flatten() for b in micro]),
-                             torch.cat([b["mask"].flatten() for b in micro])).split([b["mask"].numel() for b in micro])
-    for b, w in zip(micro, whitened):
-        b["advantages"] = w.view_as(b["mask"])
-    n, sR, sR2, sd, sd2 = all_sum(ev).tolist()
-    var_R, var_d = sR2 / n - (sR / n) ** 2, sd2 / n - (sd / n) ** 2
-    return {"explained_variance": 1 - var_d / var_R if var_R > 0 else float("nan")}
-
-
-ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo_advantages}
+ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo.advantages}
 
 # -----------------------------------------------------------------------------
 # Token scoring and tool counting
@@ -214,22 +152,6 @@ def collate(seqs, pad_id, device):
     T = ids.shape[1]
     engine_logp = torch.tensor([s["engine_logp"] + [0.0] * (T - len(s["engine_logp"])) for s in seqs], device=device)
     return ids, attention, mask[:, 1:], engine_logp[:, 1:]
-
-
-def forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
-    """Per-target log-prob, entropy and value of a padded batch under softmax(logits / temperature), the distribution
-    the engine sampled from; values only when value_head is given."""
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
-    scaled = out.logits.float() / temperature                            # (B, T, V)
-    logp = token_logprobs(scaled, ids)                                   # (B, T-1) log pi_T(ids[:, 1:])
-    entropy = None
-    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
-        logits = scaled[:, :-1]                                          # (B, T-1, V)
-        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
-    return logp, entropy, values
 
 
 def tool_usage(registry):
@@ -255,7 +177,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
     seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
     before = tool_usage(real_tools)
-    with torch.no_grad(), amp(), common.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
+    with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
@@ -295,9 +217,9 @@ def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
             for i in range(start, start + per_minibatch, args.micro_batch):
                 mb = seqs[i:min(i + args.micro_batch, start + per_minibatch)]
                 ids, attention, mask, engine_logp = collate(mb, pad_id, device)
-                old_logp, _, old_values = forward(policy, value_head, ids, attention, args.temperature, False)
+                old_logp, _, old_values = policy_forward(policy, value_head, ids, attention, args.temperature, False)
                 ref_logp = old_logp if reference is None else \
-                    forward(reference, None, ids, attention, args.temperature, False)[0]
+                    policy_forward(reference, None, ids, attention, args.temperature, False)[0]
                 b = {"seqs": mb, "ids": ids, "attention": attention, "mask": mask, "old_logp": old_logp,
                      "ref_logp": ref_logp, "old_values": old_values}
                 m = mask.bool()
@@ -323,19 +245,19 @@ def update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
                 sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
                 with nullcontext() if sync else model.no_sync():
                     with amp():
-                        logp, entropy, values = forward(model, value_head, b["ids"], b["attention"], args.temperature)
+                        logp, entropy, values = policy_forward(model, value_head, b["ids"], b["attention"], args.temperature)
                     loss, micro = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy, b["mask"],
                                               num_tokens, args.clip, args.kl_coef, args.entropy_coef,
                                               b.get("tis_weight"))
                     if value_head is not None:  # PPO's critic (GRPO has none)
-                        v_loss = value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens, args.clip)
-                        loss = loss + args.vf_coef * v_loss
+                        v_loss = ppo.value_loss(values, b["old_values"], b["returns"], b["mask"], num_tokens, args.clip)
+                        loss = loss + ppo.VF_COEF * v_loss
                         micro["value_loss"] = v_loss.item()
                     (loss * world).backward()  # DDP averages over ranks; the loss is already a global mean
                 micro["loss"] = loss.item()
                 for k, v in micro.items():
                     stats[k] += v / (args.ppo_epochs * args.minibatches)
-            grad_norm = common.clip_grad_norm(params, args.grad_clip)  # the global norm, of FSDP shards too
+            grad_norm = fsdp.clip_grad_norm(params, args.grad_clip)  # the global norm, of FSDP shards too
             if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
                 return all_sum_dict(stats), f"gradient is not finite (grad norm {grad_norm.item()})"
             optimizer.step()
@@ -367,7 +289,7 @@ def parse_args(argv=None):
     g.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
     g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2 per "
-                   "decoder layer, torchrun; common.shard); rollouts gather the whole policy (common.whole_model)")
+                   "decoder layer, torchrun; fsdp.shard); rollouts gather the whole policy (fsdp.whole_model)")
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
@@ -414,7 +336,6 @@ def parse_args(argv=None):
     g.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
     g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="divide group advantages by std (paper text: only mean-centering)")
-    g.add_argument("--vf-coef", type=float, default=0.5, help="PPO value loss coefficient")
     g.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
     g = p.add_argument_group("stopping")
     g.add_argument("--collapse-entropy", type=float, default=0.02,
@@ -447,23 +368,34 @@ def build_models(args, start, device, ddp):
         reference.eval().requires_grad_(False)
     model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
     if args.fsdp:  # FSDP2 shards in place: policy and model are the same sharded module
-        model = policy = common.shard(policy, device, args.bf16)
-        reference = common.shard(reference, device, args.bf16) if reference is not None else None
+        model = policy = fsdp.shard(policy, device, args.bf16)
+        reference = fsdp.shard(reference, device, args.bf16) if reference is not None else None
     elif ddp:
         model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     return policy, reference, model, tokenizer
 
 
 def main(argv=None):
+    """The same file runs under python and torchrun. The ranks are torn down after train() returns, when the DDP/FSDP
+    modules in its frame are gone: one freed after destroy_process_group still holds the gloo group, whose destructor
+    then hung or aborted."""
     args = parse_args(argv)
     rank, world, device, ddp = setup_distributed(args.device)
+    stop = train(args, rank, world, device, ddp)
+    teardown_distributed()
+    if stop:
+        raise SystemExit(1)
+
+
+def train(args, rank, world, device, ddp):
+    """Steps (args.sim_steps simulated, then args.real_steps real) -> a stop reason, or None when every step ran."""
     master, total_steps = rank == 0, args.sim_steps + args.real_steps
     assert args.prompts_per_step % world == 0, f"--prompts-per-step {args.prompts_per_step} must divide by {world}"
     prompts_per_rank = args.prompts_per_step // world
     assert prompts_per_rank >= args.minibatches > 0 and prompts_per_rank % args.minibatches == 0, \
         f"{prompts_per_rank} prompts per rank must divide into --minibatches {args.minibatches} (whole groups)"
     assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
-    assert total_steps > 0, "--sim-steps + --real-steps must be > 0"
+    assert total_steps > 0 and args.temperature > 0, "needs --sim-steps + --real-steps > 0 and --temperature > 0"
     if master:
         print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples = "
               f"{args.prompts_per_step * args.group_size} trajectories/step; {args.ppo_epochs} epochs x "
@@ -473,9 +405,9 @@ def main(argv=None):
     # --- models, tools, data
     amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     policy, reference, model, tokenizer = build_models(args, resume_dir or args.init, device, ddp)
-    common.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
-                        bf16=args.bf16, reference=reference is not None,
-                        rollout_batch=prompts_per_rank * args.group_size)  # None: no --grad-checkpointing here
+    fsdp.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
+                      bf16=args.bf16, reference=reference is not None,
+                      rollout_batch=prompts_per_rank * args.group_size)  # None: no --grad-checkpointing here
     value_head = policy.value_head
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -494,7 +426,7 @@ def main(argv=None):
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
     if resume_dir:
         state = load_resume_state(resume_dir)
-        common.load_optimizer_state(policy, optimizer, state["optimizer"])
+        fsdp.load_optimizer_state(policy, optimizer, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_step, totals, collapse_streak = state["step"], state["totals"], state["collapse_streak"]
         # the tool cache decides which calls reach the tool: without it a resumed run's counts and call log differ
@@ -514,7 +446,7 @@ def main(argv=None):
         if ddp:
             caches = [None] * world
             dist.all_gather_object(caches, [[t, a, o] for (t, a), o in real_tools.cache.items()])
-        weights, optimizer_state = common.full_state_dict(policy), common.optimizer_state(policy, optimizer)
+        weights, optimizer_state = fsdp.full_state_dict(policy), fsdp.optimizer_state(policy, optimizer)
         if master:
             save_resume(policy, tokenizer, args.out, vars(args), {
                 "step": done_steps, "optimizer": optimizer_state, "torch_rng": torch.get_rng_state(),
@@ -553,7 +485,7 @@ def main(argv=None):
                     f"{1 - log['format_violation']:.2f} < {args.collapse_format} for {collapse_streak} steps "
                     f"(lower --lr, raise --entropy-coef or --kl-coef; --collapse-patience 0 disables this stop)")
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            with common.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates
+            with fsdp.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates
                 if master:
                     from evaluate import evaluate  # lazy: evaluation is optional
                     dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
@@ -576,7 +508,7 @@ def main(argv=None):
                 print(f"stopping: {stop}; {last}", flush=True)
             break
         if step + 1 == args.sim_steps and args.real_steps > 0:
-            weights = common.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
+            weights = fsdp.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
             if master:  # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row
                 save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args), weights)
                 shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
@@ -588,15 +520,12 @@ def main(argv=None):
     if not stop:
         if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
             save_state(total_steps)
-        weights = common.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
+        weights = fsdp.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
         if master:
             metrics_file.close()
             save_final(policy, tokenizer, args.out, vars(args), weights)
             print(f"saved {args.out} ({totals['real_calls']} real tool calls in total)")
-    del policy, reference, model, value_head, params, optimizer, save_state  # before the group goes: see teardown
-    teardown_distributed()
-    if stop:
-        raise SystemExit(1)
+    return stop
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ Commands (DIR from `python data.py --out DIR`):
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
   torchrun --standalone --nproc_per_node=8 train_sft.py ... --init QWEN_7B_DIR --bf16 --fsdp --grad-checkpointing
-      (the paper's 7B: FSDP2 shards weights, gradients and AdamW state; `python common.py plan` shows the memory)
+      (the paper's 7B: FSDP2 shards weights, gradients and AdamW state; `python fsdp.py plan` shows the memory)
 Outputs and interrupted runs (common.py's one checkpoint format, as train_rl.py): OUT/ the final checkpoint,
 OUT/metrics.jsonl, OUT/resume/ (weights + trainer_state.pt: every --save-every steps and at the end). After a kill at
 any point, the final save included, rerun the same command with --resume: it continues from OUT/resume/ (a finished
@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
                     resume_point, save_final, save_resume, setup_distributed, teardown_distributed, token_logprobs)
-import common
+import fsdp
 from model import build_prompt, checkpoint_template, encode_segments, load
 from tools import read_jsonl
 
@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
-                   "(FSDP2 per decoder layer, torchrun; common.shard): a 7B on 8 x 80 GB")
+                   "(FSDP2 per decoder layer, torchrun; fsdp.shard): a 7B on 8 x 80 GB")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     # Checkpointing
@@ -203,9 +203,17 @@ def contrastive_loss(P_chosen, P_rejected, alpha):
 
 
 def main(args):
-    # -------------------------------------------------------------------------
-    # distributed setup (the same file runs under python and torchrun), resume point, model
+    """The same file runs under python and torchrun. The ranks are torn down after train() returns, when the DDP/FSDP
+    modules in its frame are gone: one freed after destroy_process_group still holds the gloo group, whose destructor
+    then hung or aborted."""
     rank, world_size, device, ddp = setup_distributed(args.device)
+    train(args, rank, world_size, device, ddp)
+    teardown_distributed()
+
+
+def train(args, rank, world_size, device, ddp):
+    # -------------------------------------------------------------------------
+    # resume point, model
     cuda, master = device.startswith("cuda"), rank == 0
     log = print if master else (lambda *a, **k: None)
     resume_dir = resume_point(args.out, args.resume, master, ddp)
@@ -225,7 +233,7 @@ def main(args):
     model.train()
     raw_model = model
     if args.fsdp:  # FSDP2 shards in place: the training module is the model itself
-        model = raw_model = common.shard(model, device, args.bf16)
+        model = raw_model = fsdp.shard(model, device, args.bf16)
     elif ddp:
         model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -249,8 +257,8 @@ def main(args):
     log(f"stage {args.stage} | {path}: {len(examples)} {unit}, {dropped} dropped as longer than --max-len "
         f"{args.max_len} | world {world_size} x micro {m} x accum {accum_steps} = batch {B} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps} | lr {args.lr:g}")
-    common.check_memory(raw_model.config, device, master, world_size, m, args.max_len, args.fsdp,
-                        args.grad_checkpointing, bf16=args.bf16, rows_per_item=2 if args.stage == "1" else 1)
+    fsdp.check_memory(raw_model.config, device, master, world_size, m, args.max_len, args.fsdp,
+                      args.grad_checkpointing, bf16=args.bf16, rows_per_item=2 if args.stage == "1" else 1)
 
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
@@ -264,7 +272,7 @@ def main(args):
             assert state["args"][key] == getattr(args, key), \
                 f"--resume: {key} was {state['args'][key]!r} in {resume_dir}, now {getattr(args, key)!r}; the data " \
                 "order would differ from the interrupted run's"
-        common.load_optimizer_state(raw_model, optimizer, state["optimizer"])
+        fsdp.load_optimizer_state(raw_model, optimizer, state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
@@ -276,7 +284,7 @@ def main(args):
     def save_state():
         # every rank calls it (under FSDP gathering the weights and the optimizer state is a collective); rank 0
         # writes, with its own RNG only: ranks differ only if the model uses dropout (the presets do not)
-        weights, optimizer_state = common.full_state_dict(raw_model), common.optimizer_state(raw_model, optimizer)
+        weights, optimizer_state = fsdp.full_state_dict(raw_model), fsdp.optimizer_state(raw_model, optimizer)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state() if cuda else None}
         if master:
@@ -335,7 +343,7 @@ def main(args):
                 # DDP averages gradients over ranks; our loss is already a share of the global sum, so undo the mean
                 (loss * world_size).backward()
             sums[0] += loss.detach()
-        grad_norm = common.clip_grad_norm(raw_model.parameters(), args.grad_clip)  # global norm, FSDP shards too
+        grad_norm = fsdp.clip_grad_norm(raw_model.parameters(), args.grad_clip)  # global norm, FSDP shards too
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ddp:
@@ -375,12 +383,10 @@ def main(args):
     if step >= total_steps:
         if start_step < total_steps:  # else: a rerun after a kill during the final save; OUT/resume is final already
             save_state()
-        weights = common.full_state_dict(raw_model)  # every rank (FSDP: a collective), rank 0 writes
+        weights = fsdp.full_state_dict(raw_model)  # every rank (FSDP: a collective), rank 0 writes
         if master:
             save_final(raw_model, tok, args.out, vars(args), weights)  # into OUT, file by file: logs, resume/ stay
             log(f"saved {args.out}")
-    del model, raw_model, optimizer, save_state  # before the group goes: see common.teardown_distributed
-    teardown_distributed()
 
 
 if __name__ == "__main__":

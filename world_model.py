@@ -68,13 +68,14 @@ from types import SimpleNamespace
 
 import torch
 
-import engine
-import model as M
 import common
-from common import load_world_model_tools, simulate, wm_prompt
+import engine
+import fsdp
+import model as M
+from common import CALL_FIELDS, check_fields, json_type, load_world_model_tools, read_rows, simulate, wm_prompt
 from evaluate import exact_match, extract_answer, f1, normalize_answer
 from server import serve
-from tools import BM25Index, action_close, action_open, make_tools, read_jsonl, result_close, write_atomic
+from tools import BM25Index, action_close, action_open, make_tools, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
 # The world model's input and training example
@@ -89,41 +90,7 @@ def wm_example(tokenizer, call):
 
 
 # -----------------------------------------------------------------------------
-# Small I/O helpers
-
-
-# The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
-# became the query "None", an int observation crashed split_results, a list as tool name a set insert).
-FIELD_TYPES = {"tool": (str, "a string"), "args": (str, "a string"), "observation": (str, "a string"),
-               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false")}
-CALL_FIELDS = ("tool", "args", "observation")
-
-
-def json_type(value):
-    """The JSON name of a parsed value's type, for error messages."""
-    return {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
-def check_fields(row, fields, where, what="field"):
-    """Every field present and of its FIELD_TYPES type, else ValueError naming where (file:line) and the field."""
-    for field in fields:
-        if field not in row:
-            raise ValueError(f"{where}: missing {what} '{field}'")
-        kind, name = FIELD_TYPES.get(field, (object, ""))
-        if not isinstance(row[field], kind):
-            raise ValueError(f"{where}: {what} '{field}' must be {name}, got {json_type(row[field])}")
-
-
-def read_rows(path, fields=()):
-    """Rows of a JSONL file, each with "_where" (file:line); a missing field, or one of the wrong type, fails with
-    file:line and its name."""
-    rows = []
-    for where, row in read_jsonl(path):
-        check_fields(row, fields, where)
-        row["_where"] = where
-        rows.append(row)
-    return rows
+# Observations (read_rows, check_fields: common.py's typed JSONL reading)
 
 
 RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
@@ -197,7 +164,6 @@ def policy_sim_segments(tokenizer, tool, args, template="short"):
             {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
 
 
-@torch.no_grad()
 # -----------------------------------------------------------------------------
 # collect: real calls -> deduplicated JSONL with a train / held-out split
 
@@ -299,7 +265,7 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
         loss = -(logp * mask).sum() / mask.sum()  # mean NLL of the observation tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        common.clip_grad_norm(model.parameters(), 1.0)  # the global norm, of FSDP shards too
+        fsdp.clip_grad_norm(model.parameters(), 1.0)  # the global norm, of FSDP shards too
         optimizer.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == total:
@@ -388,7 +354,7 @@ def parse_args(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p_collect = sub.add_parser("collect", help="real calls -> deduplicated JSONL with a train / held-out split")
     p_train = sub.add_parser("train", help="fine-tune a causal LM on call -> observation")
-    p_serve = sub.add_parser("serve", help="serve the world model behind tools.py's HTTP retrieval API")
+    p_serve = sub.add_parser("serve", help="serve the world model behind server.py's HTTP retrieval API")
     p_eval = sub.add_parser("eval", help="fidelity of the world model and of a policy as its own world model")
     # Data
     for p in (p_collect, p_eval):
@@ -423,7 +389,7 @@ def parse_args(argv=None):
     p_train.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     p_train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p_train.add_argument("--fsdp", action="store_true", help="shard the model over torchrun's ranks (FSDP2; "
-                         "common.shard): for memory only, every rank trains on the same batches")
+                         "fsdp.shard): for memory only, every rank trains on the same batches")
     # Generation
     for p in (p_serve, p_eval):
         p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
@@ -485,12 +451,12 @@ def main(args):
             sys.stdout = open(os.devnull, "w")
         model, tokenizer = M.load(args.init, tokenizer=args.tokenizer, device=device, add_action_tokens=True,
                                   seed=args.seed)
-        common.check_memory(model.config, device, rank == 0, world, args.batch_size, args.max_len, args.fsdp, None)
+        fsdp.check_memory(model.config, device, rank == 0, world, args.batch_size, args.max_len, args.fsdp, None)
         if args.fsdp:
-            model = common.shard(model, device)
+            model = fsdp.shard(model, device)
         train_world_model(model, tokenizer, calls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_len=args.max_len, seed=args.seed, log_every=args.log_every)
-        weights = common.full_state_dict(model)  # FSDP: gathered to rank 0 (every rank calls it), else None
+        weights = fsdp.full_state_dict(model)  # FSDP: gathered to rank 0 (every rank calls it), else None
         if rank == 0:
             M.save(model, tokenizer, args.out, {**vars(args), "calls": os.path.abspath(args.calls)}, weights)
             print(f"saved {args.out}")

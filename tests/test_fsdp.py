@@ -1,4 +1,4 @@
-"""--fsdp (FSDP2, common.shard) on CPU with gloo: 2 torchrun processes sharding the model give the same step as one
+"""--fsdp (FSDP2, fsdp.shard) on CPU with gloo: 2 torchrun processes sharding the model give the same step as one
 plain process (metrics, gradient norm, final weights), the sharded checkpoint is a plain save_pretrained dir, resume
 under FSDP equals an uninterrupted run, and the memory plan's numbers for Qwen2.5-7B. The tiny models and data are
 tests/test_sft.py's and tests/test_rl.py's fixtures (2 layers, width 64)."""
@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import fsdp  # noqa: E402
 import model as M  # noqa: E402
 import test_rl  # noqa: E402
 import test_sft  # noqa: E402
@@ -111,7 +112,7 @@ def test_sft_fsdp_resume_equals_uninterrupted(sft_world, sft_one_process):
 
 def test_rl_fsdp_two_processes_equal_one_process(rl_world, tmp_path):
     """PPO (value head: its own FSDP unit) with a KL reference (sharded too), one simulated then one real step, a dev
-    evaluation: the rollouts run on the gathered policy (common.whole_model), each rank its own prompts, so samples,
+    evaluation: the rollouts run on the gathered policy (fsdp.whole_model), each rank its own prompts, so samples,
     rewards, losses and final weights equal one process's; sim_end/ and the final checkpoint are gathered saves."""
     extra = ("--algo", "ppo", "--sim-steps", "1", "--real-steps", "1", "--eval-every", "2", "--eval-limit", "2")
     torchrun("train_rl.py", test_rl.run_args(rl_world, tmp_path / "two", *extra, "--fsdp"))
@@ -153,19 +154,19 @@ def test_rl_fsdp_resume_equals_uninterrupted(rl_world, tmp_path):
 def test_memory_plan_qwen25_7b_on_8_x_80gb():
     """Qwen2.5-7B has 7.62B parameters (its model card: 7.61B). Plain DDP holds 16 bytes a parameter on every GPU
     (122 GB): it does not fit 80 GB; FSDP over 8 GPUs divides weights, gradients, AdamW state and the reference by 8."""
-    layer, rest = common.count_parameters(common.QWEN25_7B)
+    layer, rest = fsdp.count_parameters(fsdp.QWEN25_7B)
     assert 28 * layer + rest == pytest.approx(7.615e9, rel=1e-3)
     options = dict(world_size=8, micro_batch=1, context=4096, reference=True, rollout_batch=30)
-    ddp = common.memory_plan(common.QWEN25_7B, fsdp=False, **options)
-    fsdp = common.memory_plan(common.QWEN25_7B, fsdp=True, **options)
+    ddp = fsdp.memory_plan(fsdp.QWEN25_7B, fsdp=False, **options)
+    sharded = fsdp.memory_plan(fsdp.QWEN25_7B, fsdp=True, **options)
     for key in ("weights (fp32)", "gradients (fp32)", "AdamW moments (2 x fp32)", "reference model (fp32)"):
-        assert fsdp[key] == pytest.approx(ddp[key] / 8)
+        assert sharded[key] == pytest.approx(ddp[key] / 8)
     assert ddp["weights (fp32)"] + ddp["gradients (fp32)"] + ddp["AdamW moments (2 x fp32)"] == 16 * (28 * layer + rest)
-    assert ddp["rollout KV cache"] == 2 * 28 * 4 * 128 * 4096 * 30 * 2 == fsdp["rollout KV cache"]
-    assert ddp["peak"] > 80e9 > fsdp["peak"]
-    checkpointed = common.memory_plan(common.QWEN25_7B, fsdp=True, grad_checkpointing=True, **options)
-    assert checkpointed["peak"] < fsdp["peak"]
-    table = common.format_plan(common.QWEN25_7B, 8, 1, 4096, gpu_gb=80, reference=True, rollout_batch=30)
+    assert ddp["rollout KV cache"] == 2 * 28 * 4 * 128 * 4096 * 30 * 2 == sharded["rollout KV cache"]
+    assert ddp["peak"] > 80e9 > sharded["peak"]
+    checkpointed = fsdp.memory_plan(fsdp.QWEN25_7B, fsdp=True, grad_checkpointing=True, **options)
+    assert checkpointed["peak"] < sharded["peak"]
+    table = fsdp.format_plan(fsdp.QWEN25_7B, 8, 1, 4096, gpu_gb=80, reference=True, rollout_batch=30)
     assert "DDP" in table and "FSDP" in table and table.splitlines()[-1].split()[-2:] == ["NO", "yes"]
 
 
@@ -175,9 +176,9 @@ def test_memory_check_refuses_on_cuda_naming_the_flag(monkeypatch):
         total_memory = 80e9
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     with pytest.raises(SystemExit, match="--fsdp"):
-        common.check_memory(common.QWEN25_7B, "cuda:0", False, 8, 1, 4096, fsdp=False, reference=True)
-    common.check_memory(common.QWEN25_7B, "cuda:0", False, 8, 1, 4096, fsdp=True, reference=True)  # fits: no error
-    common.check_memory(common.QWEN25_7B, "cpu", True, 8, 64, 4096, fsdp=False)  # CPU: printed, never refused
+        fsdp.check_memory(fsdp.QWEN25_7B, "cuda:0", False, 8, 1, 4096, fsdp=False, reference=True)
+    fsdp.check_memory(fsdp.QWEN25_7B, "cuda:0", False, 8, 1, 4096, fsdp=True, reference=True)  # fits: no error
+    fsdp.check_memory(fsdp.QWEN25_7B, "cpu", True, 8, 64, 4096, fsdp=False)  # CPU: printed, never refused
 
 
 # -----------------------------------------------------------------------------

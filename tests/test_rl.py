@@ -13,12 +13,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import common  # noqa: E402
 import engine as E  # noqa: E402
 import model as M  # noqa: E402
 import tools  # noqa: E402
 import train_rl  # noqa: E402
+from ppo import gae_advantages, masked_whiten, value_loss  # noqa: E402
 from tools import format_observation, make_tools, special_tokens  # noqa: E402
-from train_rl import gae_advantages, group_advantages, masked_whiten, policy_loss, reward, value_loss  # noqa: E402
+from train_rl import group_advantages, policy_loss, reward  # noqa: E402
 
 HUGE = 1e4  # a masked-out position holding this would dominate (or overflow: exp(1e4) = inf) any unmasked sum
 
@@ -333,7 +335,6 @@ def test_collapse_stops_with_a_message(world, tmp_path, capsys):
 def test_world_model_env_counts_simulated_not_real(world, tmp_path, monkeypatch):
     """--world-model: the simulated steps call the world model like a tool; those observations are simulated, the real
     tool is never reached, and the real steps after them do reach it."""
-    import common
     from tools import ToolRegistry
     asked = []
 
@@ -368,8 +369,8 @@ def test_trainer_scores_the_distribution_the_engine_sampled(world):
     ids, attention, mask, engine_logp = train_rl.collate(seqs, tok.pad_token_id, "cpu")
     m = mask.bool()
     with torch.no_grad():
-        at_T = train_rl.forward(model, None, ids, attention, 0.6, need_entropy=False)[0]
-        at_1 = train_rl.forward(model, None, ids, attention, 1.0, need_entropy=False)[0]
+        at_T = common.policy_forward(model, None, ids, attention, 0.6, need_entropy=False)[0]
+        at_1 = common.policy_forward(model, None, ids, attention, 1.0, need_entropy=False)[0]
     assert m.sum() > 50
     assert (at_T - engine_logp)[m].abs().mean() < 1e-4
     assert (at_1 - engine_logp)[m].abs().mean() > 1e-2

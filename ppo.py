@@ -1,0 +1,81 @@
+"""
+PPO's pieces of train_rl.py (`--algo ppo`; not in the paper, whose RL is GRPO): a value head on the policy's last
+hidden state (model.ValueHead), GAE over the policy's own tokens, advantages whitened over the batch, and the clipped
+value loss. train_rl.py's ADVANTAGES maps "ppo" to advantages() below, the same signature as its grpo_advantages, and
+its update() adds value_loss when the policy has a value head: a new algorithm plugs in the same way.
+
+  - gamma = lambda = 1 (SPEC 5): one reward, on the last policy token; a row without any policy token gets none.
+  - Observation tokens are skipped, not zero-reward steps: they are the environment's transition, so the next value of
+    a policy token is the value of the next POLICY token.
+  - The value loss is clipped at train_rl's --clip around the old values and, like every loss term, masked and divided
+    by the masked-in tokens of the minibatch over all ranks.
+
+Tests: tests/test_rl.py (GAE, the value loss and the whitening against hand computations; a PPO run end to end).
+"""
+import torch
+
+from common import all_sum
+
+GAMMA = LAM = 1.0  # GAE's discount and lambda (SPEC 5)
+VF_COEF = 0.5      # weight of the value loss in the total loss
+
+
+def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
+    """GAE over the masked-in (policy) tokens of each row; masked-out tokens (prompt, observations) are skipped, so the
+    next value of a policy token is the value of the next policy token. -> (advantages, returns), 0 where masked."""
+    # token_rewards, values, mask: (B, T)
+    m = mask.bool()
+    advantages = torch.zeros_like(values)
+    last_gae = torch.zeros_like(values[:, 0])                            # (B,)
+    next_value = torch.zeros_like(values[:, 0])                          # (B,) V after the last token = 0 (terminal)
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
+        gae_t = delta + gamma * lam * last_gae
+        advantages[:, t] = torch.where(m[:, t], gae_t, 0.0)
+        last_gae = torch.where(m[:, t], gae_t, last_gae)
+        next_value = torch.where(m[:, t], values[:, t], next_value)
+    returns = (advantages + values).masked_fill(~m, 0.0)
+    return advantages, returns
+
+
+def value_loss(values, old_values, returns, mask, num_tokens, clip=0.2):
+    """PPO clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2), masked, / num_tokens."""
+    # values, old_values, returns, mask: (B, T)
+    m = mask.bool()
+    V, V_old, R = (x.masked_fill(~m, 0.0) for x in (values, old_values, returns))
+    V_clipped = V_old + (V - V_old).clamp(-clip, clip)
+    loss = 0.5 * torch.max((V - R) ** 2, (V_clipped - R) ** 2)           # (B, T)
+    return loss.masked_fill(~m, 0.0).sum() / num_tokens
+
+
+def masked_whiten(x, mask):
+    """(x - mean) / std over the masked-in entries of all ranks; 0 where masked."""
+    m = mask.bool()
+    n, s, sq = all_sum(torch.stack([m.sum().double(), x[m].double().sum(), (x[m].double() ** 2).sum()]))
+    mean = s / n
+    var = (sq / n - mean ** 2).clamp(min=0)
+    return ((x - mean) * torch.rsqrt(var + 1e-8)).float().masked_fill(~m, 0.0)
+
+
+def advantages(batches, args):
+    """PPO: GAE on the value head with the reward on the last policy token, whitened over the masked-in tokens of the
+    whole batch on all ranks. Also sets b["returns"] for the value loss. -> {"explained_variance"}"""
+    micro = [b for minibatch in batches for b in minibatch]
+    ev = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2
+    for b in micro:
+        mask, B = b["mask"], len(b["seqs"])
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)  # (B,) last policy token
+        token_rewards = torch.zeros_like(b["old_logp"])
+        token_rewards[torch.arange(B, device=mask.device), last] = torch.tensor([s["reward"] for s in b["seqs"]],
+                                                                                device=mask.device)
+        token_rewards *= mask  # a row without any policy token gets no reward
+        b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask, GAMMA, LAM)
+        R, d = b["returns"][mask.bool()].double(), (b["returns"] - b["old_values"])[mask.bool()].double()
+        ev += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(), (d ** 2).sum()]).cpu()
+    whitened = masked_whiten(torch.cat([b["advantages"].flatten() for b in micro]),
+                             torch.cat([b["mask"].flatten() for b in micro])).split([b["mask"].numel() for b in micro])
+    for b, w in zip(micro, whitened):
+        b["advantages"] = w.view_as(b["mask"])
+    n, sR, sR2, sd, sd2 = all_sum(ev).tolist()
+    var_R, var_d = sR2 / n - (sR / n) ** 2, sd2 / n - (sd / n) ** 2
+    return {"explained_variance": 1 - var_d / var_R if var_R > 0 else float("nan")}
