@@ -92,12 +92,14 @@ def _init_added_embeddings(model, tok, pieces, old_rows):
 
 
 def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_tokens=False, value_head=False, seed=0,
-         config_overrides=None):
+         config_overrides=None, chat_template=True):
     """-> (model, tokenizer). name_or_path: "tiny" (random init, needs tokenizer=DIR; always has the action tags as
     special tokens), "smollm2", or any save_pretrained dir / hub name. add_action_tokens adds the tags as special tokens
     (one id each), resizes the embeddings and starts each new row at the mean of the rows of the tag's old pieces
     (_init_added_embeddings). value_head=True attaches a new ValueHead unless the dir has one, which is
-    always loaded back. config_overrides: LlamaConfig fields for "tiny" (tests use smaller ones); seed: its init."""
+    always loaded back. config_overrides: LlamaConfig fields for "tiny" (tests use smaller ones); seed: its init.
+    chat_template=False drops the tokenizer's chat template: prompts are then the plain text (wrap_prompt), and so in
+    every checkpoint saved from this tokenizer and every script that loads one."""
     if name_or_path == "tiny":
         if tokenizer is None:
             raise ValueError("load('tiny') needs tokenizer=DIR (an HF tokenizer dir, e.g. the one data.py writes)")
@@ -113,6 +115,8 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
         if missing:
             pieces = {t: tok.encode(t, add_special_tokens=False) for t in missing}
             tok.add_tokens(missing, special_tokens=True)
+    if not chat_template:
+        tok.chat_template = None
     if tok.pad_token is None:  # batching needs a pad id; its embedding is never attended to
         tok.pad_token = tok.eos_token
     if name_or_path == "tiny":
@@ -238,6 +242,12 @@ def wrap_prompt(tokenizer, text):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return text + THINK_OPEN
+
+
+def prompt_format(tokenizer, template):
+    """One line saying how prompts are built: the template and whether the tokenizer's chat template wraps it."""
+    chat = "the tokenizer's chat template" if getattr(tokenizer, "chat_template", None) else "no chat template"
+    return f"prompts: template '{template}', {chat}, then {THINK_OPEN!r}"
 
 
 def build_prompt(tokenizer, question, template="short"):

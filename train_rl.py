@@ -62,7 +62,7 @@ from common import (all_sum, all_sum_dict, default_device, load_resume_state, op
                     resume_point, save_final, save_resume, setup_distributed, teardown_distributed)
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
 from engine import rollout
-from model import build_prompt, checkpoint_template, encode_segments, load, save
+from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format, save
 from tools import make_tools
 
 # -----------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
-                   help="prompt template (default: the one --init was trained with, from its run_args.json)")
+                   help="prompt template (default: --init's, its run_args.json); chat template: --init's tokenizer's")
     g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
     g.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
     g.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"], help="retrieval server API shape")
@@ -414,6 +414,8 @@ def train(args, rank, world, device, ddp):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
     template = args.template = checkpoint_template(args.init, args.template)
+    if master:
+        print(prompt_format(tokenizer, template))
     questions = load_questions(os.path.join(args.data, "train.jsonl"))
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))

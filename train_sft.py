@@ -58,10 +58,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fsdp
 from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
                     resume_point, save_final, save_resume, setup_distributed, teardown_distributed, token_logprobs)
-import fsdp
-from model import build_prompt, checkpoint_template, encode_segments, load
+from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format
 from tools import read_jsonl
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
@@ -81,7 +81,11 @@ def parse_args(argv=None):
                    "tokens to a pretrained tokenizer (resizes the embeddings)")
     p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template for "
                    "model.build_prompt (default: the one --init was trained with, else 'short'; 'autocoa' is the "
-                   "paper's long instruction)")
+                   "paper's long instruction). Prompts go through the tokenizer's chat template when it has one "
+                   "(SmolLM2's; the tiny tokenizer has none), then <think>: the run prints which")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-chat-template: drop the tokenizer's chat template, plain-text prompts (kept in the saved "
+                        "tokenizer, so every later stage and evaluate.py agree)")
     # Data
     p.add_argument("--data", default="out/world", help="data dir written by data.py (its default example: out/world)")
     p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
@@ -224,8 +228,10 @@ def train(args, rank, world_size, device, ddp):
     elif args.init == "tiny":
         model, tok = load("tiny", tokenizer=os.path.join(args.data, "tokenizer"), device=device, seed=args.seed)
     else:
-        model, tok = load(args.init, device=device, add_action_tokens=args.add_action_tokens)
+        model, tok = load(args.init, device=device, add_action_tokens=args.add_action_tokens,
+                          chat_template=args.chat_template)
     assert tok.eos_token_id is not None, f"tokenizer of {args.init} has no eos token"
+    log(prompt_format(tok, args.template))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -187,3 +187,19 @@ def test_saved_checkpoints_load_with_plain_transformers(smollm2, tmp_path):
         torch.testing.assert_close(reloaded.value_head.weight, model.value_head.weight)
     finally:
         model.value_head = None
+
+
+def test_chat_template_on_by_default_off_with_the_flag(smollm2, tmp_path):
+    """SmolLM2 has a chat template: prompts go through it by default; chat_template=False (train_sft.py
+    --no-chat-template) gives the plain text, and a checkpoint saved from that tokenizer keeps it off for every later
+    stage. prompt_format names which, for the run's first lines."""
+    model, tok = smollm2
+    on = M.build_prompt(tok, "Who wrote Hamlet?")
+    assert on.startswith("<|im_start|>") and on.endswith("<|im_start|>assistant\n<think>")
+    assert "chat template" in M.prompt_format(tok, "short") and "no chat" not in M.prompt_format(tok, "short")
+    _, plain = M.load("smollm2", add_action_tokens=True, chat_template=False)
+    off = M.build_prompt(plain, "Who wrote Hamlet?")
+    assert off == M.TEMPLATES["short"].replace("{question}", "Who wrote Hamlet?") + "<think>"
+    assert "no chat template" in M.prompt_format(plain, "short")
+    M.save(model, plain, str(tmp_path / "plain"), {"chat_template": False})
+    assert M.build_prompt(AutoTokenizer.from_pretrained(tmp_path / "plain"), "Who wrote Hamlet?") == off
