@@ -14,7 +14,8 @@ swap), the final checkpoint is moved INTO OUT file by file (the logs and resume/
 already holds the last step when the final save starts, a rerun with --resume only redoes that save. On --resume the
 step log drops the rows of steps after the resume point, so every step's row is there exactly once.
 
-Also here: typed JSONL reading whose errors name file:line and the field; the separate world model as a tool (world_model.py trains it; train_rl.py --world-model uses it).
+Also here: typed JSONL reading whose errors name file:line and the field; the separate world model as a tool
+(world_model.py trains it; train_rl.py --world-model uses it).
 Sharding over GPUs (--fsdp) and the memory plan are fsdp.py's.
 
 No command of its own.
@@ -73,6 +74,15 @@ def all_sum(x):
     return y.to(x.device)
 
 
+def all_gather_objects(obj):
+    """[rank 0's obj, rank 1's, ...] (pickled, any size); [obj] in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_sum_dict(d):
     """{name: number} summed over ranks, same names (named metrics instead of slots in a tensor)."""
     keys = list(d)
@@ -85,11 +95,12 @@ def all_sum_dict(d):
 
 
 def collate(rows, pad_id, device):
-    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each mask (padded 0)."""
+    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each further column
+    padded with 0 (int64, or float32 for a column of floats such as RL's engine log-probs)."""
     T = max(len(r[0]) for r in rows)
 
     def pad(seqs, value):
-        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+        return torch.tensor([s + [value] * (T - len(s)) for s in seqs], device=device)
     masks = [pad([r[k] for r in rows], 0) for k in range(1, len(rows[0]))]
     return (pad([r[0] for r in rows], pad_id), pad([[1] * len(r[0]) for r in rows], 0), *masks)
 

@@ -419,7 +419,9 @@ def get_args(argv=None):
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
     p.add_argument("--template", choices=["short", "autocoa"], default=None,
                    help="instruction prompt template (default: the one --model was trained with, its run_args.json "
-                   "'template'; 'short' for a model without one)")
+                   "'template'; 'short' for a model without one); printed at start with the chat template used")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="prompts through the tokenizer's chat template when it has one; --no-chat-template: plain text")
     # Data
     p.add_argument("--questions", required=True, help="question JSONL: {id, question, golden_answers[, dataset, type]}")
     p.add_argument("--limit", type=int, default=None, help="first N questions per dataset (per type without dataset)")
@@ -463,16 +465,16 @@ def main(argv=None):
     args = get_args(argv)
     import torch
     from common import default_device
-    from model import checkpoint_template, load
+    from model import checkpoint_template, load, prompt_format
     args.device = args.device or default_device()
     args.template = checkpoint_template(args.model, args.template)  # the prompt the checkpoint saw; recorded in args
-    print(f"template {args.template}", flush=True)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     questions = load_questions(args.questions, args.limit)
     print(f"{len(questions)} questions from {args.questions}"
           + (f" (first {args.limit} per group)" if args.limit else ""), flush=True)
     model, tokenizer = load(args.model, tokenizer=args.tokenizer, device=args.device, dtype=dtype,
-                            add_action_tokens=args.add_action_tokens)
+                            add_action_tokens=args.add_action_tokens, chat_template=args.chat_template)
+    print(prompt_format(tokenizer, args.template), flush=True)
     model.eval()
     tools = None
     if args.corpus or args.url:

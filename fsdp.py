@@ -50,6 +50,19 @@ def is_sharded(model):
     return isinstance(model, FSDPModule)
 
 
+def parallelize(model, device, ddp, sharded, bf16=False):
+    """-> (model, training module): --fsdp shards the model in place (the two are the same module); plain torchrun
+    wraps it in DDP (rollouts, no-grad passes and saving use the model, the training forward the wrapper); one
+    process uses the model itself."""
+    if sharded:
+        model = shard(model, device, bf16)
+        return model, model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return model, DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    return model, model
+
+
 @contextmanager
 def whole_model(model):
     """Rollouts (and evaluation) under FSDP: gather every unit once, run, then shard again. A decode loop calls the

@@ -1,7 +1,7 @@
 """
 The retrieval server: a BM25 index (tools.BM25Index) behind the two HTTP APIs AutoCoA's and Search-R1's code speak, so
 the same client (tools.RetrievalClient, `--url`) talks to it or to a real FlashRAG/Pyserini server. On loopback in
-tests; world_model.py serves its world model through the same serve().
+tests. serve_tool() puts any search tool behind the same API (world_model.py serve: the world model as a server).
 
 API (SPEC 7): POST /retrieve with FlashRAG's {"query": [...], "tok_k": k, "return_score": true} (the field really is
 `tok_k`) -> [{"documents": [...], "scores": [...]}] per query, or Search-R1's {"queries": [...], "topk": k,
@@ -26,12 +26,14 @@ Commands:
 import argparse
 import io
 import json
+import re
 import selectors
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
 
 from tools import API_FIELDS, BM25Index
 
@@ -225,6 +227,31 @@ def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512,
     finally:
         server.server_close()
 
+
+
+RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
+
+
+def split_results(observation):
+    """'result 1: A\\nresult 2: B' -> ["A", "B"] (a passage may span several lines): tools.search_tool's formatting,
+    undone."""
+    starts = list(RESULT_LINE.finditer(observation))
+    return [observation[m.end():(starts[i + 1].start() if i + 1 < len(starts) else len(observation))].strip()
+            for i, m in enumerate(starts)]
+
+
+def serve_tool(registry, host="127.0.0.1", port=8080, tool="search"):
+    """serve() with a ToolRegistry's `tool` as the index: the passages are parsed back out of its observation text.
+    Ids are "wm-RANK" (a simulated passage has no corpus id). One lock: a thread per request, and the registry (its
+    cache, a model behind it) is not thread-safe."""
+    lock = threading.Lock()
+
+    def search(queries, k=3):
+        with lock:
+            observations = registry([(tool, q) for q in queries])
+        return [[({"id": f"wm-{i}", "contents": p}, float(k - i)) for i, p in enumerate(split_results(obs)[:k])]
+                for obs in observations]
+    serve(SimpleNamespace(search=search, passages=[]), host, port)
 
 
 # -----------------------------------------------------------------------------

@@ -9,26 +9,25 @@ step and in total: spending few of them is the point of the simulated stage.
 
 Departures from the paper / the authors' verl code, and why:
   - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
-    the minibatch over all ranks and micro-batches (the original zeroed only the advantages, so KL, entropy and the
+    the minibatch over all ranks and micro-batches (the original zeroed only the advantages: KL, entropy and the
     denominator counted observation tokens the policy did not write).
   - Several updates per batch (--ppo-epochs, --minibatches), so the ratio leaves 1 and clipping acts (the original made
-    one: ratio == 1, the clip never fired). Updates run with dropout off, so the first one has ratio exactly 1.
-  - Reward = EM (or F1) when the response keeps the format, else --format-penalty (-0.5), checked on the policy's OWN
-    tokens (engine masks): the original checked prompt+response, so it could never fail, and a passage holding
-    "</think>" or "\\boxed{X}" must not change the score; a result block the policy wrote itself breaks the format.
-  - GRPO's division by the group std is a flag (on, as verl/DeepSeekMath; the paper's formula only mean-centers).
+    one: ratio == 1, the clip never fired). Dropout is off, so the first update has ratio exactly 1.
+  - Reward = EM (or F1) when the response keeps the format, else --format-penalty, checked on the policy's OWN tokens
+    (the original checked prompt+response, so it could never fail): a passage holding "</think>" or "\\boxed{X}" does
+    not change the score; a result block the policy wrote itself breaks the format.
+  - GRPO divides by the group std (--grpo-std-norm, as verl/DeepSeekMath; the paper's formula only mean-centers).
     PPO (--algo ppo, not in the paper): ppo.py, a value head and GAE over the policy's own tokens.
-  - Tokens are scored under the distribution that sampled them: old, new and reference log-probs, KL and entropy from
-    logits / --temperature (as verl). Scoring at T=1 while sampling at 0.6 updates a policy that did not act: a
-    non-zero update on logits that do not affect reward, a path to entropy collapse. Top-p is not part of the scored
-    policy (no gradient for dropped tokens; verl does the same). The step log's `logp_gap` = mean |engine - trainer|
-    log-prob over sampled tokens (< 1e-4 on CPU fp32 at top_p 1, tested); --tis-cap C weights each token's surrogate
-    by min(pi_old / pi_engine, C), truncated importance sampling, for where they differ (top-p, bf16 kernels).
+  - Tokens are scored under the distribution that sampled them: every log-prob, KL and entropy from logits /
+    --temperature (as verl); scoring at T=1 while sampling at 0.6 updates a policy that did not act (a non-zero update
+    on logits that do not affect reward: a path to entropy collapse). Top-p is not in the scored policy (verl neither).
+    `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested); --tis-cap C
+    weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
-    error observations are counted apart; the in-loop dev evaluation has its own registry, never logged or counted.
+    error observations are counted apart; the in-loop dev evaluation has its own registry, never counted.
   - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
-  - Minibatches are whole prompt groups in a fixed order and every trajectory samples from its own generator seeded by
-    (seed, step, prompt, sample): N processes == 1 process (tested), each rank one batched engine call.
+  - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
+    seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
 Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py stages base -> 1 -> 2 -> 3):
   python train_rl.py --init out/sft123 --data out/world --out out/rl --algo grpo --sim-steps 80 --real-steps 16
@@ -53,14 +52,13 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import fsdp
 import ppo
 from common import (all_sum, all_sum_dict, default_device, load_resume_state, open_step_log, policy_forward,
                     resume_point, save_final, save_resume, setup_distributed, teardown_distributed)
-from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
+from evaluate import evaluate, exact_match, extract_answer, f1, format_ok, load_questions
 from engine import rollout
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format, save
 from tools import make_tools
@@ -117,8 +115,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens,
 
 def prompt_index(seed, step, j, num_prompts, num_questions):
     """Question index of the j-th prompt of a step: epochs over a seeded permutation (resume-safe, rank-independent)."""
-    position = step * num_prompts + j
-    epoch, offset = divmod(position, num_questions)
+    epoch, offset = divmod(step * num_prompts + j, num_questions)  # the position in the stream of prompts
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return int(torch.randperm(num_questions, generator=generator)[offset])
 
@@ -142,29 +139,24 @@ def grpo_advantages(batches, args):
 ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo.advantages}
 
 # -----------------------------------------------------------------------------
-# Token scoring and tool counting
+# One step: collect (rollouts + rewards) -> score (old/ref log-probs) -> ADVANTAGES -> update
 
 
 def collate(seqs, pad_id, device):
     """Right-pad sequences -> ids, attention (B, T), the loss mask of the next-token targets (B, T-1) and the engine's
     log-prob of each target (B, T-1; 0 where the engine sampled nothing). Both masks line up with token_logprobs."""
-    ids, attention, mask = common.collate([(s["ids"], s["mask"]) for s in seqs], pad_id, device)
-    T = ids.shape[1]
-    engine_logp = torch.tensor([s["engine_logp"] + [0.0] * (T - len(s["engine_logp"])) for s in seqs], device=device)
+    columns = [(s["ids"], s["mask"], s["engine_logp"]) for s in seqs]
+    ids, attention, mask, engine_logp = common.collate(columns, pad_id, device)
     return ids, attention, mask[:, 1:], engine_logp[:, 1:]
 
 
 def tool_usage(registry):
-    """Cumulative counters of a ToolRegistry: real_calls = arguments that reached a tool other than the local calculator
-    (registry.paid_calls, the paper's cost); cache hits, calculator calls and error observations apart."""
+    """A ToolRegistry's counters: real_calls = registry.paid_calls (the paper's cost); the others counted apart."""
     return {"real_calls": registry.paid_calls, "calculator_calls": registry.real_counts.get("calculator", 0),
             "cache_hits": registry.cache_hits, "tool_errors": registry.errors}
 
 
 COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_errors")  # per step, and *_total
-
-# -----------------------------------------------------------------------------
-# One step: collect (rollouts + rewards) -> score (old/ref log-probs) -> ADVANTAGES -> update
 
 
 def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp, args, rank, world):
@@ -180,8 +172,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
-                        temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
-                        sim_obs_tokens=args.sim_obs_tokens)
+                        temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs)
     seqs = []
     sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
     for i, r in enumerate(rolls):
@@ -200,8 +191,8 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     after = tool_usage(real_tools)
     sums = all_sum_dict({**sums, **{k: after[k] - before[k] for k in after}})
     n = sums.pop("n")
-    log = {"step": step + 1, "env": env_name, **{k: sums[k] / n for k in ("reward", "em", "format_violation", "actions")},
-           **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
+    means = {k: sums[k] / n for k in ("reward", "em", "format_violation", "actions")}
+    log = {"step": step + 1, "env": env_name, **means, **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
     return seqs, log, sums["tokens"]
 
 
@@ -235,9 +226,8 @@ def update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
     """--ppo-epochs passes, one optimizer step per minibatch: clipped surrogate + k3 KL + entropy (+ PPO's clipped value
     loss), over the minibatch's masked-in tokens on all ranks. Every rank makes the same number of backward passes.
     -> (mean stats over the updates, a stop reason or None)"""
-    stats = dict.fromkeys(["loss", "kl", "entropy", "clipfrac", "approx_kl"], 0.0)
-    if value_head is not None:
-        stats["value_loss"] = 0.0
+    names = ["loss", "kl", "entropy", "clipfrac", "approx_kl"] + ["value_loss"] * (value_head is not None)
+    stats = dict.fromkeys(names, 0.0)
     for epoch in range(args.ppo_epochs):
         for minibatch in batches:
             num_tokens = max(all_sum(torch.tensor(float(sum(b["mask"].sum() for b in minibatch)))).item(), 1.0)
@@ -245,7 +235,8 @@ def update(model, value_head, params, optimizer, batches, amp, args, ddp, world)
                 sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
                 with nullcontext() if sync else model.no_sync():
                     with amp():
-                        logp, entropy, values = policy_forward(model, value_head, b["ids"], b["attention"], args.temperature)
+                        logp, entropy, values = policy_forward(model, value_head, b["ids"], b["attention"],
+                                                               args.temperature)
                     loss, micro = policy_loss(logp, b["old_logp"], b["ref_logp"], b["advantages"], entropy, b["mask"],
                                               num_tokens, args.clip, args.kl_coef, args.entropy_coef,
                                               b.get("tis_weight"))
@@ -282,47 +273,36 @@ def step_line(log, total_steps):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--init", required=True,
-                   help="policy start checkpoint (paper: SFT stage 1&2&3); also the frozen KL reference")
-    g.add_argument("--tokenizer", default=None, help="tokenizer dir, needed when --init is 'tiny'")
+    g.add_argument("--init", required=True, help="policy start checkpoint (paper: SFT-1&2&3), also the KL reference")
     g.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
-    g.add_argument("--bf16", action="store_true",
-                   help="bfloat16 autocast for rollouts and forwards; weights and optimizer stay float32")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast; weights and optimizer stay float32")
     g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2 per "
                    "decoder layer, torchrun; fsdp.shard); rollouts gather the whole policy (fsdp.whole_model)")
     g = p.add_argument_group("data and environment")
-    g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl) in the shared format")
+    g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl), shared format")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
                    help="prompt template (default: --init's, its run_args.json); chat template: --init's tokenizer's")
     g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
     g.add_argument("--url", default=None, help="retrieval server URL for the real tool instead of --corpus")
     g.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"], help="retrieval server API shape")
-    g.add_argument("--max-obs-chars", type=int, default=4000,
-                   help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
-    g.add_argument("--world-model", default=None,
-                   help="world_model.py checkpoint: the simulated steps use it as the search tool")
+    g.add_argument("--max-obs-chars", type=int, default=4000, help="longer tool output is cut, '... [truncated]'")
+    g.add_argument("--world-model", default=None, help="world_model.py checkpoint: the sim steps' search tool")
     g.add_argument("--sim-steps", type=int, default=80, help="steps [0, sim) in the simulated environment (RL stage 1)")
     g.add_argument("--real-steps", type=int, default=16, help="then this many steps against the real tool (stage 2)")
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
     g.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
-    g.add_argument("--temperature", type=float, default=0.6,
-                   help="sampling temperature (paper: 0.6); tokens are scored under logits / T too")
-    g.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling (the trainer scores softmax(z/T) without it: see --tis-cap)")
+    g.add_argument("--temperature", type=float, default=0.6, help="sampling T (paper: 0.6); scored under logits / T")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (not in the scored policy: --tis-cap)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
     g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
-    g.add_argument("--sim-obs-tokens", type=int, default=256,
-                   help="sim env: most tokens of one observation the policy writes")
-    g.add_argument("--train-sim-obs", action="store_true",
-                   help="also train on observations the policy simulated (default: masked, as AutoCoA)")
+    g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
     g = p.add_argument_group("reward")
     g.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
     g.add_argument("--format-penalty", type=float, default=-0.5, help="reward of a response that breaks the format")
     g = p.add_argument_group("optimization")
-    g.add_argument("--algo", default="grpo", choices=list(ADVANTAGES),
-                   help="advantage estimator: group-relative (paper) or GAE on a value head")
+    g.add_argument("--algo", default="grpo", choices=list(ADVANTAGES), help="GRPO (paper) or PPO (ppo.py)")
     g.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
@@ -330,24 +310,20 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon (PPO: the value clip too)")
     g.add_argument("--tis-cap", type=float, default=0.0,
-                   help="truncated importance sampling: weight each token's surrogate by min(pi_old/pi_engine, C) "
-                        "against the engine's own log-probs (top-p, bf16 mismatch; 0: off)")
+                   help="truncated importance sampling: surrogate x min(pi_old / pi_engine, C) (0: off)")
     g.add_argument("--kl-coef", type=float, default=1e-3, help="k3 KL-to-reference coefficient (0: no reference model)")
     g.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
     g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="divide group advantages by std (paper text: only mean-centering)")
+                   help="divide group advantages by their std (the paper's formula only mean-centers)")
     g.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
     g = p.add_argument_group("stopping")
-    g.add_argument("--collapse-entropy", type=float, default=0.02,
-                   help="collapse if mean token entropy falls below this ...")
+    g.add_argument("--collapse-entropy", type=float, default=0.02, help="collapse: mean token entropy below this ...")
     g.add_argument("--collapse-format", type=float, default=0.5, help="... and the format-ok rate below this ...")
-    g.add_argument("--collapse-patience", type=int, default=5,
-                   help="... for this many consecutive steps (0: never stop)")
+    g.add_argument("--collapse-patience", type=int, default=5, help="... for this many steps in a row (0: never stop)")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--out", required=True, help="output dir: final checkpoint, metrics.jsonl, resume/")
     g.add_argument("--save-every", type=int, default=0, help="write OUT/resume every N steps (0: only at the end)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/resume (after a kill at any point, also during the final save)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/resume (after a kill at any point)")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on DATA/dev.jsonl every N steps (0: off)")
     g.add_argument("--eval-limit", type=int, default=100, help="dev questions per evaluation")
     return p.parse_args(argv)
@@ -357,28 +333,23 @@ def build_models(args, start, device, ddp):
     """-> policy (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), frozen reference (None
     when --kl-coef 0), the training module (DDP-wrapped policy under torchrun), tokenizer."""
     torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
-    policy, tokenizer = load(start, tokenizer=args.tokenizer, device=device, value_head=args.algo == "ppo",
-                             seed=args.seed)
+    policy, tokenizer = load(start, device=device, value_head=args.algo == "ppo", seed=args.seed)
     if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
         policy.value_head = None
     policy.eval()  # dropout off for rollouts AND updates (see docstring)
     reference = None
-    if args.kl_coef > 0:  # a "tiny" init is seeded: the reference gets the policy's starting weights
-        reference = load(args.init, tokenizer=args.tokenizer, device=device, seed=args.seed)[0]
+    if args.kl_coef > 0:  # the frozen KL reference: --init's weights, also when resuming
+        reference = load(args.init, device=device, seed=args.seed)[0]
         reference.eval().requires_grad_(False)
-    model = policy  # rollouts and no-grad passes use the unwrapped policy; the training forward goes through DDP
-    if args.fsdp:  # FSDP2 shards in place: policy and model are the same sharded module
-        model = policy = fsdp.shard(policy, device, args.bf16)
-        reference = fsdp.shard(reference, device, args.bf16) if reference is not None else None
-    elif ddp:
-        model = DDP(policy, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    policy, model = fsdp.parallelize(policy, device, ddp, args.fsdp, args.bf16)  # model: the training forward's
+    if args.fsdp and reference is not None:
+        reference = fsdp.shard(reference, device, args.bf16)
     return policy, reference, model, tokenizer
 
 
 def main(argv=None):
-    """The same file runs under python and torchrun. The ranks are torn down after train() returns, when the DDP/FSDP
-    modules in its frame are gone: one freed after destroy_process_group still holds the gloo group, whose destructor
-    then hung or aborted."""
+    """Under python or torchrun. The ranks are torn down once train() has returned and its DDP/FSDP modules are gone
+    (freed after destroy_process_group, one still holds the gloo group, whose destructor then hung or aborted)."""
     args = parse_args(argv)
     rank, world, device, ddp = setup_distributed(args.device)
     stop = train(args, rank, world, device, ddp)
@@ -421,9 +392,8 @@ def train(args, rank, world, device, ddp):
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
     eval_tools = None  # the dev evaluation's own registry (cache, counters): never mixed with the rollouts' calls
-    world_model_tools = None
-    if args.world_model:  # world_model.py's checkpoint as the search tool (common.py; no stage script imported)
-        world_model_tools = common.load_world_model_tools(args.world_model, device=device)
+    # world_model.py's checkpoint as the search tool (common.py; no stage script imported)
+    world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
     if resume_dir:
@@ -444,10 +414,7 @@ def train(args, rank, world, device, ddp):
 
     def save_state(done_steps):
         """OUT/resume: weights, optimizer, RNG, totals and every rank's tool cache (collective: all ranks call it)."""
-        caches = [[[t, a, o] for (t, a), o in real_tools.cache.items()]]
-        if ddp:
-            caches = [None] * world
-            dist.all_gather_object(caches, [[t, a, o] for (t, a), o in real_tools.cache.items()])
+        caches = common.all_gather_objects([[t, a, o] for (t, a), o in real_tools.cache.items()])
         weights, optimizer_state = fsdp.full_state_dict(policy), fsdp.optimizer_state(policy, optimizer)
         if master:
             save_resume(policy, tokenizer, args.out, vars(args), {
@@ -489,7 +456,6 @@ def train(args, rank, world, device, ddp):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             with fsdp.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates
                 if master:
-                    from evaluate import evaluate  # lazy: evaluation is optional
                     dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
                     eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
                     summary = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template,

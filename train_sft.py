@@ -56,7 +56,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsdp
 from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
@@ -237,11 +236,7 @@ def train(args, rank, world_size, device, ddp):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    raw_model = model
-    if args.fsdp:  # FSDP2 shards in place: the training module is the model itself
-        model = raw_model = fsdp.shard(model, device, args.bf16)
-    elif ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+    raw_model, model = fsdp.parallelize(model, device, ddp, args.fsdp, args.bf16)  # model: the training forward's
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
     # -------------------------------------------------------------------------
@@ -325,7 +320,8 @@ def train(args, rank, world_size, device, ddp):
         obs_count = float(sum(sum(row[2][shift]) for ex in batch for row in ex))
         sums = torch.zeros(7, device=device)  # loss, obs nll, P_chosen, P_rejected, correct, pad tokens, all tokens
         for k, examples_k in enumerate(micro_batches):
-            sync = nullcontext() if (not isinstance(model, DDP) or k == len(micro_batches) - 1) else model.no_sync()
+            wrapped = model is not raw_model  # DDP: all-reduce the gradients on the last micro-batch only
+            sync = nullcontext() if (not wrapped or k == len(micro_batches) - 1) else model.no_sync()
             with sync:
                 # One padded tensor per row kind: stage 1 forwards its chosen rows, then its rejected rows (their
                 # lengths differ a lot, one tensor for both would be a third padding); one backward for both.

@@ -49,10 +49,9 @@ Commands:
   python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
   python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
   python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
-A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. Training is small and single-process; a model
-too big for one GPU: torchrun --nproc_per_node=N world_model.py train ... --fsdp (sharded, the same batches on every
-rank; for data parallelism use train_sft.py's loop on rows built by wm_example).
-In-process (train_rl.py's "world-model" environment):  tools = load_world_model_tools("runs/wm", max_obs_tokens=192)
+A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. A model too big for one GPU: torchrun
+--nproc_per_node=N world_model.py train ... --fsdp (sharded for memory, the same batches on every rank).
+In-process (train_rl.py --world-model): tools = common.load_world_model_tools("runs/wm", max_obs_tokens=192)
 """
 import argparse
 import json
@@ -61,10 +60,8 @@ import os
 import random
 import re
 import sys
-import threading
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import torch
 
@@ -74,7 +71,7 @@ import fsdp
 import model as M
 from common import CALL_FIELDS, check_fields, json_type, load_world_model_tools, read_rows, simulate, wm_prompt
 from evaluate import exact_match, extract_answer, f1, normalize_answer
-from server import serve
+from server import serve_tool, split_results
 from tools import BM25Index, action_close, action_open, make_tools, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -90,17 +87,7 @@ def wm_example(tokenizer, call):
 
 
 # -----------------------------------------------------------------------------
-# Observations (read_rows, check_fields: common.py's typed JSONL reading)
-
-
-RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
-
-
-def split_results(observation):
-    """'result 1: A\\nresult 2: B' -> ["A", "B"] (a passage may span several lines)."""
-    starts = list(RESULT_LINE.finditer(observation))
-    return [observation[m.end():(starts[i + 1].start() if i + 1 < len(starts) else len(observation))].strip()
-            for i, m in enumerate(starts)]
+# Fidelity metrics (pure functions of strings; tested on hand cases; server.split_results splits an observation)
 
 
 def passage_title(passage):
@@ -108,9 +95,6 @@ def passage_title(passage):
     first = passage.split("\n", 1)[0].strip()
     return first[1:-1] if len(first) >= 2 and first[0] == first[-1] == '"' else first
 
-
-# -----------------------------------------------------------------------------
-# Fidelity metrics (pure functions of strings; tested on hand cases)
 
 FACT = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
 
@@ -236,9 +220,9 @@ def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, see
 
 def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e-3, warmup_ratio=0.05, max_len=512,
                       seed=0, log_every=10, bucket_batches=8):
-    """Teacher-forced cross-entropy on the observation tokens of wm_example(call), AdamW, warmup then cosine. The batch
-    plumbing (length-bucketed batches, padding, log-probs, schedule) is train_sft.py's; the loss is its stage-2 loss.
-    Every input goes through wm_example, i.e. wm_prompt(tool, args): the only way into the model."""
+    """Teacher-forced cross-entropy on the observation tokens of wm_example(call), AdamW, warmup then cosine, on
+    common.py's batches, padding and log-probs (SFT stage 2's loss). Every input goes through wm_example, i.e.
+    wm_prompt(tool, args): the only way into the model."""
     examples = [wm_example(tokenizer, c) for c in calls]  # (ids, loss_mask, obs_mask) rows
     dropped = sum(len(ex[0]) > max_len for ex in examples)
     examples = [ex for ex in examples if len(ex[0]) <= max_len]  # never cut: a cut would end mid-observation
@@ -259,7 +243,8 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
             batches = common.epoch_batches(lengths, batch_size, bucket_batches, seed, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr * common.lr_factor(step, total, int(warmup_ratio * total), "cosine", 0.1)
-        ids, attention, loss_mask, _ = common.collate([examples[i] for i in batches[step % steps_per_epoch]], pad, device)
+        batch = [examples[i] for i in batches[step % steps_per_epoch]]
+        ids, attention, loss_mask, _ = common.collate(batch, pad, device)
         logp = common.token_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # (B, T-1)
         mask = loss_mask[:, 1:].float()  # (B, T-1): 1 where the next token is observation text
         loss = -(logp * mask).sum() / mask.sum()  # mean NLL of the observation tokens
@@ -312,6 +297,9 @@ def summarize_fidelity(rows):
     return out
 
 
+BUCKETS = ("seen", "unseen", "no_search")  # reward agreement, by what the real rollout's searches returned
+
+
 def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index, train_passages, template="short",
                      max_new_tokens=256, max_obs_tokens=192):
     """Greedy rollouts of one policy on the same questions with the real tools and with each simulator
@@ -324,7 +312,8 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
     def rewards(tools, env):
         runs = engine.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True,
                               max_new_tokens=max_new_tokens, sim_obs_tokens=max_obs_tokens)
-        return [exact_match(extract_answer(r.policy_text) or "", q["golden_answers"]) for r, q in zip(runs, questions)], runs
+        return [exact_match(extract_answer(r.policy_text) or "", q["golden_answers"])
+                for r, q in zip(runs, questions)], runs
 
     real_rewards, real_runs = rewards(real_tools, "real")
     search = re.compile(re.escape(action_open("search")) + r"(.*?)" + re.escape(action_close("search")), re.S)
@@ -340,8 +329,7 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
         same = [float(a == b) for a, b in zip(real_rewards, sim_rewards)]
         out[name] = {"em": mean(sim_rewards), "agreement": mean(same),
                      **{f"agreement_{b}": mean(s for s, bb in zip(same, buckets) if bb == b)
-                        for b in ("seen", "unseen", "no_search")},
-                     **{f"n_{b}": buckets.count(b) for b in ("seen", "unseen", "no_search")}}
+                        for b in BUCKETS}, **{f"n_{b}": buckets.count(b) for b in BUCKETS}}
     return out
 
 
@@ -415,12 +403,9 @@ def print_table(report):
     if report.get("reward_agreement"):
         ra = report["reward_agreement"]
         print(f"reward agreement on {ra['n']} dev questions (real-tool EM {fmt(ra['real_em'])}):")
-        for name, m in ra.items():
-            if isinstance(m, dict):
-                print(f"  {name:<14} EM {fmt(m['em'])} | same reward {fmt(m['agreement'])} | "
-                      f"seen {fmt(m['agreement_seen'])}"
-                      f" (n={m['n_seen']}) | unseen {fmt(m['agreement_unseen'])} (n={m['n_unseen']}) | no search "
-                      f"{fmt(m['agreement_no_search'])} (n={m['n_no_search']})")
+        for name, m in ((k, v) for k, v in ra.items() if isinstance(v, dict)):
+            print(f"  {name:<14} EM {fmt(m['em'])} | same reward {fmt(m['agreement'])} | " + " | ".join(
+                f"{b.replace('_', ' ')} {fmt(m['agreement_' + b])} (n={m['n_' + b]})" for b in BUCKETS))
 
 
 def main(args):
@@ -436,12 +421,11 @@ def main(args):
         print(f"wrote {args.out}")
 
     elif args.command == "train":
-        calls = read_rows(args.calls, CALL_FIELDS + ("split",))
+        rows = read_rows(args.calls, CALL_FIELDS + ("split",))
+        calls = [c for c in rows if c["split"] == "train"]
         if not calls:
-            raise ValueError(f"{args.calls}: no calls (the file is empty)")
-        calls = [c for c in calls if c["split"] == "train"]
-        if not calls:
-            raise ValueError(f"{args.calls}: no rows with split == train")
+            raise ValueError(args.calls + (": no rows with split == train" if rows else
+                                           ": no calls (the file is empty)"))
         torch.manual_seed(args.seed)
         if args.init == "tiny":
             assert args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
@@ -464,15 +448,8 @@ def main(args):
         common.teardown_distributed()
 
     elif args.command == "serve":
-        registry = load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size)
-        lock = threading.Lock()  # a thread per connection; the registry and its cache are not thread-safe
-
-        def search(queries, k=3):  # the retrieval server's backend interface: passages parsed back out of the text
-            with lock:
-                observations = registry([("search", q) for q in queries])
-            return [[({"id": f"wm-{i}", "contents": p}, float(k - i)) for i, p in enumerate(split_results(obs)[:k])]
-                    for obs in observations]
-        serve(SimpleNamespace(search=search, passages=[]), args.host, args.port)
+        serve_tool(load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size), args.host,
+                   args.port)
 
     elif args.command == "eval":
         assert args.wm or args.policy, "eval needs --wm and/or --policy"
@@ -486,9 +463,7 @@ def main(args):
         heldout = [c for c in calls if c["split"] == "heldout"]
         heldout = ([c for c in heldout if c["entity_seen"]][:args.max_calls]
                    + [c for c in heldout if not c["entity_seen"]][:args.max_calls])
-        report = {"calls": calls_path, "fidelity": {}, "args": vars(args)}
-        details = []
-        wm_tools = policy = None
+        report, details, wm_tools = {"calls": calls_path, "fidelity": {}, "args": vars(args)}, [], None
         if args.wm:
             wm_tools = load_world_model_tools(args.wm, args.max_obs_tokens, args.device, args.batch_size)
             rows = fidelity_rows(heldout, wm_tools([(c["tool"], c["args"]) for c in heldout]), "world_model",
