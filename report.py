@@ -16,6 +16,9 @@ Usage (no model, no torch; run.sh's last step):
   python report.py --run out/tiny --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real \\
       sft-123+rl-sim sft-123+rl-sim-real --wall-seconds 2160
 writes OUT/results.md, OUT/results.json (rows, intervals, paired, fig3) and OUT/results_fig3.png (with matplotlib).
+  python report.py --run out/tiny --seeds    # the RL rows of seed 0 and every OUT/seedN (run.sh --rl-seed N):
+                                             #   per seed, mean and sd -> OUT/rl_seeds.{md,json}
+  python report.py --run out/tiny --curve    # EM vs the share of real RL steps (run.sh --curve) -> OUT/curve.*
 In-process (evaluate.py):  summary = summarize(predictions); write_outputs(out_dir, summary, predictions, label)
 """
 import argparse
@@ -256,16 +259,20 @@ def world_row(predictions, model_dir):
     return row
 
 
+def read_eval(eval_dir):
+    """An evaluate.py output dir -> (its args, its prediction records)."""
+    with open(os.path.join(eval_dir, "results.json")) as f:
+        args = json.load(f)["args"]
+    with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
+        return args, [json.loads(line) for line in f if line.strip()]
+
+
 def world_table(run_dir, labels, wall_seconds=None):
     """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict, extras dict):
     Table 1, then its 95% bootstrap intervals, each RL row minus its starting row (RL_START), and Figure 3."""
     rows, cells, fig3 = {}, {}, {}
     for label in labels:
-        d = os.path.join(run_dir, "eval", label)
-        with open(os.path.join(d, "results.json")) as f:
-            args = json.load(f)["args"]
-        with open(os.path.join(d, "predictions.jsonl")) as f:
-            predictions = [json.loads(line) for line in f if line.strip()]
+        args, predictions = read_eval(os.path.join(run_dir, "eval", label))
         rows[label], cells[label] = world_row(predictions, args["model"]), world_cells(predictions)
         if args.get("mode") not in NO_ACTION_MODES:  # agent rows only: model-only and workflow never act
             fig3[label] = success_by_actions(predictions)
@@ -305,14 +312,105 @@ def world_table(run_dir, labels, wall_seconds=None):
 
 
 # -----------------------------------------------------------------------------
+# RL over seeds (run.sh --rl-seed N) and the real-fraction curve (run.sh --curve)
+
+
+def rl_rows(run_dir, entries):
+    """entries {label: (eval dir, start label)} -> {label: avg and unknown-multihop EM with intervals, the paired
+    difference to run_dir/eval/START on the same questions, the real tool calls RL spent}."""
+    out = {}
+    for label, (eval_dir, start) in entries.items():
+        args, predictions = read_eval(eval_dir)
+        cells, base = world_cells(predictions), world_cells(read_eval(os.path.join(run_dir, "eval", start))[1])
+        out[label] = {"start": start, "real_calls": world_row(predictions, args["model"])["rl_real_calls"],
+                      **{c: cell_ci(cells, c) for c in ("avg", "unknown_multihop")},
+                      **{f"{c}_gain": cell_ci(cells, c, base) for c in ("avg", "unknown_multihop")}}
+    return out
+
+
+def _ci(cell, signed=False):  # "28.4 [22.1, 35.0]"
+    v = f"{100 * cell['value']:+.1f}" if signed else _pct(cell["value"])
+    return f"{v} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
+
+
+def seeds_report(run_dir):
+    """The RL rows of the main run (seed 0) and of every OUT/seedN: per seed, and the mean and sample std over seeds of
+    avg EM, its gain over the starting checkpoint, and the real calls spent."""
+    seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir) if d.startswith("seed") and d[4:].isdigit())
+    per_seed = {s: rl_rows(run_dir, {label: (os.path.join(run_dir if s == 0 else f"{run_dir}/seed{s}", "eval", label),
+                                             start) for label, start in RL_START.items()}) for s in seeds}
+    md = [f"## RL rows over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): EM %, paired gain over the start "
+          "(95% bootstrap)", "", "| RL row | seed | avg | gain avg | unknown_multihop | gain multihop | real calls |",
+          "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for label in RL_START:
+        for s in seeds:
+            x = per_seed[s][label]
+            md.append(f"| {label} | {s} | {_ci(x['avg'])} | {_ci(x['avg_gain'], True)} | "
+                      f"{_ci(x['unknown_multihop'])} | {_ci(x['unknown_multihop_gain'], True)} | {x['real_calls']} |")
+        stats = {k: [100 * per_seed[s][label][k]["value"] for s in seeds] for k in ("avg", "avg_gain")}
+        stats["real_calls"] = [per_seed[s][label]["real_calls"] for s in seeds]
+        summary[label] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+                              "values": v} for k, v in stats.items()}
+        md.append(f"| **{label}** | mean (sd) | {_spread(summary[label]['avg'])} | "
+                  f"{_spread(summary[label]['avg_gain'], True)} | | | {_spread(summary[label]['real_calls'])} |")
+    return "\n".join(md) + "\n", {"seeds": seeds, "per_seed": per_seed, "summary": summary}
+
+
+def _spread(s, signed=False):
+    m = f"{s['mean']:+.1f}" if signed else f"{s['mean']:.1f}"
+    return m if s["std"] is None else f"{m} ({s['std']:.1f})"
+
+
+CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-3-of-6", 6: "real-6-of-6"}
+
+
+def curve_report(run_dir):
+    """Final test EM against the share of RL steps on the real tool (k/6; k = 1 is the main run's rl-sim-real), from
+    SFT-1&2&3 at equal total steps, with intervals and the paired gain over SFT-1&2&3; a PNG with matplotlib."""
+    entries = {k: (os.path.join(run_dir, "eval", label) if k == 1 else os.path.join(run_dir, "curve", "eval", label),
+                   "sft-123") for k, label in CURVE.items()}
+    rows = rl_rows(run_dir, {f"{k}/6": e for k, e in entries.items()})
+    md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", "",
+          "| real steps | avg | gain over sft-123 | unknown_multihop | gain multihop | real calls |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {k} | {_ci(x['avg'])} | {_ci(x['avg_gain'], True)} | {_ci(x['unknown_multihop'])} | "
+           f"{_ci(x['unknown_multihop_gain'], True)} | {x['real_calls']} |" for k, x in rows.items()]
+    plt = _pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        xs, avg = [int(k.split("/")[0]) / 6 for k in rows], [x["avg"] for x in rows.values()]
+        yerr = 100 * np.array([[a["value"] - a["lo"], a["hi"] - a["value"]] for a in avg]).T  # (2, points)
+        ax.errorbar(xs, [100 * a["value"] for a in avg], yerr=yerr, fmt="o-", capsize=3)
+        ax.set(xlabel="share of RL steps on the real tool", ylabel="test EM, avg (%)", title="Simulated vs real RL")
+        fig.savefig(os.path.join(run_dir, "curve.png"), bbox_inches="tight")
+        plt.close(fig)
+    return "\n".join(md) + "\n", rows
+
+
+# -----------------------------------------------------------------------------
 # CLI: Table 1 of a run.sh run
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Table 1 of a run.sh run from its eval/ dirs (see the docstring)")
     p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
-    p.add_argument("--rows", nargs="+", required=True, help="row labels, in table order (eval/LABEL must exist)")
+    p.add_argument("--rows", nargs="+", help="row labels, in table order (eval/LABEL must exist)")
     p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
+    p.add_argument("--seeds", action="store_true", help="instead: the RL rows over seed 0 and every OUT/seedN "
+                   "(run.sh --rl-seed N), mean and sd -> OUT/rl_seeds.{md,json}")
+    p.add_argument("--curve", action="store_true", help="instead: EM vs the share of real RL steps (run.sh --curve) "
+                   "-> OUT/curve.{md,json}, curve.png with matplotlib")
     args = p.parse_args(argv)
+    for flag, build in (("seeds", seeds_report), ("curve", curve_report)):
+        if getattr(args, flag):
+            md, data = build(args.run)
+            name = "rl_seeds" if flag == "seeds" else "curve"
+            write_atomic(os.path.join(args.run, name + ".md"), md)
+            write_atomic(os.path.join(args.run, name + ".json"), json.dumps(data, indent=2) + "\n")
+            print(md)
+            return
+    if not args.rows:
+        p.error("--rows is required (or --seeds / --curve)")
     md, rows, extras = world_table(args.run, args.rows, args.wall_seconds)
     write_atomic(os.path.join(args.run, "results.md"), md)
     write_atomic(os.path.join(args.run, "results.json"),

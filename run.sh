@@ -5,6 +5,10 @@
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world (hours on CPU; see README)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
+#   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
+#   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
+# The RL rows over 3 seeds (~16 min a seed on 2 cores), then their mean and spread (OUT/rl_seeds.md):
+#   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
 # (train_sft.py) -> world model (world_model.py) -> RL: real-only from SFT-1&2, simulated from SFT-1&2&3, then
@@ -12,13 +16,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=tiny; FRESH=0; RUN=""; TAGS=""
+PRESET=tiny; FRESH=0; RUN=""; TAGS=""; RL_SEED=0; CURVE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --fresh) FRESH=1; shift ;;
     --run) RUN="$2"; shift 2 ;;
-    *) echo "run.sh: unknown argument '$1' (use --preset tiny|smollm2, --fresh, --run NAME)" >&2; exit 2 ;;
+    --rl-seed) RL_SEED="$2"; shift 2 ;;
+    --curve) CURVE=1; shift ;;
+    *) echo "run.sh: unknown argument '$1' (use --preset tiny|smollm2, --fresh, --run NAME, --rl-seed N, --curve)" >&2
+       exit 2 ;;
   esac
 done
 OUT="out/${RUN:-$PRESET}"
@@ -74,7 +81,10 @@ esac
 
 mkdir -p "$OUT"
 [ "$FRESH" = 1 ] && rm -rf "${OUT:?}"/*
-TIMES="$OUT/times.tsv"; : > "$TIMES.new"
+RLD="$OUT"  # the RL rows' outputs; --rl-seed N: OUT/seedN (the world, SFT, world model and their rows are reused)
+[ "$RL_SEED" != 0 ] && RLD="$OUT/seed$RL_SEED"
+TIMES="$RLD/times.tsv"; [ "$CURVE" = 1 ] && TIMES="$OUT/curve/times.tsv"
+mkdir -p "$(dirname "$TIMES")"; : > "$TIMES.new"
 
 # stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; one line per stage, time recorded.
 stage() {
@@ -116,15 +126,16 @@ stage wm-eval    "$OUT/wm_eval/fidelity.json" $PY world_model.py eval --wm "$OUT
 # schedule, simulated then real, in ONE run (same optimizer, same KL reference), whose model at the switch
 # (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row. Stage targets are config.json: it appears with the final
 # checkpoint only, so a crashed run is redone rather than skipped.
-stage rl-real "$OUT/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
-  --out "$OUT/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $SEED $RL
-stage rl-sim-real "$OUT/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
-  --out "$OUT/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $SEED $RL
+stage rl-real "$RLD/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
+  --out "$RLD/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $RL_SEED $RL
+stage rl-sim-real "$RLD/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
+  --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $RL_SEED $RL
 
 # --- evaluation: every row of Table 1 on the test split ------------------------------------------------------------
-evaluate_row() {  # evaluate_row LABEL CKPT MODE
-  stage "eval-$1" "$OUT/eval/$1/results.json" $PY evaluate.py --model "$2" --mode "$3" --label "$1" \
-    --questions "$W/test.jsonl" --corpus "$W/corpus.jsonl" --template short --out "$OUT/eval/$1" --seed $SEED $EVAL
+evaluate_row() {  # evaluate_row LABEL CKPT MODE [DIR]: into DIR/eval/LABEL (DIR: OUT)
+  local dir=${4:-$OUT}
+  stage "eval-$1" "$dir/eval/$1/results.json" $PY evaluate.py --model "$2" --mode "$3" --label "$1" \
+    --questions "$W/test.jsonl" --corpus "$W/corpus.jsonl" --template short --out "$dir/eval/$1" --seed $SEED $EVAL
 }
 evaluate_row model-only        "$BASE_CKPT"        no-action
 evaluate_row workflow          "$BASE_CKPT"        workflow
@@ -132,10 +143,28 @@ evaluate_row sft-1             "$OUT/sft1"         agent
 evaluate_row sft-2             "$OUT/sft2"         agent
 evaluate_row sft-12            "$OUT/sft12"        agent
 evaluate_row sft-123           "$OUT/sft123"       agent
-evaluate_row sft-12+rl-real    "$OUT/rl_real"      agent
-evaluate_row sft-123+rl-sim    "$OUT/rl_sim_real/sim_end" agent
-evaluate_row sft-123+rl-sim-real "$OUT/rl_sim_real" agent
+evaluate_row sft-12+rl-real    "$RLD/rl_real"      agent "$RLD"
+evaluate_row sft-123+rl-sim    "$RLD/rl_sim_real/sim_end" agent "$RLD"
+evaluate_row sft-123+rl-sim-real "$RLD/rl_sim_real" agent "$RLD"
 
+if [ "$RL_SEED" != 0 ]; then  # the seed's rows only: Table 1 stays the main run's
+  mv "$TIMES.new" "$TIMES"
+  $PY report.py --run "$OUT" --seeds
+  exit 0
+fi
+if [ "$CURVE" = 1 ]; then
+  # --- test EM vs the share of RL steps on the real tool: from SFT-1&2&3, RL_STEPS steps in all, k/6 of them real
+  # (the rest in the policy's own simulated environment), same seed; k = 1 is the main run's rl-sim-real
+  for k in 0 2 3 6; do
+    real=$((RL_STEPS * k / 6))
+    stage "curve-rl-$k" "$OUT/curve/real$k/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
+      --out "$OUT/curve/real$k" --sim-steps $((RL_STEPS - real)) --real-steps $real --seed $SEED $RL
+    evaluate_row "real-$k-of-6" "$OUT/curve/real$k" agent "$OUT/curve"
+  done
+  mv "$TIMES.new" "$TIMES"
+  $PY report.py --run "$OUT" --curve
+  exit 0
+fi
 mv "$TIMES.new" "$TIMES"
 $PY report.py --run "$OUT" --wall-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" \
   --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real

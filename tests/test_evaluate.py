@@ -565,3 +565,34 @@ def test_no_figure3_modes_match_evaluate():
     """report.py imports nothing from evaluate.py (evaluate.py's CLI imports report.py, and a cycle is what we avoid),
     so the two modes it leaves out of Figure 3 are named there again: pinned here to evaluate.ENV_OF_MODE."""
     assert set(report.NO_ACTION_MODES) == {mode for mode, env in ev.ENV_OF_MODE.items() if env == "none"}
+
+
+def _eval_dir(d, preds, model_dir, real_calls=None):
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"args": {"model": str(model_dir), "mode": "agent"}}))
+    (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    if real_calls is not None:  # what train_rl.py leaves in its checkpoint
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "real_calls_total": real_calls}) + "\n")
+
+
+def test_seeds_report_mean_and_spread_by_hand(tmp_path):
+    """run.sh --rl-seed N: each RL row's avg EM and its gain over the start, per seed and as mean (sample sd) over the
+    seeds found (0 = the main run's eval/, N = OUT/seedN/eval/); real calls read from each checkpoint's metrics."""
+    qs = report.WORLD_COLUMNS * 2  # 12 unknown questions, 2 per type: avg = mean over the 6 types (known: none)
+    start = [_pred(i, t, 0.0) for i, t in enumerate(qs)]
+    for label in ("sft-12", "sft-123"):
+        _eval_dir(tmp_path / "eval" / label, start, tmp_path / label)
+    right = {0: 6, 1: 12}  # seed 0: one of the two questions of every type right (50%); seed 1: all (100%)
+    for seed, n_right in right.items():
+        root = tmp_path if seed == 0 else tmp_path / f"seed{seed}"
+        for label in report.RL_START:
+            preds = [_pred(i, t, float(i < n_right)) for i, t in enumerate(qs)]
+            _eval_dir(root / "eval" / label, preds, root / label, real_calls=10 * (seed + 1))
+    md, data = report.seeds_report(str(tmp_path))
+    assert data["seeds"] == [0, 1]
+    s = data["summary"]["sft-123+rl-sim-real"]
+    assert s["avg"]["values"] == pytest.approx([50.0, 100.0]) and s["avg"]["mean"] == pytest.approx(75.0)
+    assert s["avg"]["std"] == pytest.approx(35.355, abs=1e-3)  # sample sd of (50, 100)
+    assert s["avg_gain"]["mean"] == pytest.approx(75.0) and s["real_calls"]["values"] == [10, 20]
+    assert "| **sft-12+rl-real** | mean (sd) | 75.0 (35.4) | +75.0 (35.4) |" in md
