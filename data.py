@@ -87,7 +87,9 @@ def get_args(argv=None):
     # Questions
     p.add_argument("--train", type=int, default=1500, help="number of train questions")
     p.add_argument("--dev", type=int, default=200, help="number of dev questions")
-    p.add_argument("--test", type=int, default=300, help="number of test questions")
+    p.add_argument("--test", type=int, default=300, help="number of test questions drawn with the others")
+    p.add_argument("--test-extra", type=int, default=0, help="more test questions, drawn after everything else from "
+                   "their own RNG, so no other file changes with them (run.sh: 900, 1,200 in all)")
     p.add_argument("--known-questions", type=float, default=0.2,
                    help="share of train questions whose every fact is known (pure-CoT data); dev/test use 1/3")
     p.add_argument("--base-fact-repeats", type=int, default=2,
@@ -393,6 +395,12 @@ def build(argv=None):
     base = [{"text": t} for t in base_facts]
     base += [{"text": prompt_of(row["question"]) + "".join(s["text"] for s in row["segments"])} for row in cot]
     random.Random(args.seed + 4).shuffle(base)
+
+    # --- more test questions, drawn last from their own RNG: every other file is the same bytes with or without them
+    extra = make_split(world, heads_of, "test", args.test_extra, 1 / 3, seen, random.Random(args.seed + 5))
+    for i, q in enumerate(extra, len(splits["test"])):
+        q["id"] = f"test_{i}"
+    splits["test"] = splits["test"] + extra
 
     # --- token lengths (what the trainers will see), summary
     def n_tokens(segs):

@@ -69,6 +69,24 @@ def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
     assert all_files(other)["corpus.jsonl"] != a["corpus.jsonl"]
 
 
+def test_test_extra_adds_test_questions_and_changes_no_other_file(world, tmp_path):
+    """--test-extra N (run.sh: 900): N more test questions drawn after everything else, from their own RNG, so every
+    other file is the same bytes and the first --test questions are the same ones; ids continue, all texts unique."""
+    more = str(tmp_path / "more")
+    data.build(["--out", more, "--test-extra", "60"] + SMALL)
+    a, b = all_files(world["out"]), all_files(more)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name not in ("test.jsonl", "summary.json"):
+            assert a[name] == b[name], f"{name} changed with --test-extra"
+    old = [json.loads(line) for line in a["test.jsonl"].splitlines()]
+    new = [json.loads(line) for line in b["test.jsonl"].splitlines()]
+    assert len(old) == 90 and len(new) == 150 and new[:90] == old
+    assert [q["id"] for q in new] == [f"test_{i}" for i in range(150)]
+    texts = {json.loads(line)["question"] for name in ("train.jsonl", "dev.jsonl") for line in b[name].splitlines()}
+    assert len({q["question"] for q in new}) == 150 and not texts & {q["question"] for q in new}
+
+
 def test_layout_and_fields(world):
     for name in ("corpus.jsonl", "summary.json", "tokenizer/tokenizer.json"):
         assert os.path.exists(os.path.join(world["out"], name))
