@@ -336,7 +336,10 @@ def _ci(cell, signed=False):  # "28.4 [22.1, 35.0]"
 def seeds_report(run_dir):
     """The RL rows of the main run (seed 0) and of every OUT/seedN: per seed, and the mean and sample std over seeds of
     avg EM, its gain over the starting checkpoint, and the real calls spent."""
-    seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir) if d.startswith("seed") and d[4:].isdigit())
+    def done(root):  # every RL row evaluated (a seed still running, or never run, is left out)
+        return all(os.path.exists(os.path.join(root, "eval", label, "results.json")) for label in RL_START)
+    seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir)
+                         if d.startswith("seed") and d[4:].isdigit() and done(os.path.join(run_dir, d)))
     per_seed = {s: rl_rows(run_dir, {label: (os.path.join(run_dir if s == 0 else f"{run_dir}/seed{s}", "eval", label),
                                              start) for label, start in RL_START.items()}) for s in seeds}
     md = [f"## RL rows over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): EM %, paired gain over the start "

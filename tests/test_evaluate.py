@@ -589,6 +589,7 @@ def test_seeds_report_mean_and_spread_by_hand(tmp_path):
         for label in report.RL_START:
             preds = [_pred(i, t, float(i < n_right)) for i, t in enumerate(qs)]
             _eval_dir(root / "eval" / label, preds, root / label, real_calls=10 * (seed + 1))
+    (tmp_path / "seed2" / "eval").mkdir(parents=True)  # a seed still running: left out
     md, data = report.seeds_report(str(tmp_path))
     assert data["seeds"] == [0, 1]
     s = data["summary"]["sft-123+rl-sim-real"]
