@@ -226,6 +226,25 @@ def test_client_server_down_gives_error_observation():
 # -----------------------------------------------------------------------------
 # A real server process
 
+def health(url):
+    with urllib.request.urlopen(url + "/health", timeout=1) as r:
+        return json.loads(r.read())
+
+
+def wait_for_health(proc, port, tries):
+    """-> the URL of a server.py process once its /health answers; fails with its stderr if it dies first."""
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(tries):
+        try:
+            health(url)
+            return url
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server died: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    pytest.fail("server did not come up")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     corpus = write_jsonl(tmp_path_factory.mktemp("srv") / "corpus.jsonl", CORPUS)
@@ -233,18 +252,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--corpus", corpus,
                              "--port", str(port), "--max-body", "100000", "--max-queries", "8", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                assert json.loads(r.read()) == {"status": "ok", "passages": 5}
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"server died: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-    else:
-        pytest.fail("server did not come up")
+    url = wait_for_health(proc, port, tries=200)
+    assert health(url) == {"status": "ok", "passages": 5}
     yield url, tools.BM25Index(CORPUS)
     proc.terminate()
     proc.wait(5)
@@ -553,18 +562,8 @@ def bounded_server(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             # numpy's BLAS starts OMP_NUM_THREADS - 1 threads of its own: count only the server's
                             env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                assert json.loads(r.read())["passages"] == 6
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"server died: {proc.stderr.read().decode()}")
-            time.sleep(0.05)
-    else:
-        pytest.fail("server did not come up")
+    url = wait_for_health(proc, port, tries=400)
+    assert health(url)["passages"] == 6
     yield proc, url, 4, 1.5
     proc.terminate()
     proc.wait(5)
