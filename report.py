@@ -146,6 +146,14 @@ def _pyplot():
     return plt
 
 
+def save_png(plt, fig, path, **savefig):
+    """Write the figure atomically (temp file, then rename) and close it."""
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, **savefig)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_by_actions(summary, path):
     """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
     plt = _pyplot()
@@ -158,10 +166,7 @@ def plot_by_actions(summary, path):
     ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
     ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(plt, fig, path)
     return True
 
 
@@ -235,8 +240,7 @@ def plot_fig3(fig3, path):
         ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
     ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
     ax.legend(fontsize=7)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    save_png(plt, fig, path, bbox_inches="tight")
     return True
 
 
@@ -257,6 +261,14 @@ def world_row(predictions, model_dir):
         calls = rows[-1].get("real_calls_total", 0) if rows else 0  # SFT checkpoints keep metrics.jsonl too
     row["rl_real_calls"] = calls
     return row
+
+
+def _ci(cell, signed=False):
+    """A cell_ci result as "28.4 [22.1, 35.0]" (signed: "+1.2 [...]", EM points); "-" when the cell has no question."""
+    if cell["value"] is None:
+        return "-"
+    v = f"{100 * cell['value']:+.1f}" if signed else _pct(cell["value"])
+    return f"{v} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
 
 
 def read_eval(eval_dir):
@@ -288,20 +300,17 @@ def world_table(run_dir, labels, wall_seconds=None):
     if wall_seconds is not None:
         note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
 
-    def ci(value, lo, hi, n=None, signed=False):  # "28.4 [22.1, 35.0]"
-        v = "-" if value is None else f"{100 * value:+.1f}" if signed else _pct(value)
-        return v if value is None else f"{v} [{_pct(lo)}, {_pct(hi)}]"
     intervals = {label: {c: cell_ci(cells[label], c) for c in cols} for label in labels}
     paired = {label: {"start": start, **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg",
                                                                                          "unknown_multihop")}}
               for label, start in RL_START.items() if label in cells and start in cells}
     md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", "",
           "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    md += ["| " + " | ".join([label] + [ci(**iv[c]) for c in cols]) + " |" for label, iv in intervals.items()]
+    md += ["| " + " | ".join([label] + [_ci(iv[c]) for c in cols]) + " |" for label, iv in intervals.items()]
     md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
            "| RL row | start | n (avg / multihop) | avg | unknown_multihop |", "|---|---|---|---|---|"]
     md += [f"| {label} | {p['start']} | {p['avg']['n']} / {p['unknown_multihop']['n']} | "
-           f"{ci(**p['avg'], signed=True)} | {ci(**p['unknown_multihop'], signed=True)} |"
+           f"{_ci(p['avg'], True)} | {_ci(p['unknown_multihop'], True)} |"
            for label, p in paired.items()]
     md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
            "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
@@ -318,19 +327,16 @@ def world_table(run_dir, labels, wall_seconds=None):
 def rl_rows(run_dir, entries):
     """entries {label: (eval dir, start label)} -> {label: avg and unknown-multihop EM with intervals, the paired
     difference to run_dir/eval/START on the same questions, the real tool calls RL spent}."""
-    out = {}
+    out, starts = {}, {}
     for label, (eval_dir, start) in entries.items():
         args, predictions = read_eval(eval_dir)
-        cells, base = world_cells(predictions), world_cells(read_eval(os.path.join(run_dir, "eval", start))[1])
+        if start not in starts:  # one start row serves many RL rows (seeds, curve points): read it once
+            starts[start] = world_cells(read_eval(os.path.join(run_dir, "eval", start))[1])
+        cells, base = world_cells(predictions), starts[start]
         out[label] = {"start": start, "real_calls": world_row(predictions, args["model"])["rl_real_calls"],
                       **{c: cell_ci(cells, c) for c in ("avg", "unknown_multihop")},
                       **{f"{c}_gain": cell_ci(cells, c, base) for c in ("avg", "unknown_multihop")}}
     return out
-
-
-def _ci(cell, signed=False):  # "28.4 [22.1, 35.0]"
-    v = f"{100 * cell['value']:+.1f}" if signed else _pct(cell["value"])
-    return f"{v} [{_pct(cell['lo'])}, {_pct(cell['hi'])}]"
 
 
 def seeds_report(run_dir):
@@ -386,8 +392,7 @@ def curve_report(run_dir):
         yerr = 100 * np.array([[a["value"] - a["lo"], a["hi"] - a["value"]] for a in avg]).T  # (2, points)
         ax.errorbar(xs, [100 * a["value"] for a in avg], yerr=yerr, fmt="o-", capsize=3)
         ax.set(xlabel="share of RL steps on the real tool", ylabel="test EM, avg (%)", title="Simulated vs real RL")
-        fig.savefig(os.path.join(run_dir, "curve.png"), bbox_inches="tight")
-        plt.close(fig)
+        save_png(plt, fig, os.path.join(run_dir, "curve.png"), bbox_inches="tight")
     return "\n".join(md) + "\n", rows
 
 
