@@ -222,17 +222,17 @@ def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
     return batches, (gap[0] / gap[1].clamp(min=1)).item()
 
 
-def update(model, value_head, params, optimizer, batches, amp, args, ddp, world):
+def update(model, value_head, params, optimizer, batches, amp, args, wrapped, world):
     """--ppo-epochs passes, one optimizer step per minibatch: clipped surrogate + k3 KL + entropy (+ PPO's clipped value
     loss), over the minibatch's masked-in tokens on all ranks. Every rank makes the same number of backward passes.
-    -> (mean stats over the updates, a stop reason or None)"""
+    wrapped: model is fsdp.parallelize's DDP wrapper. -> (mean stats over the updates, a stop reason or None)"""
     names = ["loss", "kl", "entropy", "clipfrac", "approx_kl"] + ["value_loss"] * (value_head is not None)
     stats = dict.fromkeys(names, 0.0)
     for epoch in range(args.ppo_epochs):
         for minibatch in batches:
             num_tokens = max(all_sum(torch.tensor(float(sum(b["mask"].sum() for b in minibatch)))).item(), 1.0)
             for i, b in enumerate(minibatch):
-                sync = not ddp or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
+                sync = not wrapped or i == len(minibatch) - 1  # DDP all-reduces gradients on the last micro-batch only
                 with nullcontext() if sync else model.no_sync():
                     with amp():
                         logp, entropy, values = policy_forward(model, value_head, b["ids"], b["attention"],
@@ -440,7 +440,7 @@ def train(args, rank, world, device, ddp):
         t0 = time.time()
         batches, log["logp_gap"] = score(policy, reference, value_head, seqs, pad_id, device, amp, args)
         log.update(ADVANTAGES[args.algo](batches, args))
-        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, ddp and not args.fsdp, world)
+        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, model is not policy, world)
         log.update(stats, rollout_s=rollout_s, update_s=time.time() - t0)
 
         # --- stopping rules, evaluation, logging, checkpoints
