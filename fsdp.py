@@ -1,7 +1,9 @@
 """
 The paper's 7B on one 8-GPU node (--fsdp in train_sft.py, train_rl.py, world_model.py train): FSDP2 sharding, the
 helpers the trainers call on every path (each is the plain-torch operation on an unsharded model, so the CPU path runs
-them too), and the memory plan every trainer prints at start and checks on CUDA.
+them too), and the memory plan every trainer prints at start and checks on CUDA. Why: DDP keeps a whole copy of the
+fp32 weights, gradients and AdamW moments on every GPU (16 bytes a parameter: 122 GB for 7.6B, more than an 80 GB GPU);
+FSDP2 keeps 1/world of each and gathers one decoder layer at a time.
 
     python fsdp.py plan                                  # Qwen2.5-7B on 8 x 80 GB: DDP vs FSDP, GB per GPU
     python fsdp.py plan --config DIR/config.json --world-size 4 --gpu-gb 141 --rollout-batch 30 --reference
@@ -13,10 +15,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-
-# FSDP (--fsdp): the paper's 7B trained on one 8-GPU node. DDP keeps a whole copy of the fp32 weights, gradients and
-# AdamW moments on every GPU (16 bytes a parameter: 122 GB for 7.6B, more than an 80 GB GPU); FSDP2 keeps 1/world of
-# each and gathers one decoder layer at a time. `python fsdp.py plan` prints the memory plan (memory_plan below).
 
 
 def shard(model, device, bf16=False):
