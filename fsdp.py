@@ -159,7 +159,13 @@ def memory_plan(config, world_size, micro_batch, context, fsdp, grad_checkpointi
                    the entropy's softmax in RL)
       rollout      (RL, rollout_batch > 0) the KV cache, 2 x layers x kv_heads x head_dim x context x rollout_batch x e,
                    and under FSDP the whole model gathered in the compute dtype (whole_model)
-    The peak is the larger of the training step (everything but the rollout) and the rollout (no gradients: freed).
+      AdamW step   torch's multi-tensor AdamW (the CUDA default) makes one float32 temporary of every parameter
+                   (the sqrt of the second moments) while weights, gradients and moments are all alive: 4 bytes a
+                   parameter more. Measured on an H200 (bench/gpu_check.py, 2026-11-30): without this item the plan
+                   said 29.4 GB for a 1.5B Qwen step where 31.6 GB was used, and 127.1 GB for the 7B, which ran out of
+                   memory on the 150 GB GPU; with it: 30.9 and 152.3.
+    The peak is the largest of the training step (forward/backward), the optimizer step and the rollout (no gradients:
+    freed).
     CUDA's own context and allocator fragmentation are not in it: check_memory keeps 10% for them."""
     c = config if isinstance(config, dict) else config.to_dict()
     h, L, I, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
@@ -174,14 +180,16 @@ def memory_plan(config, world_size, micro_batch, context, fsdp, grad_checkpointi
             "activations": L * per_layer, "activations, --grad-checkpointing": L * e * h * tokens + per_layer,
             "logits": tokens * V * (e + 12),
             "rollout KV cache": 2 * L * kv_dim * context * rollout_batch * e,
-            "rollout: whole model gathered (FSDP)": P * e * fsdp * (rollout_batch > 0)}
+            "rollout: whole model gathered (FSDP)": P * e * fsdp * (rollout_batch > 0),
+            "AdamW step temporaries": 4 * P / n}
     kept = plan["weights (fp32)"] + plan["AdamW moments (2 x fp32)"] + plan["reference model (fp32)"]
     activations = plan["activations, --grad-checkpointing" if grad_checkpointing else "activations"]
     plan["peak: training step"] = kept + plan["gradients (fp32)"] + plan["gathered units (FSDP)"] + activations + \
         plan["logits"]
+    plan["peak: optimizer step"] = kept + plan["gradients (fp32)"] + plan["AdamW step temporaries"]
     plan["peak: rollout"] = (kept + plan["rollout KV cache"] + plan["rollout: whole model gathered (FSDP)"]) * \
         (rollout_batch > 0)
-    plan["peak"] = max(plan["peak: training step"], plan["peak: rollout"])
+    plan["peak"] = max(plan["peak: training step"], plan["peak: optimizer step"], plan["peak: rollout"])
     return plan
 
 

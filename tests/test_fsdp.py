@@ -164,6 +164,12 @@ def test_memory_plan_qwen25_7b_on_8_x_80gb():
     assert ddp["weights (fp32)"] + ddp["gradients (fp32)"] + ddp["AdamW moments (2 x fp32)"] == 16 * (28 * layer + rest)
     assert ddp["rollout KV cache"] == 2 * 28 * 4 * 128 * 4096 * 30 * 2 == sharded["rollout KV cache"]
     assert ddp["peak"] > 80e9 > sharded["peak"]
+    # torch's multi-tensor AdamW: one float32 temporary per parameter on top of weights, gradients and moments, so
+    # the 7B on one GPU needs 20 bytes a parameter at the optimizer step (152 GB; it ran out of memory on an H200)
+    one = fsdp.memory_plan(fsdp.QWEN25_7B, world_size=1, micro_batch=1, context=2048, fsdp=False,
+                           grad_checkpointing=True)
+    assert one["peak: optimizer step"] == one["peak"] == 20 * (28 * layer + rest)
+    assert sharded["AdamW step temporaries"] == pytest.approx(ddp["AdamW step temporaries"] / 8)
     checkpointed = fsdp.memory_plan(fsdp.QWEN25_7B, fsdp=True, grad_checkpointing=True, **options)
     assert checkpointed["peak"] < sharded["peak"]
     table = fsdp.format_plan(fsdp.QWEN25_7B, 8, 1, 4096, gpu_gb=80, reference=True, rollout_batch=30)
