@@ -231,7 +231,7 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = epochs * steps_per_epoch
+    total = math.ceil(epochs * steps_per_epoch)
     print(f"train: {len(examples)} calls ({dropped} dropped as longer than {max_len} tokens) | batch {batch_size} | "
           f"{steps_per_epoch} steps/epoch, {total} steps | lr {lr:g}", flush=True)
     lengths = [len(ex[0]) for ex in examples]
@@ -368,7 +368,7 @@ def parse_args(argv=None):
     for p in (p_train, p_serve, p_eval):
         p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if there is one)")
     # Optimization
-    p_train.add_argument("--epochs", type=int, default=24, help="passes over the calls (memorising takes many)")
+    p_train.add_argument("--epochs", type=float, default=24, help="passes over the calls (memorising takes many)")
     p_train.add_argument("--batch-size", type=int, default=16, help="calls per step")
     p_train.add_argument("--lr", type=float, default=1e-3,
                          help="peak learning rate (1e-3 suits the tiny preset; ~5e-5 a pretrained model)")
