@@ -89,11 +89,13 @@ def test_greedy_engine_equals_generate_token_for_token(smollm2):
 
 class ForceAt(torch.nn.Module):
     """Teacher forcing for the engine: the model plus a large bias on token forced[p] when predicting absolute position
-    p (known from position_ids); free everywhere else. SmolLM2 does not act by itself: this makes it, at set points."""
+    p (known from position_ids), and against the tokens `barred` everywhere else. SmolLM2 does not act by itself: this
+    makes it, at set points. (Untrained, its added tags sit at their first piece's row, so it writes them where it
+    would write "<": barred keeps the trajectory to the one action the test is about.)"""
 
-    def __init__(self, lm, forced):
+    def __init__(self, lm, forced, barred=()):
         super().__init__()
-        self.lm, self.config, self.forced = lm, lm.config, forced
+        self.lm, self.config, self.forced, self.barred = lm, lm.config, forced, list(barred)
 
     def get_output_embeddings(self):
         return self.lm.get_output_embeddings()
@@ -103,6 +105,8 @@ class ForceAt(torch.nn.Module):
         for b, p in enumerate((position_ids[:, -1] + 1).tolist()):
             if p in self.forced:
                 out.logits[b, -1, self.forced[p]] += 100.0
+            else:
+                out.logits[b, -1, self.barred] -= 100.0
         return out
 
 
@@ -134,11 +138,12 @@ def test_trajectory_with_an_observation_encodes_to_the_engine_ids(smollm2):
     queries = []
     tools = ToolRegistry({"search": lambda qs: queries.extend(qs) or [OBSERVATION] * len(qs),
                           "calculator": calculator}, cache_size=0)
-    out = E.rollout(ForceAt(model, forced), tok, [prompt], tools, "real", max_new_tokens=40, answer_tokens=8,
+    barred = tok.convert_tokens_to_ids(special_tokens())
+    out = E.rollout(ForceAt(model, forced, barred), tok, [prompt], tools, "real", max_new_tokens=40, answer_tokens=8,
                     greedy=True)[0]
     assert out.num_actions == {"search": 1} and out.real_calls == 1, out.text
     assert out.response_ids[close] == forced[start + close] and out.obs_mask[:close + 1] == [0] * (close + 1)
-    assert queries == [tok.decode(out.response_ids[2:close]).strip()] and queries[0], out.text
+    assert queries == [tok.decode(out.response_ids[1:close]).strip()] and queries[0], out.text
     obs_ids = M.encode_observation(tok, format_observation("search", OBSERVATION))
     assert obs_ids == tok.encode(format_observation("search", OBSERVATION), add_special_tokens=False)  # no tags inside
     assert out.response_ids[close + 1:close + 1 + len(obs_ids)] == obs_ids, out.text
@@ -147,14 +152,15 @@ def test_trajectory_with_an_observation_encodes_to_the_engine_ids(smollm2):
 
     segments = segments_of(tok, out)
     assert [s["kind"] for s in segments][:3] == ["policy", "obs", "policy"], segments
-    # A row cut by the token budget may end inside a BPE pre-token: here the policy's last tokens are "\n", "\n" (it
-    # was about to write "The"), which "\n\n" at the end of a text encodes as ONE token. That is the budget's cut,
-    # not a segment rule, so the last segment of a budget-stopped row is left out of the comparison.
+    # A row cut by the token budget may end inside a BPE pre-token: the policy tokens before the forced "</think>\n"
+    # may be "\n", "\n" (it was about to write more), which "\n\n" in a text encodes as ONE token. That is the
+    # budget's cut, not a segment rule, so a budget-stopped row is compared up to the policy segment the budget cut.
     if out.stop_reason != "eos":
-        segments = segments[:-1]
+        forced_at = next((j for j, s in enumerate(segments) if s["kind"] == "prompt"), len(segments))
+        segments = segments[:forced_at - 1]
     ids, loss_mask, obs_mask = M.encode_segments(tok, [{"kind": "prompt", "text": text}] + segments)
     n = len(ids) - len(prompt)
-    assert n > close + 1 + len(obs_ids) and ids == out.prompt_ids + out.response_ids[:n], segments
+    assert n >= close + 1 + len(obs_ids) and ids == out.prompt_ids + out.response_ids[:n], segments
     assert loss_mask[len(prompt):] == out.loss_mask[:n] and obs_mask[len(prompt):] == out.obs_mask[:n]
 
 
