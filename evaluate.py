@@ -414,7 +414,7 @@ def get_args(argv=None):
     p.add_argument("--model", required=True, help="checkpoint dir, 'tiny' (needs --tokenizer), 'smollm2', or HF name")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
-                   "tokens to a pretrained tokenizer (as train_sft.py does; new rows start at their pieces' mean)")
+                   "tokens to a pretrained tokenizer (as train_sft.py does; a new row starts at its first piece's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one, as every script)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
     p.add_argument("--template", choices=["short", "autocoa"], default=None,

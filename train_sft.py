@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--init", default="tiny", help="'tiny' (random init; tokenizer from DIR/tokenizer), 'smollm2', "
                    "or a checkpoint dir / HF model name")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
-                   "tokens to a pretrained tokenizer (resizes the embeddings)")
+                   "tokens to a pretrained tokenizer (resizes the embeddings; a new row starts at its first piece's)")
     p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template for "
                    "model.build_prompt (default: the one --init was trained with, else 'short'; 'autocoa' is the "
                    "paper's long instruction). Prompts go through the tokenizer's chat template when it has one "
