@@ -1,6 +1,6 @@
 """
-GPU check (not run in CI; its numbers from one H200, 2026-11-30, are in the README): the bf16 path on one CUDA device, end to end, for the
-tiny preset and SmolLM2-135M (if its optional packages are installed, see model.py):
+GPU check (not run in CI; its numbers from one H200, 2026-11-30, are in the README): the bf16 path on one CUDA device,
+end to end, for the tiny preset and SmolLM2-135M (if its optional packages are installed, see model.py):
   1. an SFT step (train_sft.py stage 2) and an RL step (train_rl.py, GRPO, one real step) with --bf16, plain, then
      the same under torchrun --nproc_per_node=1 --fsdp (FSDP2 mixed precision: bf16 compute, fp32 reduce/master);
   2. rollout speed at batch 64 in bf16: our engine (engine.rollout) vs HF model.generate, and vLLM when installed,
@@ -147,8 +147,8 @@ def memory_check(shape, device, context):
     finally:
         model = optimizer = logits = loss = None
         torch.cuda.empty_cache()
-    print(f"  {shape:<13} {plan['parameters (count)'] / 1e9:5.2f}B, 1 x {context} tokens: plan {plan['peak'] / GB:6.1f} GB"
-          f" ({', '.join(f'{k} {v:.1f}' for k, v in steps.items())}) | {result}"
+    print(f"  {shape:<13} {plan['parameters (count)'] / 1e9:5.2f}B, 1 x {context} tokens: "
+          f"plan {plan['peak'] / GB:6.1f} GB ({', '.join(f'{k} {v:.1f}' for k, v in steps.items())}) | {result}"
           + (f" | plan/measured {plan['peak'] / GB / measured:.2f}" if measured else ""), flush=True)
 
 
