@@ -39,9 +39,10 @@ Tokenizer: byte-level BPE trained on train-side text only (known + train pools),
 every tool tag (tools.special_tokens()) as single special tokens, every year 1800-2099 one token (see
 train_tokenizer); small vocabulary on purpose (see --vocab-size).
 
-Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl,
-sft_cot/coa/mix/mix_renamed/pairs.jsonl, tool_calls.jsonl (teacher calls on train and dev questions, never test, with an
-extra "split" field), summary.json.
+Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl, base_facts.jsonl (its
+known-fact prose alone: what a pretrained model lacks, for the smollm2 preset's base stage),
+sft_cot/coa/mix/mix_renamed/pairs.jsonl, tool_calls.jsonl (teacher calls on train and dev questions, never test, with
+an extra "split" field), summary.json.
 Same seed -> same bytes. Every file is written to a temporary name and renamed.
 
 Run:
@@ -437,6 +438,7 @@ def build(argv=None):
     for split, qs in splits.items():
         write_jsonl(os.path.join(out, f"{split}.jsonl"), [public(q) for q in qs])
     write_jsonl(os.path.join(out, "base.jsonl"), base)
+    write_jsonl(os.path.join(out, "base_facts.jsonl"), [r for r in base if "\nQuestion: " not in r["text"]])
     write_jsonl(os.path.join(out, "sft_cot.jsonl"), cot)
     write_jsonl(os.path.join(out, "sft_coa.jsonl"), coa)
     write_jsonl(os.path.join(out, "sft_mix.jsonl"), mix)

@@ -67,7 +67,8 @@ STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl
 # Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
 STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
 # Arguments that fix the data order and the step count: --resume refuses a state saved with other values.
-RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches")
+RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches",
+               "pack")
 
 
 def parse_args(argv=None):
@@ -90,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
                    "sft_mix}.jsonl)")
     p.add_argument("--max-len", type=int, default=1024, help="longer rows are dropped and counted; base-stage block size")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="base stage: pack documents into --max-len blocks; --no-pack: one padded row per document "
+                        "(short fact documents over many passes: packed, a fixed block order lets the model recall a "
+                        "fact from the document before it instead of its own words; smollm2 preset)")
     p.add_argument("--bucket-batches", type=int, default=16,
                    help="sort by length within shuffled buffers of this many global batches (less padding)")
     # Optimization
@@ -151,13 +156,16 @@ def read_records(path, fields):
     return records
 
 
-def load_examples(tok, stage, path, max_len, template="short"):
+def load_examples(tok, stage, path, max_len, template="short", pack=True):
     """Examples for a stage: each a list of rows (ids, loss_mask, obs_mask); stage 1 has two rows (chosen, rejected)
     whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
     if stage == "base":
-        stream = []
-        for r in read_records(path, {"text": "str"}):
-            stream += tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for r in read_records(path, {"text": "str"})]
+        if not pack:  # one row per document: a fact is then learnt from its own words, never from a fixed neighbour
+            kept = [d for d in docs if len(d) <= max_len]
+            return [[(d, [1] * len(d), [0] * len(d))] for d in kept], len(docs) - len(kept)
+        stream = [i for d in docs for i in d]
         # documents are packed and attend across their eos boundaries, as in GPT pretraining: no padding, no waste
         blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
         return [[(b, [1] * len(b), [0] * len(b))] for b in blocks], 0
@@ -242,7 +250,7 @@ def train(args, rank, world_size, device, ddp):
     # -------------------------------------------------------------------------
     # data and derived sizes
     path = args.train_file or os.path.join(args.data, STAGE_FILES[args.stage])
-    examples, dropped = load_examples(tok, args.stage, path, args.max_len, args.template)
+    examples, dropped = load_examples(tok, args.stage, path, args.max_len, args.template, args.pack)
     assert examples, f"{path}: no usable examples ({dropped} dropped as longer than --max-len {args.max_len})"
     lengths = [tuple(len(row[0]) for row in ex) for ex in examples]  # stage 1 sorts by (chosen, rejected) length
     B, m = args.batch_size, args.micro_batch

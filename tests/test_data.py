@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     entities, by_type = data.make_world(args, random.Random(args.seed))  # make_world is the seed's first consumer
     d = {name: read_jsonl(os.path.join(out, name + ".jsonl"))
          for name in ("corpus", "train", "dev", "test", "base", "sft_cot", "sft_coa", "sft_mix", "sft_pairs",
-                      "tool_calls", "sft_mix_renamed")}
+                      "tool_calls", "sft_mix_renamed", "base_facts")}
     return {"out": out, "summary": summary, "entities": entities, "by_type": by_type, **d}
 
 
@@ -147,6 +147,9 @@ def test_base_has_known_facts_only(world):
     qa = [r["text"] for r in world["base"] if "\nQuestion: " in r["text"]]
     cot = {build_prompt(None, r["question"]) + trajectory_text(r["segments"]) for r in world["sft_cot"]}
     assert qa and set(qa) == cot
+    # base_facts.jsonl (the smollm2 preset's base stage) is exactly the prose part of base.jsonl
+    assert sorted(r["text"] for r in world["base_facts"]) == sorted(r["text"] for r in world["base"]
+                                                                  if "\nQuestion: " not in r["text"])
 
 
 def test_observations_are_what_the_tools_return(world):

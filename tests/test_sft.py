@@ -194,6 +194,20 @@ def test_over_max_len_dropped_and_counted_never_cut(world):
     assert dropped == sum(n > sorted(longest)[8] for n in longest)
 
 
+def test_base_stage_packs_blocks_or_keeps_one_row_per_document(world):
+    tok, path = world["tok"], os.path.join(world["data"], "base.jsonl")
+    with open(path) as f:
+        docs = [tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for line in f]
+    packed, _ = train_sft.load_examples(tok, "base", path, 64)
+    assert [i for ex in packed for i in ex[0][0]] == [i for d in docs for i in d]  # the stream, cut into blocks
+    assert all(len(ex[0][0]) == 64 for ex in packed[:-1])
+    limit = sorted(len(d) for d in docs)[len(docs) // 2]
+    rows, dropped = train_sft.load_examples(tok, "base", path, limit, pack=False)
+    assert [ex[0][0] for ex in rows] == [d for d in docs if len(d) <= limit]
+    assert dropped == sum(len(d) > limit for d in docs) > 0
+    assert all(ex[0][1] == [1] * len(ex[0][0]) and not any(ex[0][2]) for ex in rows)  # every token trained, no obs
+
+
 def test_epoch_batches_cover_data_and_group_by_length():
     rng = random.Random(0)
     lengths = [rng.randint(10, 500) for _ in range(203)]
