@@ -75,9 +75,9 @@ case "$PRESET" in
     # questions per type. lr 2e-4 for stage 2 from the pretrained model: the new tag tokens must become its top
     # prediction (8 steps at 1e-4 left "<begin_search>" at p 0.16; at 3e-4 the loss was 0.41 vs 1.0).
     # The base stage teaches only what a pretrained model lacks: the known pool's facts (base_facts.jsonl, 298 short
-    # documents, ~12k tokens a pass), one row per document. Pilots (2026-11-30, completing 168 fact sentences from
-    # their subject): packed into blocks, 10 passes recalled 33% (the model had learnt the fixed block order, not
-    # the facts); --no-pack, 8 passes 64% (12 min). Without a base stage "known" facts are ones SmolLM2 never saw and
+    # documents, ~12k tokens a pass), one row per document. Pilots (2026-11-30, bench/fact_recall.py: 147 fact
+    # sentences completed from their subject alone): packed into blocks, 10 passes recalled 32% (the model had learnt
+    # the fixed block order, not the facts); --no-pack, 8 passes 59% (12 min). Without it "known" facts are ones SmolLM2 never saw and
     # it (rightly) searched for every one (previous run: 0% of known questions answered without acting).
     BASE="--train-file $W/base_facts.jsonl --no-pack --epochs 12 --lr 3e-4 --max-len 256 --batch-size 16 --micro-batch 16"
     TAGS="--add-action-tokens"  # the tags become single tokens in the base stage, the first from the pretrained model
