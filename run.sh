@@ -77,8 +77,9 @@ case "$PRESET" in
     # The base stage teaches only what a pretrained model lacks: the known pool's facts (base_facts.jsonl, 298 short
     # documents, ~12k tokens a pass), one row per document. Pilots (2026-11-30, bench/fact_recall.py: 147 fact
     # sentences completed from their subject alone): packed into blocks, 10 passes recalled 32% (the model had learnt
-    # the fixed block order, not the facts); --no-pack, 8 passes 59% (12 min). Without it "known" facts are ones SmolLM2 never saw and
-    # it (rightly) searched for every one (previous run: 0% of known questions answered without acting).
+    # the fixed block order, not the facts); --no-pack, 8 passes 59% (12 min). Without it "known" facts are ones
+    # SmolLM2 never saw and it (rightly) searched for every one (previous run: 0% of known questions answered without
+    # acting).
     BASE="--train-file $W/base_facts.jsonl --no-pack --epochs 12 --lr 3e-4 --max-len 256 --batch-size 16 --micro-batch 16"
     TAGS="--add-action-tokens"  # the tags become single tokens in the base stage, the first from the pretrained model
     SFT1="--max-steps 3 --lr 2e-5 --batch-size 16 --micro-batch 4"

@@ -2,8 +2,9 @@
 Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script, four stages.
 
   base  plain language modelling on DIR/base.jsonl ({"text"}): every token trained, documents joined with eos and
-        packed into --max-len blocks. Not in the paper (it starts from R1-Distill, already a reasoning model); here it
-        turns the tiny random-init preset into a small "reasoning model" that knows the world's known facts.
+        packed into --max-len blocks (--no-pack: one row each). Not in the paper (it starts from R1-Distill, already a
+        reasoning model); here it turns the tiny random-init preset into a small "reasoning model" that knows the
+        world's known facts, and teaches SmolLM2 those facts alone (base_facts.jsonl, --no-pack: run.sh).
   1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}).
         P(x|c) = (1/|x|) sum_i log pi(x_i | c, x_<i) over the continuation's trained tokens,
         L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)). No reference model.
