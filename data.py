@@ -438,7 +438,7 @@ def build(argv=None):
     for split, qs in splits.items():
         write_jsonl(os.path.join(out, f"{split}.jsonl"), [public(q) for q in qs])
     write_jsonl(os.path.join(out, "base.jsonl"), base)
-    write_jsonl(os.path.join(out, "base_facts.jsonl"), [r for r in base if "\nQuestion: " not in r["text"]])
+    write_jsonl(os.path.join(out, "base_facts.jsonl"), [{"text": t} for t in base_facts])  # same with any questions
     write_jsonl(os.path.join(out, "sft_cot.jsonl"), cot)
     write_jsonl(os.path.join(out, "sft_coa.jsonl"), coa)
     write_jsonl(os.path.join(out, "sft_mix.jsonl"), mix)
