@@ -74,14 +74,11 @@ case "$PRESET" in
     # learns the format from a few hundred examples), RL of 4 steps of 2 x 4 rollouts, the test split's first 12
     # questions per type. lr 2e-4 for stage 2 from the pretrained model: the new tag tokens must become its top
     # prediction (8 steps at 1e-4 left "<begin_search>" at p 0.16; at 3e-4 the loss was 0.41 vs 1.0).
-    # The base stage teaches only what a pretrained model lacks: the known pool's facts (base_facts.jsonl, 298 short
-    # documents, ~12k tokens a pass), one row per document. Pilots (2026-11-30, bench/fact_recall.py: 147 fact
-    # sentences completed from their subject alone): packed into blocks, 10 passes recalled 32% (the model had learnt
-    # the fixed block order, not the facts); --no-pack, 8 passes 59% (12 min). Without it "known" facts are ones
-    # SmolLM2 never saw and it (rightly) searched for every one (previous run: 0% of known questions answered without
-    # acting).
-    BASE="--train-file $W/base_facts.jsonl --no-pack --epochs 12 --lr 3e-4 --max-len 256 --batch-size 16 --micro-batch 16"
-    TAGS="--add-action-tokens"  # the tags become single tokens in the base stage, the first from the pretrained model
+    # A pretrained model: no base stage, so "known" facts are ones it was never taught (README "Latest run (smollm2
+    # preset)": a base stage on the known facts alone, train_sft.py --stage base --train-file $W/base_facts.jsonl
+    # --no-pack, teaches them, measured there, but the policy still searches for every one of them).
+    BASE=""
+    TAGS="--add-action-tokens"  # the tags become single tokens the first time SFT starts from the pretrained model
     SFT1="--max-steps 3 --lr 2e-5 --batch-size 16 --micro-batch 4"
     SFT2="--max-steps 24 --lr 2e-4 --batch-size 12 --micro-batch 4"
     SFT3="--max-steps 8 --lr 5e-5 --batch-size 12 --micro-batch 4"
@@ -119,11 +116,14 @@ stage() {
 stage world "$W/summary.json" $PY data.py --out "$W" --seed $SEED $WORLD
 
 # --- SFT (paper 3.2): base "reasoning model" -> stage 1 (when to act) -> 2 (how to act) -> 3 (world model) ----------
-stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" \
-  --seed $SEED $BASE $TAGS
-BASE_CKPT="$OUT/base"
-stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1
-stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2
+if [ "$PRESET" = tiny ]; then
+  stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" --seed $SEED $BASE
+  BASE_CKPT="$OUT/base"
+else
+  BASE_CKPT="$INIT"   # the pretrained model is the starting "reasoning model"
+fi
+stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1 $TAGS
+stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2 $TAGS
 stage sft-12    "$OUT/sft12/config.json"  $PY train_sft.py --stage 2 --init "$OUT/sft1"   --data "$W" --out "$OUT/sft12"  --seed $SEED $SFT2
 stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
 
