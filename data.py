@@ -40,7 +40,7 @@ every tool tag (tools.special_tokens()) as single special tokens, every year 180
 train_tokenizer); small vocabulary on purpose (see --vocab-size).
 
 Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl, base_facts.jsonl (its
-known-fact prose alone: what a pretrained model lacks, for the smollm2 preset's base stage),
+known-fact prose alone: what a pretrained model lacks, for its base stage: README, smollm2 preset),
 sft_cot/coa/mix/mix_renamed/pairs.jsonl, tool_calls.jsonl (teacher calls on train and dev questions, never test, with
 an extra "split" field), summary.json.
 Same seed -> same bytes. Every file is written to a temporary name and renamed.

@@ -4,7 +4,7 @@ Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script,
   base  plain language modelling on DIR/base.jsonl ({"text"}): every token trained, documents joined with eos and
         packed into --max-len blocks (--no-pack: one row each). Not in the paper (it starts from R1-Distill, already a
         reasoning model); here it turns the tiny random-init preset into a small "reasoning model" that knows the
-        world's known facts, and teaches SmolLM2 those facts alone (base_facts.jsonl, --no-pack: run.sh).
+        world's known facts; on base_facts.jsonl with --no-pack it teaches SmolLM2 those facts alone (README, smollm2).
   1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}).
         P(x|c) = (1/|x|) sum_i log pi(x_i | c, x_<i) over the continuation's trained tokens,
         L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)). No reference model.
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="base stage: pack documents into --max-len blocks; --no-pack: one padded row per document "
                         "(short fact documents over many passes: packed, a fixed block order lets the model recall a "
-                        "fact from the document before it instead of its own words; smollm2 preset)")
+                        "fact from the document before it instead of its own words: README, smollm2)")
     p.add_argument("--bucket-batches", type=int, default=16,
                    help="sort by length within shuffled buffers of this many global batches (less padding)")
     # Optimization
