@@ -147,7 +147,7 @@ def test_base_has_known_facts_only(world):
     qa = [r["text"] for r in world["base"] if "\nQuestion: " in r["text"]]
     cot = {build_prompt(None, r["question"]) + trajectory_text(r["segments"]) for r in world["sft_cot"]}
     assert qa and set(qa) == cot
-    # base_facts.jsonl (the smollm2 preset's base stage) is exactly the prose part of base.jsonl
+    # base_facts.jsonl (a pretrained model's base stage) is exactly the prose part of base.jsonl
     assert sorted(r["text"] for r in world["base_facts"]) == sorted(r["text"] for r in world["base"]
                                                                   if "\nQuestion: " not in r["text"])
 
