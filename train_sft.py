@@ -11,6 +11,9 @@ Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script,
   2     CoT+CoA with observation mask (paper 3.2.3, *how* to act) on DIR/sft_mix.jsonl ({"question","segments"}):
         cross-entropy on the tokens the policy writes; observation tokens masked.
   3     CoT+CoA without observation mask (paper 3.2.4, internal world model): the same, observation tokens trained.
+        --wm-calls adds the teacher's real calls as one-action trajectories (query -> observation), so the policy
+        also learns what the tools return in the world it was trained on (not in the paper, whose trajectories come
+        from a 7B teacher on real data: on the tiny preset the renamed copies teach copying, not the world; README).
 Stages chain: base -> 1 -> 2 -> 3, each --init from the previous --out.
 
 Every training row is built from token ids, never by re-tokenising decoded text (SPEC section 3):
@@ -34,7 +37,8 @@ Commands (DIR from `python data.py --out DIR`):
   python train_sft.py --stage base --init tiny --data DIR --out out/sft_base --max-len 256 --epochs 10 --batch-size 16
   python train_sft.py --stage 1 --init out/sft_base --data DIR --out out/sft1 --epochs 1 --batch-size 16
   python train_sft.py --stage 2 --init out/sft1 --data DIR --out out/sft12
-  python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1
+  python train_sft.py --stage 3 --init out/sft12 --data DIR --out out/sft123 --epochs 1 \
+      [--wm-calls out/wm_calls.jsonl --wm-calls-copies 50]   # from `python world_model.py collect --data DIR ...`
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
   torchrun --standalone --nproc_per_node=8 train_sft.py ... --init QWEN_7B_DIR --bf16 --fsdp --grad-checkpointing
@@ -62,14 +66,14 @@ import fsdp
 from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
                     resume_point, save_final, save_resume, setup_distributed, teardown_distributed, token_logprobs)
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format
-from tools import read_jsonl
+from tools import action_close, action_open, format_observation, read_jsonl
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
 # Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
 STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
 # Arguments that fix the data order and the step count: --resume refuses a state saved with other values.
 RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches",
-               "pack")
+               "pack", "train_copies", "wm_calls", "wm_calls_copies")
 
 
 def parse_args(argv=None):
@@ -91,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default="out/world", help="data dir written by data.py (its default example: out/world)")
     p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
                    "sft_mix}.jsonl)")
+    p.add_argument("--train-copies", type=int, default=1, help="copies of the train file's rows (weights it against "
+                   "--wm-calls-copies)")
+    p.add_argument("--wm-calls", default=None, help="stage 3: also the world model's training calls (world_model.py "
+                   "collect, split train) as one-action trajectories: the policy learns the world's tool results")
+    p.add_argument("--wm-calls-copies", type=int, default=1, help="copies of the --wm-calls rows")
     p.add_argument("--max-len", type=int, default=1024, help="longer rows are dropped and counted; base-stage block size")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="base stage: pack documents into --max-len blocks; --no-pack: one padded row per document "
@@ -157,9 +166,21 @@ def read_records(path, fields):
     return records
 
 
+def call_trajectories(path):
+    """The world model's training calls (world_model.py collect rows {"tool","args","observation","split"}) as
+    stage-3 records: the query is the question, the policy's one action, the real observation. Stage 3 on these makes
+    the policy a simulator of the world it was trained on (its internal world model); the calls are the teacher's,
+    held-out ones stay out (world_model.py eval measures the policy on them)."""
+    rows = [r for _, r in read_jsonl(path) if r.get("split") == "train"]
+    return [{"question": r["args"], "segments": [
+        {"kind": "policy", "text": f" {action_open(r['tool'])} {r['args']} {action_close(r['tool'])}"},
+        {"kind": "obs", "text": format_observation(r["tool"], r["observation"])}]} for r in rows]
+
+
 def load_examples(tok, stage, path, max_len, template="short", pack=True):
     """Examples for a stage: each a list of rows (ids, loss_mask, obs_mask); stage 1 has two rows (chosen, rejected)
-    whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
+    whose loss_mask covers only the continuation. path: a JSONL file (stages 2/3: or its records). Returns (examples,
+    number dropped for being over max_len)."""
     if stage == "base":
         docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 for r in read_records(path, {"text": "str"})]
@@ -188,7 +209,8 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
                 examples.append(rows)
         return examples, dropped
 
-    for r in read_records(path, {"question": "str", "segments": "segments"}):
+    records = path if isinstance(path, list) else read_records(path, {"question": "str", "segments": "segments"})
+    for r in records:
         prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
         row = encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)
         if len(row[0]) > max_len:
@@ -252,6 +274,12 @@ def train(args, rank, world_size, device, ddp):
     # data and derived sizes
     path = args.train_file or os.path.join(args.data, STAGE_FILES[args.stage])
     examples, dropped = load_examples(tok, args.stage, path, args.max_len, args.template, args.pack)
+    examples = examples * args.train_copies
+    if args.wm_calls:  # after the train file's rows, as one file holding both would list them
+        assert args.stage == "3", "--wm-calls is stage 3's (it trains observation tokens)"
+        calls, calls_dropped = load_examples(tok, "3", call_trajectories(args.wm_calls), args.max_len, args.template)
+        examples, dropped = examples + calls * args.wm_calls_copies, dropped + calls_dropped
+        path = f"{path} x {args.train_copies} + {args.wm_calls} ({len(calls)} calls) x {args.wm_calls_copies}"
     assert examples, f"{path}: no usable examples ({dropped} dropped as longer than --max-len {args.max_len})"
     lengths = [tuple(len(row[0]) for row in ex) for ex in examples]  # stage 1 sorts by (chosen, rejected) length
     B, m = args.batch_size, args.micro_batch

@@ -382,6 +382,34 @@ def test_requirements_pin_the_transformers_the_code_needs():
     assert transformers.__version__ in spec, f"installed transformers {transformers.__version__} outside {spec}"
 
 
+def test_wm_calls_become_one_action_trajectories_with_trained_observations(world, tmp_path, capsys):
+    """Stage 3 as the internal world model: world_model.py collect's split-train calls, each the query as the question,
+    one action and the real observation (trained); held-out calls never; --train-copies / --wm-calls-copies repeat."""
+    calls = [{"tool": "search", "args": "who founded ada", "observation": "result 1 : bob founded ada", "split": "train"},
+             {"tool": "search", "args": "when was bob born", "observation": "result 1 : 1901", "split": "heldout"},
+             {"tool": "search", "args": "where is ada", "observation": "result 1 : ada is a city", "split": "train"}]
+    write_jsonl(tmp_path / "calls.jsonl", calls)
+    records = train_sft.call_trajectories(str(tmp_path / "calls.jsonl"))
+    assert [r["question"] for r in records] == ["who founded ada", "where is ada"]
+    assert records[0]["segments"] == [
+        {"kind": "policy", "text": f" {tools.action_open('search')} who founded ada {tools.action_close('search')}"},
+        {"kind": "obs", "text": tools.format_observation("search", "result 1 : bob founded ada")}]
+    tok = world["tok"]
+    [[(ids, loss, obs)]], _ = train_sft.load_examples(tok, "3", records[:1], 512)
+    obs_ids = tok(records[0]["segments"][1]["text"], add_special_tokens=False)["input_ids"]
+    assert [t for t, o in zip(ids, obs) if o] == obs_ids and all(l for l, o in zip(loss, obs) if o)
+
+    out = world["root"] / "stage_3_wm_calls"
+    train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "3", "--max-steps", "1", "--train-copies", "2",
+                                                 "--wm-calls", str(tmp_path / "calls.jsonl"),
+                                                 "--wm-calls-copies", "3")))
+    n_mix = sum(1 for _ in open(os.path.join(world["data"], "sft_mix.jsonl")))
+    assert f": {2 * n_mix + 3 * 2} sequences" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="stage 3"):
+        train_sft.main(train_sft.parse_args(run_args(world, tmp_path / "s2", "--stage", "2", "--max-steps", "1",
+                                                     "--wm-calls", str(tmp_path / "calls.jsonl"))))
+
+
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
 def test_stage_runs_end_to_end(world, stage):
     out = world["root"] / f"stage_{stage}"
