@@ -5,7 +5,8 @@
 # own world model (world_model.py eval). Variants run in parallel: one GPU takes all (2026-11-30, H200: ~3 min for
 # 5 variants); on 2 CPU cores run one at a time (R_C 4_50 ~23 min of training).
 #   bash bench/stage3_sweep.sh out/tiny out/stage3_sweep 1_0 2_0 4_0 1_50 2_50 4_50
-#   DEVICE=cpu STEPS="--max-steps 2" DEV_LIMIT="--limit 1" WM_CALLS=4 WM_QUESTIONS=2 bash bench/stage3_sweep.sh ...   # a smoke run
+#   DEVICE=cpu STEPS="--max-steps 2" DEV_LIMIT="--limit 1" WM_CALLS=4 WM_QUESTIONS=2 bash bench/stage3_sweep.sh RUN OUT 1_2
+#     (a smoke run: a few steps, a few questions)
 # Then: .venv/bin/python bench/stage3_sweep.py OUT   (one line per variant)
 set -u
 RUN=$1; OUT=$2; shift 2
