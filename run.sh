@@ -49,8 +49,8 @@ case "$PRESET" in
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8"
     # stages 2 and 3 read the world's renamed copies (4 per CoA trajectory, teacher.py "Renamed copies"): one pass
     # costs what 5 epochs of sft_mix did, and the tiny model learns to copy names instead of memorising them. Stage 3
-    # on them (0.4 of a pass, the compute of 2 epochs of sft_mix) also teaches it to copy years out of results
-    # (measured on 60 dev questions from SFT-1&2: 16.7% EM -> 40.0%; stage 3 on sft_mix: 21.7%)
+    # on them also teaches it to copy years out of results (0.4 of a pass, measured on 60 dev questions from SFT-1&2:
+    # 16.7% EM -> 40.0%; stage 3 on sft_mix: 21.7%)
     SFT2="--train-file $W/sft_mix_renamed.jsonl --epochs 1 --batch-size 8 --micro-batch 8 --lr 2e-3"
     # Stage 3 is also the internal world model (issue 14): 4 copies of the renamed copies + 50 of the teacher's 1,258
     # training calls as one-search trajectories, 0.4 of a pass (1.6 passes over the renamed copies, 20 over the calls).
