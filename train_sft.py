@@ -63,8 +63,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fsdp
-from common import (collate, default_device, epoch_batches, load_resume_state, lr_factor, open_step_log,  # noqa: F401
-                    resume_point, save_final, save_resume, setup_distributed, teardown_distributed, token_logprobs)
+from common import (CALL_FIELDS, collate, default_device, epoch_batches, load_resume_state, lr_factor,  # noqa: F401
+                    open_step_log, read_rows, resume_point, save_final, save_resume, setup_distributed,
+                    teardown_distributed, token_logprobs)
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format
 from tools import action_close, action_open, format_observation, read_jsonl
 
@@ -171,7 +172,7 @@ def call_trajectories(path):
     stage-3 records: the query is the question, the policy's one action, the real observation. Stage 3 on these makes
     the policy a simulator of the world it was trained on (its internal world model); the calls are the teacher's,
     held-out ones stay out (world_model.py eval measures the policy on them)."""
-    rows = [r for _, r in read_jsonl(path) if r.get("split") == "train"]
+    rows = [r for r in read_rows(path, CALL_FIELDS + ("split",)) if r["split"] == "train"]  # as world_model.py train
     return [{"question": r["args"], "segments": [
         {"kind": "policy", "text": f" {action_open(r['tool'])} {r['args']} {action_close(r['tool'])}"},
         {"kind": "obs", "text": format_observation(r["tool"], r["observation"])}]} for r in rows]
@@ -179,8 +180,7 @@ def call_trajectories(path):
 
 def load_examples(tok, stage, path, max_len, template="short", pack=True):
     """Examples for a stage: each a list of rows (ids, loss_mask, obs_mask); stage 1 has two rows (chosen, rejected)
-    whose loss_mask covers only the continuation. path: a JSONL file (stages 2/3: or its records). Returns (examples,
-    number dropped for being over max_len)."""
+    whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
     if stage == "base":
         docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 for r in read_records(path, {"text": "str"})]
@@ -209,7 +209,14 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
                 examples.append(rows)
         return examples, dropped
 
-    records = path if isinstance(path, list) else read_records(path, {"question": "str", "segments": "segments"})
+    return encode_trajectories(tok, read_records(path, {"question": "str", "segments": "segments"}), stage, max_len,
+                               template)
+
+
+def encode_trajectories(tok, records, stage, max_len, template="short"):
+    """Stage 2/3 examples of {"question", "segments"} records (stage 3 trains the observation tokens too).
+    Returns (examples, number dropped for being over max_len)."""
+    examples, dropped = [], 0
     for r in records:
         prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
         row = encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)
@@ -277,7 +284,8 @@ def train(args, rank, world_size, device, ddp):
     examples = examples * args.train_copies
     if args.wm_calls:  # after the train file's rows, as one file holding both would list them
         assert args.stage == "3", "--wm-calls is stage 3's (it trains observation tokens)"
-        calls, calls_dropped = load_examples(tok, "3", call_trajectories(args.wm_calls), args.max_len, args.template)
+        calls, calls_dropped = encode_trajectories(tok, call_trajectories(args.wm_calls), "3", args.max_len,
+                                                   args.template)
         examples, dropped = examples + calls * args.wm_calls_copies, dropped + calls_dropped
         path = f"{path} x {args.train_copies} + {args.wm_calls} ({len(calls)} calls) x {args.wm_calls_copies}"
     assert examples, f"{path}: no usable examples ({dropped} dropped as longer than --max-len {args.max_len})"

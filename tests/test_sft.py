@@ -394,8 +394,11 @@ def test_wm_calls_become_one_action_trajectories_with_trained_observations(world
     assert records[0]["segments"] == [
         {"kind": "policy", "text": f" {tools.action_open('search')} who founded ada {tools.action_close('search')}"},
         {"kind": "obs", "text": tools.format_observation("search", "result 1 : bob founded ada")}]
+    write_jsonl(tmp_path / "bad.jsonl", [calls[0], {k: v for k, v in calls[2].items() if k != "split"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'split'"):
+        train_sft.call_trajectories(str(tmp_path / "bad.jsonl"))
     tok = world["tok"]
-    [[(ids, loss, obs)]], _ = train_sft.load_examples(tok, "3", records[:1], 512)
+    [[(ids, loss, obs)]], _ = train_sft.encode_trajectories(tok, records[:1], "3", 512)
     obs_ids = tok(records[0]["segments"][1]["text"], add_special_tokens=False)["input_ids"]
     assert [t for t, o in zip(ids, obs) if o] == obs_ids and all(l for l, o in zip(loss, obs) if o)
 
