@@ -25,11 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import build_prompt, load  # noqa: E402
 
 
-def cut(pair):
-    """The pair with chosen and rejected cut after their first policy segment's first sentence or action."""
+def cut(pair, at):
+    """The pair with chosen and rejected cut after their first policy segment's first sentence or action (at
+    "sentence"), or after its first word (at "word": " I" vs the " " before <begin_search>, the decision alone)."""
     def first(segments):
         text = segments[0]["text"]
-        end = re.search(r"</end_search>|\.(?= |$)", text)
+        end = re.search(r"</end_search>|\.(?= |$)" if at == "sentence" else r" ?[^\s<]+| ", text)
         return [{"kind": "policy", "text": text[:end.end()] if end else text}]
     return {**pair, "chosen": first(pair["chosen"]), "rejected": first(pair["rejected"])}
 
@@ -39,6 +40,8 @@ sub = p.add_subparsers(dest="command", required=True)
 p_make = sub.add_parser("make", help="cut pairs: OUT/train.jsonl (250 + 250), OUT/held.jsonl (50 + 50)")
 p_make.add_argument("world", help="data.py output dir (its sft_pairs.jsonl)")
 p_make.add_argument("out", help="output dir")
+p_make.add_argument("--at", choices=["sentence", "word"], default="sentence",
+                    help="cut after the first sentence or action, or after the first word (the decision token alone)")
 p_measure = sub.add_parser("measure", help="p(' I') vs p(act) after the prefix of held-out pairs")
 p_measure.add_argument("checkpoints", nargs="+", help="save_pretrained dirs")
 p_measure.add_argument("--pairs", required=True, help="held.jsonl from `make`")
@@ -53,7 +56,7 @@ if args.command == "make":
     os.makedirs(args.out, exist_ok=True)
     for name, part in (("train", train), ("held", held)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
-            f.writelines(json.dumps(cut(r)) + "\n" for r in part)
+            f.writelines(json.dumps(cut(r, args.at)) + "\n" for r in part)
         print(f"{args.out}/{name}.jsonl: {len(part)} pairs ({sum(r['known'] for r in part)} known)")
 else:
     rows = [json.loads(line) for line in open(args.pairs)]
