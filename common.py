@@ -162,8 +162,11 @@ def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
 # The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
 # became the query "None", an int observation crashed split_results, a list as tool name a set insert).
 FIELD_TYPES = {"tool": (str, "a string"), "args": (str, "a string"), "observation": (str, "a string"),
-               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false")}
+               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false"),
+               "question": (str, "a string"), "text": (str, "a string")}
 CALL_FIELDS = ("tool", "args", "observation")
+SEGMENT_FIELDS = ("segments", "prefix", "chosen", "rejected")  # SFT records: lists of {"kind", "text"} segments
+FIELD_TYPES.update({field: (list, "a list of segments") for field in SEGMENT_FIELDS})
 
 
 def json_type(value):
@@ -180,6 +183,10 @@ def check_fields(row, fields, where, what="field"):
         kind, name = FIELD_TYPES.get(field, (object, ""))
         if not isinstance(row[field], kind):
             raise ValueError(f"{where}: {what} '{field}' must be {name}, got {json_type(row[field])}")
+        for i, seg in enumerate(row[field] if field in SEGMENT_FIELDS else ()):
+            if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
+                    and isinstance(seg.get("text"), str)):
+                raise ValueError(f"{where}: {what} '{field}[{i}]' must be " '{"kind": "policy"|"obs", "text": str}')
 
 
 def read_rows(path, fields=()):

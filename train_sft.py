@@ -67,7 +67,7 @@ from common import (CALL_FIELDS, collate, default_device, epoch_batches, load_re
                     open_step_log, read_rows, resume_point, save_final, save_resume, setup_distributed,
                     teardown_distributed, token_logprobs)
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format
-from tools import action_close, action_open, format_observation, read_jsonl
+from tools import action_close, action_open, format_observation
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
 # Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
@@ -145,28 +145,6 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # data: JSONL records -> rows of (ids, loss_mask, obs_mask), token ids in, token ids out
 
-def read_records(path, fields):
-    """Records of a JSONL file; fields maps name -> "str" or "segments". Errors name the file, line and field."""
-    records = []
-    for where, record in read_jsonl(path):  # a line that is not UTF-8 or not a JSON object fails there, named
-        for name, kind in fields.items():
-            if name not in record:
-                raise ValueError(f"{where}: missing field '{name}'")
-            value = record[name]
-            if kind == "str" and not isinstance(value, str):
-                raise ValueError(f"{where}: field '{name}' must be a string")
-            if kind == "segments":
-                if not isinstance(value, list):
-                    raise ValueError(f"{where}: field '{name}' must be a list of segments")
-                for i, seg in enumerate(value):
-                    if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
-                            and isinstance(seg.get("text"), str)):
-                        raise ValueError(f"{where}: field '{name}[{i}]' must be "
-                                         '{"kind": "policy"|"obs", "text": str}')
-        records.append(record)
-    return records
-
-
 def call_trajectories(path):
     """The world model's training calls (world_model.py collect rows {"tool","args","observation","split"}) as
     stage-3 records: the query is the question, the policy's one action, the real observation. Stage 3 on these makes
@@ -183,7 +161,7 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
     whose loss_mask covers only the continuation. Returns (examples, number dropped for being over max_len)."""
     if stage == "base":
         docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                for r in read_records(path, {"text": "str"})]
+                for r in read_rows(path, ("text",))]
         if not pack:  # one row per document: a fact is then learnt from its own words, never from a fixed neighbour
             kept = [d for d in docs if len(d) <= max_len]
             return [[(d, [1] * len(d), [0] * len(d))] for d in kept], len(docs) - len(kept)
@@ -194,8 +172,7 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
 
     examples, dropped = [], 0
     if stage == "1":
-        for r in read_records(path, {"question": "str", "prefix": "segments", "chosen": "segments",
-                                   "rejected": "segments"}):
+        for r in read_rows(path, ("question", "prefix", "chosen", "rejected")):
             prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
             context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
             rows = []
@@ -209,8 +186,7 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
                 examples.append(rows)
         return examples, dropped
 
-    return encode_trajectories(tok, read_records(path, {"question": "str", "segments": "segments"}), stage, max_len,
-                               template)
+    return encode_trajectories(tok, read_rows(path, ("question", "segments")), stage, max_len, template)
 
 
 def encode_trajectories(tok, records, stage, max_len, template="short"):
