@@ -18,8 +18,7 @@ The engine (rollout) in one picture, per batch of rows (continuous batching: row
     only); 7. retire finished rows }.
 The KV cache (_SlotCache) gives each row its own slots, so a forward can cover a subset of the rows and no row spends
 cache on another row's padding.
-naive_rollout() (trajectory.py, re-exported here) runs the same per-row rules with no cache, one row at a time: the
-test oracle.
+naive_rollout() (tests/oracle.py) runs the same per-row rules with no cache, one row at a time: the test oracle.
 
 What a model must support (check_model() checks it once per rollout() call and names what is missing):
 - a torch module with parameters (the engine runs on their device) and get_output_embeddings() (its rows = vocab size);
@@ -52,9 +51,9 @@ import torch
 import transformers
 from transformers.cache_utils import Cache
 
-# the per-row rules; Rollout, naive_rollout, policy_text, _sample and _action_argument are re-exported for callers
-from trajectory import (DONE, SIM, Rollout, _action_argument, _completed_tag, _environment, _generators,  # noqa: F401
-                        _limits, _on_token, _result, _rows, _sample, _setup, _watched, naive_rollout, policy_text)
+# the per-row rules; Rollout and policy_text are re-exported for callers
+from trajectory import (DONE, SIM, Rollout, _completed_tag, _environment, _generators, _limits, _on_token,  # noqa: F401
+                        _result, _rows, _sample, _setup, _watched, policy_text)
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -412,7 +411,7 @@ class _Batch:
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
-            progress=False, sim_obs_tokens=256):
+            sim_obs_tokens=256):
     """Generate one trajectory per prompt (list of token ids). tools: a ToolRegistry ((name, arg) list -> texts).
     env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled".
     seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order. See the module
@@ -425,21 +424,13 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     model.eval()
     batch = _Batch(model, tokenizer, prompts, rows, tools, s, seed)
     batch.prefill()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=max_new_tokens, desc="rollout", unit="tok")
     while any(batch.is_running):
         token = batch.sample_and_record(temperature, top_p, greedy)  # 1. one token per running row, recorded
         events = batch.stop_checks(token)                             # 2. eos / tags / budgets; the one sync
-        if bar is not None:
-            bar.update(1)
         touched = batch.on_events(events)                             # 3. the state machine, rows with an event
         batch.call_tools(touched)                                     # 4. one tool call for the rows that paused
         chunks = batch.queue_injections(touched, events.token)        # 5. observations and forced tags queued
         batch.feed_cache(token, chunks)                               # 6. decode forward + injection forward
         batch.retire_and_push(touched)                                # 7. finished rows leave; state to device
-    if bar is not None:
-        bar.close()
     model.train(was_training)
     return batch.results()

@@ -1,14 +1,13 @@
 """
 The per-row rules of the agent rollout (paper 2.1, Algorithm 1), shared by the batched engine (engine.py) and its
-oracle (naive_rollout, here): the result (Rollout), one row's state and phases (_Row), budgets and the forced answer
+oracle (tests/oracle.py): the result (Rollout), one row's state and phases (_Row), budgets and the forced answer
 (_limits, _settle), the transition after each sampled token (_on_token), close tags found by decoding
 (_completed_tag), the environment step (_environment: one batched tool call; limit, disabled or simulated observations),
 sampling (_sample, per-row generators) and policy_text. They sit apart from engine.py so that the engine file holds only
 the batched execution (KV cache, forwards, the steps of the loop) and the oracle runs the very same rules without any of
-it: what the oracle checks is the batching, not a second copy of the rules.
-
-naive_rollout() is the oracle: the same state machine, no cache, one row at a time, a full forward per token. Tags are
-always found by decoding, so it also checks the engine's one-token fast path (tests/test_engine.py).
+it: what the oracle checks is the batching, not a second copy of the rules. The oracle (naive_rollout) runs them with
+no cache, one row at a time, a full forward per token, and finds tags only by decoding (so it also checks the engine's
+one-token fast path).
 
 The rules, where they depart from the paper / the original code, and why:
 - Forced answer at the budget (paper Algorithm 1, lines 24-27): `answer_tokens` (plus the few tokens of the forced tags)
@@ -20,8 +19,8 @@ The rules, where they depart from the paper / the original code, and why:
   </NAME_result> (at most sim_obs_tokens, then the close is forced); those tokens are obs (loss_mask 0 unless
   train_sim_obs) and no tool is called.
 
-Imports model.py and tools.py only. engine.py imports it and re-exports Rollout, naive_rollout, policy_text (callers
-import them from engine). No command of its own.
+Imports model.py and tools.py only. engine.py imports it and re-exports Rollout and policy_text (callers import them
+from engine). No command of its own.
 """
 from dataclasses import dataclass, field
 
@@ -125,11 +124,6 @@ def _limits(row, s):
     return s.max_new_tokens - s.answer_tokens, s.max_context - s.reserve - row.prompt_len, cap
 
 
-def _out_of_budget(row, s):
-    max_gen, max_len, max_phase = _limits(row, s)
-    return row.gen >= max_gen or row.length >= max_len or row.phase_count >= max_phase
-
-
 def _watched(row, s):
     """Close tags that end something for this row now."""
     if row.phase == GEN:
@@ -156,7 +150,8 @@ def _queue(row, ids, loss, obs):
 def _settle(row, s):
     """Apply the budget rules until the row may sample again (or is done): close a sim observation that ran out, force
     the answer for a row still thinking (Algorithm 1, lines 24-27), stop a row that is answering."""
-    while row.phase != DONE and _out_of_budget(row, s):
+    while row.phase != DONE and any(count >= limit for count, limit in
+                                    zip((row.gen, row.length, row.phase_count), _limits(row, s))):
         if row.phase == SIM:
             _queue(row, s.tokenizer.encode(result_close(row.sim_name) + "\n", add_special_tokens=False), 0, 1)
             row.phase, row.phase_count, row.seg_start = GEN, 0, row.length
@@ -299,53 +294,3 @@ def _rows(prompts, s):
                              f"(which keeps {s.reserve} tokens for the forced answer)")
         rows.append(row)
     return rows
-
-
-# -----------------------------------------------------------------------------
-# The oracle: same state machine, no cache, one row at a time, a full forward per token
-
-@torch.no_grad()
-def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10,
-                  max_context=2048, answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None,
-                  train_sim_obs=False, progress=False, sim_obs_tokens=256):
-    """Reference for engine.rollout(): same arguments and semantics, written for obviousness, not speed. Tags are always
-    found by decoding (never by id), so it also checks the engine's one-token fast path."""
-    s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs)
-    rows = _rows(prompts, s)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generators = _generators(seed, len(prompts), device)
-    tail = max(len(t) for t in s.tags) + 1
-    results = []
-    for b, (prompt, row) in enumerate(zip(prompts, rows)):
-        generator = generators[b] if isinstance(generators, list) else generators
-        ids, loss, obs, logp = [], [], [], []
-        while row.phase != DONE:
-            if row.action is not None:
-                text = tokenizer.decode(ids[row.seg_start:], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=False)
-                _environment([row], [text], tools, s)
-            for chunk_ids, chunk_loss, chunk_obs in row.inject:
-                ids += chunk_ids
-                loss += [chunk_loss] * len(chunk_ids)
-                obs += [chunk_obs] * len(chunk_ids)
-                logp += [0.0] * len(chunk_ids)
-            row.inject = []
-            if row.phase == DONE:
-                break
-            logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
-            token, token_logp = _sample(logits, temperature, top_p, greedy, generator)
-            ids.append(int(token))
-            loss.append(int(row.phase != SIM or train_sim_obs))
-            obs.append(int(row.phase == SIM))
-            logp.append(float(token_logp))
-            row.gen, row.length, row.phase_count = row.gen + 1, row.length + 1, row.phase_count + 1
-            is_eos = ids[-1] == tokenizer.eos_token_id
-            tag = None if is_eos else _completed_tag(tokenizer, ids[max(row.seg_start, len(ids) - tail):],
-                                                     _watched(row, s))
-            _on_token(row, s, is_eos, tag)
-        results.append(_result(tokenizer, prompt, row, ids, loss, obs, logp))
-    model.train(was_training)
-    return results

@@ -40,6 +40,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from tools import THINK_OPEN, TOOL_NAMES, ToolRegistry, action_close, calculator, format_observation  # noqa: E402
+from trajectory import _action_argument  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 # Model
@@ -216,7 +217,7 @@ def generate_loop(stop_at_action):
             if cut is not None and cut <= room:  # an action on the last budget token is answered too (as ours)
                 text = tok.decode(responses[i], skip_special_tokens=False)
                 name = close_ids[keep[-1]]
-                calls.append((i, name, E._action_argument(text, name)))
+                calls.append((i, name, _action_argument(text, name)))
         observations = tools([(n, a) for _, n, a in calls]) if calls else []
         for (i, name, _), obs in zip(calls, observations):
             obs_ids = M.encode_observation(tok, format_observation(name, obs))  # as the engine does

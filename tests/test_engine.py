@@ -20,8 +20,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import engine as E  # noqa: E402
 import model as M  # noqa: E402
+from oracle import naive_rollout  # noqa: E402
 from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, ToolRegistry, action_close, calculator,  # noqa: E402
                    format_observation, special_tokens)
+from trajectory import _action_argument  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
 SCRIPT = [(0, "<begin_calculator> 3*4 </end_calculator>"), (45, "<begin_search> paris </end_search>")]
@@ -114,7 +116,7 @@ def test_greedy_engine_equals_naive_with_tool_calls(tags):
     prompts = prompts_for(tok)
     kw = dict(max_new_tokens=200, max_context=400, answer_tokens=8, greedy=True)
     fast = E.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
-    slow = E.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)
+    slow = naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)
     for a, b in zip(fast, slow):
         same(a, b)
     assert min(sum(r.num_actions.values()) for r in fast) >= 2, "the script should make every row act twice"
@@ -129,7 +131,7 @@ def test_rows_that_finish_early_leave_the_others_exact():
     prompts = [tok.encode(f"Question: {q}\n{THINK_OPEN}", add_special_tokens=False) for q in questions]
     kw = dict(max_new_tokens=200, max_context=400, answer_tokens=8, greedy=True)
     fast = E.rollout(lm, tok, prompts, fake_tools(), "real", **kw)
-    for a, b in zip(fast, E.naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
+    for a, b in zip(fast, naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
         same(a, b)
     # row 0 (the longest prompt) reaches the scripted eos first, while every other row still has actions to take
     assert fast[0].stop_reason == "eos"
@@ -151,7 +153,7 @@ def test_stops_at_close_tag_and_masks_line_up(tags):
         for start, end in spans(r.obs_mask):
             before = decode(r.response_ids[:start])
             name = next(n for n in ("search", "calculator") if before.endswith(action_close(n)))
-            arg = E._action_argument(before, name)
+            arg = _action_argument(before, name)
             expected = registry([(name, arg)])[0]
             assert decode(r.response_ids[start:end]) == format_observation(name, expected)
             assert r.loss_mask[start:end] == [0] * (end - start)
@@ -186,8 +188,8 @@ def test_budgets_and_action_limit():
     for p, r in zip(prompts, out):  # max_context only for a row that closed </think> itself and filled the context
         assert r.stop_reason in ("forced_answer", "eos") or (
             r.stop_reason == "max_context" and len(p) + len(r.response_ids) == 150 and THINK_CLOSE in r.text)
-    slow = E.naive_rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
-                           greedy=True)
+    slow = naive_rollout(lm, tok, prompts, registry, "real", max_new_tokens=400, max_context=150, answer_tokens=8,
+                         greedy=True)
     for a, b in zip(out, slow):
         same(a, b)
 
@@ -198,7 +200,7 @@ def test_sim_env_calls_no_tool_and_none_env_neither():
     registry = fake_tools()
     kw = dict(max_new_tokens=200, max_context=500, answer_tokens=8, greedy=True, sim_obs_tokens=20)
     fast = E.rollout(lm, tok, prompts, registry, "sim", **kw)
-    slow = E.naive_rollout(lm, tok, prompts, registry, "sim", **kw)
+    slow = naive_rollout(lm, tok, prompts, registry, "sim", **kw)
     for a, b in zip(fast, slow):
         same(a, b)
     assert sum(registry.counts.values()) == 0 and all(r.real_calls == 0 for r in fast)
@@ -236,7 +238,7 @@ def test_per_row_seeds_do_not_depend_on_the_batch():
         E.rollout(lm, tok, prompts[2:], fake_tools(), seed=seeds[2:], **kw)
     for a, b in zip(whole, halves):
         same(a, b)
-    for a, b in zip(whole, E.naive_rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)):
+    for a, b in zip(whole, naive_rollout(lm, tok, prompts, fake_tools(), seed=seeds, **kw)):
         same(a, b)
     assert any(sum(r.num_actions.values()) >= 1 for r in whole), "the scripted actions should survive sampling"
     assert len({tuple(r.response_ids[:20]) for r in E.rollout(lm, tok, [prompts[0]] * 3, fake_tools(),
