@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -90,26 +91,25 @@ def _pct(x):
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def _md_table(head, rows):
+    """A markdown table's lines: the header, its rule, one line per row (each cell through str)."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(head), "|" + "---|" * len(head)] + [line(r) for r in rows]
+
+
 def format_table(rows, metric="em"):
     """Table-1-like markdown: one row per run, one column per dataset (or type) and Avg.
     rows: list of (label, summary). Cells are `metric` x 100, with "/ judge" appended when the run has a judge."""
-    groups = []
-    for _, s in rows:
-        for g in s.get("by_dataset") or s.get("by_type") or {}:
-            if g not in groups:
-                groups.append(g)
+    per = [s.get("by_dataset") or s.get("by_type") or {} for _, s in rows]
+    groups = list(dict.fromkeys(g for p in per for g in p))  # in order of first appearance
 
     def cell(m):
         if m is None:
             return "-"
         return _pct(m[metric]) + (f" / {_pct(m['judge'])}" if "judge" in m else "")
 
-    head = ["run"] + groups + ["Avg"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, s in rows:
-        per = s.get("by_dataset") or s.get("by_type") or {}
-        lines.append("| " + " | ".join([label] + [cell(per.get(g)) for g in groups] + [cell(s["average"])]) + " |")
-    return "\n".join(lines)
+    body = [[label] + [cell(p.get(g)) for g in groups] + [cell(s["average"])] for (label, s), p in zip(rows, per)]
+    return "\n".join(_md_table(["run"] + groups + ["Avg"], body))
 
 
 def format_results_md(summary, label):
@@ -118,56 +118,50 @@ def format_results_md(summary, label):
     cols = ["em", "f1", "cover_em"] + (["judge"] if judge else []) + ["format_ok", "answered", "mention"]
     out = [f"# {label}: {summary['mode']}, {summary['n_questions']} questions x {summary['n_samples']} samples", "",
            f"EM{' / LLM judge' if judge else ''} (%), Avg = mean over groups:", "",
-           format_table([(label, summary)]), "",
-           "| group | n | " + " | ".join(cols) + " | actions/question |", "|" + "---|" * (len(cols) + 3)]
+           format_table([(label, summary)]), ""]
     groups = {**summary.get("by_dataset", {}), **summary.get("by_type", {}), "overall (micro)": summary["overall"],
               "Avg (macro)": {"n": summary["n_questions"], **summary["average"]}}
-    for g, m in groups.items():
-        out.append(f"| {g} | {m['n']} | " + " | ".join(_pct(m[c]) for c in cols) + f" | {m['num_actions']:.2f} |")
-    out += ["", "Success rate by number of actions (paper Figure 3, per sample):", "",
-            "| #actions | " + " | ".join(ACTION_BUCKETS) + " |", "|" + "---|" * (len(ACTION_BUCKETS) + 1),
-            "| n | " + " | ".join(str(summary["by_actions"][b]["n"]) for b in ACTION_BUCKETS) + " |",
-            "| EM (%) | " + " | ".join(_pct(summary["by_actions"][b]["success_rate"]) for b in ACTION_BUCKETS) + " |",
-            "", "Tool calls: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+    body = [[g, m["n"]] + [_pct(m[c]) for c in cols] + [f"{m['num_actions']:.2f}"] for g, m in groups.items()]
+    out += _md_table(["group", "n"] + cols + ["actions/question"], body)
+    by_actions = [summary["by_actions"][b] for b in ACTION_BUCKETS]
+    out += ["", "Success rate by number of actions (paper Figure 3, per sample):", ""]
+    out += _md_table(["#actions", *ACTION_BUCKETS], [["n"] + [b["n"] for b in by_actions],
+                                                     ["EM (%)"] + [_pct(b["success_rate"]) for b in by_actions]])
+    out += ["", "Tool calls: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in summary["tool_calls"].items()),
             "Stop reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["stop_reasons"].items())),
             "Format checks: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["format_checks"].items())), ""]
     return "\n".join(out)
 
 
-def _pyplot():
-    """matplotlib.pyplot on a file backend, or None when matplotlib (an optional dependency) is not installed."""
+def _plot(path, draw, figsize, ncols=1, **savefig):
+    """draw(fig, axes) on a new figure (1 x ncols), written atomically (temp file, then rename) as a PNG when matplotlib
+    (an optional dependency) is installed. -> whether it was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
-    return plt
-
-
-def save_png(plt, fig, path, **savefig):
-    """Write the figure atomically (temp file, then rename) and close it."""
+        return False
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    draw(fig, axes)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, **savefig)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
 
 
 def plot_by_actions(summary, path):
     """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    b = summary["by_actions"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
-    ax1.set(xlabel="#actions", ylabel="correct answers", title="(a) correct by #actions")
-    ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
-    ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
-    fig.tight_layout()
-    save_png(plt, fig, path)
-    return True
+    def draw(fig, axes):
+        (ax1, ax2), b = axes, summary["by_actions"]
+        ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
+        ax1.set(xlabel="#actions", ylabel="correct answers", title="(a) correct by #actions")
+        ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
+        ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
+        fig.tight_layout()
+    return _plot(path, draw, (9, 3.5), ncols=2)
 
 
 def write_outputs(out_dir, summary, predictions, label="run"):
@@ -232,16 +226,12 @@ def cell_ci(cells, cell, base_cells=None):
 
 def plot_fig3(fig3, path):
     """Figure 3 of the run, one line per agent row, as a PNG when matplotlib is installed; returns whether written."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, b in fig3.items():
-        ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
-    ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
-    ax.legend(fontsize=7)
-    save_png(plt, fig, path, bbox_inches="tight")
-    return True
+    def draw(fig, ax):
+        for label, b in fig3.items():
+            ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
+        ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
+        ax.legend(fontsize=7)
+    return _plot(path, draw, (6, 4), bbox_inches="tight")
 
 
 def world_row(predictions, model_dir):
@@ -253,13 +243,9 @@ def world_row(predictions, model_dir):
     present = [row[c] for c in AVG_OF if row[c] is not None]
     row = {**{c: row[c] for c in AVG_OF}, "avg": sum(present) / len(present) if present else None,
            "unknown_multihop": row["unknown_multihop"], "known_no_action": row["known_no_action"]}
-    metrics = os.path.join(model_dir, "metrics.jsonl")
-    calls = 0
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        calls = rows[-1].get("real_calls_total", 0) if rows else 0  # SFT checkpoints keep metrics.jsonl too
-    row["rl_real_calls"] = calls
+    metrics = Path(model_dir, "metrics.jsonl")  # SFT checkpoints keep one too
+    logs = [json.loads(line) for line in metrics.read_text().split("\n") if line.strip()] if metrics.exists() else []
+    row["rl_real_calls"] = logs[-1].get("real_calls_total", 0) if logs else 0
     return row
 
 
@@ -289,11 +275,8 @@ def world_table(run_dir, labels, wall_seconds=None):
         if args.get("mode") not in NO_ACTION_MODES:  # agent rows only: model-only and workflow never act
             fig3[label] = success_by_actions(predictions)
     cols = WORLD_COLUMNS + ["known", "avg", "unknown_multihop", "known_no_action"]
-    head = ["row"] + cols + ["RL real calls"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in rows.items():
-        lines.append("| " + " | ".join([label] + [_pct(r[c]) if r[c] is not None else "-" for c in cols]
-                                       + [str(r["rl_real_calls"])]) + " |")
+    lines = _md_table(["row"] + cols + ["RL real calls"],
+                      [[label] + [_pct(r[c]) for c in cols] + [r["rl_real_calls"]] for label, r in rows.items()])
     note = ("\nEM (%) on the test split. Type columns: unknown-entity questions (answerable only by acting); known: "
             "questions on facts the base model was taught; known_no_action: share of known questions answered without "
             "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
@@ -304,18 +287,15 @@ def world_table(run_dir, labels, wall_seconds=None):
     paired = {label: {"start": start, **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg",
                                                                                          "unknown_multihop")}}
               for label, start in RL_START.items() if label in cells and start in cells}
-    md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", "",
-          "| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    md += ["| " + " | ".join([label] + [_ci(iv[c]) for c in cols]) + " |" for label, iv in intervals.items()]
-    md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", "",
-           "| RL row | start | n (avg / multihop) | avg | unknown_multihop |", "|---|---|---|---|---|"]
-    md += [f"| {label} | {p['start']} | {p['avg']['n']} / {p['unknown_multihop']['n']} | "
-           f"{_ci(p['avg'], True)} | {_ci(p['unknown_multihop'], True)} |"
-           for label, p in paired.items()]
-    md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", "",
-           "| row | " + " | ".join(FIG3_BUCKETS) + " |", "|" + "---|" * (len(FIG3_BUCKETS) + 1)]
-    md += ["| " + " | ".join([label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})" for k in FIG3_BUCKETS]) + " |"
-           for label, b in fig3.items()]
+    md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", ""]
+    md += _md_table(["row"] + cols, [[label] + [_ci(iv[c]) for c in cols] for label, iv in intervals.items()])
+    md += ["", "## RL row minus its starting checkpoint, same questions (paired bootstrap 95%, EM points)", ""]
+    md += _md_table(["RL row", "start", "n (avg / multihop)", "avg", "unknown_multihop"],
+                    [[label, p["start"], f"{p['avg']['n']} / {p['unknown_multihop']['n']}", _ci(p["avg"], True),
+                      _ci(p["unknown_multihop"], True)] for label, p in paired.items()])
+    md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", ""]
+    md += _md_table(["row", *FIG3_BUCKETS], [[label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})"
+                                                        for k in FIG3_BUCKETS] for label, b in fig3.items()])
     extras = {"intervals": intervals, "paired": paired, "fig3": fig3}
     return "\n".join(lines) + "\n" + note + "\n" + "\n".join(md) + "\n", rows, extras
 
@@ -380,19 +360,17 @@ def curve_report(run_dir):
     entries = {k: (os.path.join(run_dir, "eval", label) if k == 1 else os.path.join(run_dir, "curve", "eval", label),
                    "sft-123") for k, label in CURVE.items()}
     rows = rl_rows(run_dir, {f"{k}/6": e for k, e in entries.items()})
-    md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", "",
-          "| real steps | avg | gain over sft-123 | unknown_multihop | gain multihop | real calls |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {k} | {_ci(x['avg'])} | {_ci(x['avg_gain'], True)} | {_ci(x['unknown_multihop'])} | "
-           f"{_ci(x['unknown_multihop_gain'], True)} | {x['real_calls']} |" for k, x in rows.items()]
-    plt = _pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+    md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", ""]
+    md += _md_table(["real steps", "avg", "gain over sft-123", "unknown_multihop", "gain multihop", "real calls"],
+                    [[k, _ci(x["avg"]), _ci(x["avg_gain"], True), _ci(x["unknown_multihop"]),
+                      _ci(x["unknown_multihop_gain"], True), x["real_calls"]] for k, x in rows.items()])
+
+    def draw(fig, ax):
         xs, avg = [int(k.split("/")[0]) / 6 for k in rows], [x["avg"] for x in rows.values()]
         yerr = 100 * np.array([[a["value"] - a["lo"], a["hi"] - a["value"]] for a in avg]).T  # (2, points)
         ax.errorbar(xs, [100 * a["value"] for a in avg], yerr=yerr, fmt="o-", capsize=3)
         ax.set(xlabel="share of RL steps on the real tool", ylabel="test EM, avg (%)", title="Simulated vs real RL")
-        save_png(plt, fig, os.path.join(run_dir, "curve.png"), bbox_inches="tight")
+    _plot(os.path.join(run_dir, "curve.png"), draw, (5, 3.5), bbox_inches="tight")
     return "\n".join(md) + "\n", rows
 
 
