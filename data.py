@@ -36,8 +36,8 @@ observations are real by construction); the known/unknown split is by entity poo
 the CoA data for the tiny model, which has no pretrained copying skill (teacher.py, "Renamed copies").
 
 Tokenizer: byte-level BPE trained on train-side text only (known + train pools), digits split one by one, pad/eos
-every tool tag (tools.special_tokens()) as single special tokens, every year 1800-2099 one token (see
-train_tokenizer); small vocabulary on purpose (see --vocab-size).
+every tool tag (tools.special_tokens()) as single special tokens, every year 1800-2099 one token; small vocabulary
+on purpose (see train_tokenizer).
 
 Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl, base_facts.jsonl (its
 known-fact prose alone: what a pretrained model lacks, for its base stage: README, smollm2 preset),
@@ -103,13 +103,8 @@ def get_args(argv=None):
                    help="renamed copies of each CoA trajectory in sft_mix_renamed.jsonl (teacher.py "
                         "'Renamed copies'); 0: none")
     # Tokenizer
-    p.add_argument("--vocab-size", type=int, default=1000,
-                   help="BPE vocabulary size (special tokens included; the 300 year tokens come on top). "
-                        "Small on purpose: with a large one whole names "
-                        "become tokens, and a test entity's name is made of tokens no training text contains, which "
-                        "a small model cannot copy from a result. Test-answer tokens that never occur in sft_mix+base "
-                        "(default world, measured): 1.3%% at 1000, 5%% at 1500, 60%% at 3000; 0.2%% at 600, but with "
-                        "21%% more tokens per trajectory")
+    p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary size (special tokens included; the "
+                   "300 year tokens come on top); small on purpose (train_tokenizer)")
     p.add_argument("--prompt-template", default="short",
                    help="template name passed to model.build_prompt for base text")
     args = p.parse_args(argv)
@@ -310,6 +305,11 @@ YEARS = range(1800, 2100)  # single tokens; world years are 1900-2039, renamed c
 def train_tokenizer(texts, vocab_size):
     """Byte-level BPE, action tags as single tokens, every year 1800-2099 one token, other digits split one by one.
 
+    Why a small vocabulary (--vocab-size, 1000 by default): with a large one whole names become tokens, and a test
+    entity's name is made of tokens no training text contains, which a small model cannot copy from a result.
+    Test-answer tokens that never occur in sft_mix+base (default world, measured): 1.3% at 1000, 5% at 1500, 60% at
+    3000; 0.2% at 600, but with 21% more tokens per trajectory.
+
     Why whole years: the tiny model must COPY a year from a search result into its reasoning. With four digit tokens
     it mostly wrote a likely year instead ("founded in 1945." in the result, "founded in 1971." in its reasoning;
     3 of 33 years copied on dev after stage 2); with one token the copy is a single step, like a name piece. Honest
@@ -384,7 +384,7 @@ def build(argv=None):
                 base_facts.append(" ".join(RELATIONS[r][4][rep % len(RELATIONS[r][4])].format(s=s, o=world[s][r])
                                            for r in rels))
     # The tokenizer sees only train-side text (as a real tokenizer never saw tomorrow's entities): with the default
-    # small vocabulary, dev/test names then split into pieces that training text contains (see --vocab-size).
+    # small vocabulary, dev/test names then split into pieces that training text contains (see train_tokenizer).
     train_side = [p["contents"] for p in passages if world[p["contents"].split("\n")[0].strip('"')]["pool"]
                   in ("known", "train")]
     # Our tokenizer has no chat template, so the prompt text does not depend on it: None lets the tokenizer be trained
@@ -434,17 +434,12 @@ def build(argv=None):
 
     # --- write everything (each file atomically)
     out = args.out
-    write_jsonl(os.path.join(out, "corpus.jsonl"), passages)
-    for split, qs in splits.items():
-        write_jsonl(os.path.join(out, f"{split}.jsonl"), [public(q) for q in qs])
-    write_jsonl(os.path.join(out, "base.jsonl"), base)
-    write_jsonl(os.path.join(out, "base_facts.jsonl"), [{"text": t} for t in base_facts])  # same with any questions
-    write_jsonl(os.path.join(out, "sft_cot.jsonl"), cot)
-    write_jsonl(os.path.join(out, "sft_coa.jsonl"), coa)
-    write_jsonl(os.path.join(out, "sft_mix.jsonl"), mix)
-    write_jsonl(os.path.join(out, "sft_mix_renamed.jsonl"), mix_renamed)
-    write_jsonl(os.path.join(out, "sft_pairs.jsonl"), pairs)
-    write_jsonl(os.path.join(out, "tool_calls.jsonl"), tool_calls)
+    files = {"corpus": passages, **{split: [public(q) for q in qs] for split, qs in splits.items()}, "base": base,
+             "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
+             "sft_cot": cot, "sft_coa": coa, "sft_mix": mix, "sft_mix_renamed": mix_renamed, "sft_pairs": pairs,
+             "tool_calls": tool_calls}
+    for name, rows in files.items():
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
     tmp_tok = tempfile.mkdtemp(dir=out, prefix=".tmp-tokenizer-")
     os.chmod(tmp_tok, 0o755)
     tokenizer.save_pretrained(tmp_tok)

@@ -47,7 +47,6 @@ Commands:
 import argparse
 import json
 import os
-import random
 import re
 import sys
 import threading
@@ -60,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import tools
 from evaluate import exact_match, extract_answer, f1, format_ok, load_questions
+from teacher import sft_mix
 from tools import LIMIT_MESSAGE, THINK_CLOSE, TOOL_NAMES, action_close, format_observation, write_atomic
 
 COT_TEMPLATE = """You are an intelligent reasoning assistant. Answer the user's question using only your own knowledge: you have no tools, so never search and never write <begin_search> or any other tool tag. Think step by step inside <think></think>, then give your final answer in the format \\boxed{YOUR_ANSWER}.
@@ -155,10 +155,11 @@ class HFTeacher:
 
     def run(self, jobs, registry, env):
         a = self.args
-        rolls = self.engine.rollout(self.model, self.tok, [p for p, _ in jobs], registry if env == "real" else None, env=env,
-                               max_new_tokens=a.max_new_tokens, max_actions=a.max_actions, max_context=a.max_context,
-                               answer_tokens=a.answer_tokens, temperature=a.temperature or 1.0, top_p=a.top_p,
-                               greedy=a.temperature <= 0, seed=[s for _, s in jobs])
+        rolls = self.engine.rollout(self.model, self.tok, [p for p, _ in jobs], registry if env == "real" else None,
+                                    env=env, max_new_tokens=a.max_new_tokens, max_actions=a.max_actions,
+                                    max_context=a.max_context, answer_tokens=a.answer_tokens,
+                                    temperature=a.temperature or 1.0, top_p=a.top_p, greedy=a.temperature <= 0,
+                                    seed=[s for _, s in jobs])
         out = []
         for r in rolls:
             ids, obs = list(r.response_ids), list(r.obs_mask)
@@ -170,7 +171,7 @@ class HFTeacher:
                     text = self.decode(ids[start:t])
                     segments.append({"kind": "obs" if obs[start] else "policy", "text": text})
                     pieces.append(ids[start:t])
-                    encode = self.M.encode_observation if obs[start] and hasattr(self.M, "encode_observation") \
+                    encode = self.M.encode_observation if obs[start] \
                         else (lambda tok, x: tok.encode(x, add_special_tokens=False))  # what train_sft will do
                     exact += encode(self.tok, text) == ids[start:t]
                     start = t
@@ -395,9 +396,7 @@ def read_records(path):
 
 def build_outputs(records, args):
     cot, coa, pairs = ([r[k] for r in records if r[k]] for k in ("cot", "coa", "pair"))
-    n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))  # data.py's rule: 1 CoT per mix_ratio CoA
-    mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
-    random.Random(args.seed + 3).shuffle(mix)
+    mix = sft_mix(cot, coa, args.mix_ratio, args.seed)  # data.py's rule: 1 CoT per mix_ratio CoA
 
     def rate(a, b):
         return round(a / b, 4) if b else None

@@ -333,6 +333,10 @@ def sft_data(train, runs, env):
     mix with renamed copies (the rows of sft_cot/coa/pairs/mix/mix_renamed.jsonl)."""
     args, world = env["args"], env["world"]
     cot, coa, pairs = [], [], []
+
+    def after(run, cut):  # the run's segments past the shared prefix `cut`, which its first segment starts with
+        return [dict(run["segments"][0], text=run["segments"][0]["text"][len(cut):])] + run["segments"][1:]
+
     for q in train:
         r = runs[q["id"]]
         if r["answer"] not in q["golden_answers"]:
@@ -348,25 +352,26 @@ def sft_data(train, runs, env):
             alt = solve(q, env, world=dict(world, **{subject: searcher}))
             if alt["answer"] not in q["golden_answers"]:
                 continue
-            prefix = [{"kind": "policy", "text": need}]
-            chosen = [dict(r["segments"][0], text=r["segments"][0]["text"][len(need):])] + r["segments"][1:]
-            rejected = [dict(alt["segments"][0], text=alt["segments"][0]["text"][len(need):])] + alt["segments"][1:]
+            cut, rejected = need, alt
         else:
             g = r["guess"]
             if g["answer"] in q["golden_answers"]:
                 continue  # a lucky guess is not a "guess and end wrong" example
-            gap = r["gap"]
-            assert r["segments"][0]["text"].startswith(gap) and g["segments"][0]["text"].startswith(gap)
-            prefix = [{"kind": "policy", "text": gap}]
-            chosen = [dict(r["segments"][0], text=r["segments"][0]["text"][len(gap):])] + r["segments"][1:]
-            rejected = [dict(g["segments"][0], text=g["segments"][0]["text"][len(gap):])] + g["segments"][1:]
+            cut, rejected = r["gap"], g
+            assert r["segments"][0]["text"].startswith(cut) and g["segments"][0]["text"].startswith(cut)
         pairs.append({"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
-                      "type": q["type"], "known": q["known"], "prefix": prefix, "chosen": chosen, "rejected": rejected})
-    n_cot_mix = min(len(cot), max(1, len(coa) // args.mix_ratio))
-    mix = coa + random.Random(args.seed + 2).sample(cot, n_cot_mix)
-    random.Random(args.seed + 3).shuffle(mix)
+                      "type": q["type"], "known": q["known"], "prefix": [{"kind": "policy", "text": cut}],
+                      "chosen": after(r, cut), "rejected": after(rejected, cut)})
+    mix = sft_mix(cot, coa, args.mix_ratio, args.seed)
     mix_renamed = renamed_mix(mix, world, args.renamed_copies, args.seed + 5)
     return cot, coa, pairs, mix, mix_renamed
+
+
+def sft_mix(cot, coa, ratio, seed):
+    """Paper 3.2.1's mix, shuffled: every CoA row + 1 CoT row per `ratio` of them (>= 1, <= all); synthesize.py too."""
+    mix = coa + random.Random(seed + 2).sample(cot, min(len(cot), max(1, len(coa) // ratio)))
+    random.Random(seed + 3).shuffle(mix)
+    return mix
 
 
 def tool_calls(splits, runs):
