@@ -12,6 +12,7 @@ what the tool returned, wrapped by tools.format_observation. Its trajectories ar
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
     sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
+                     (sft_pairs_decision.jsonl: 250 + 250 of them cut after the decision token, decision_pairs)
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
                      known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
                      We chose "unnecessary search" over "wrong guess" for the known rejected side: the pair should
@@ -372,6 +373,29 @@ def sft_mix(cot, coa, ratio, seed):
     mix = coa + random.Random(seed + 2).sample(cot, min(len(cot), max(1, len(coa) // ratio)))
     random.Random(seed + 3).shuffle(mix)
     return mix
+
+
+def cut_pair(pair, at="word"):
+    """A stage-1 pair with chosen and rejected cut after their first word (" I" vs the " " before <begin_search>: the
+    decision to act alone) or after their first sentence or action (at="sentence")."""
+    def first(segments):
+        text = segments[0]["text"]
+        end = re.search(r"</end_search>|\.(?= |$)" if at == "sentence" else r" ?[^\s<]+| ", text)
+        return [{"kind": "policy", "text": text[:end.end()] if end else text}]
+    return {**pair, "chosen": first(pair["chosen"]), "rejected": first(pair["rejected"])}
+
+
+def decision_pairs(pairs, n=250, n_held=50, at="word"):
+    """n known + n unknown pairs cut at the decision (sft_pairs_decision.jsonl, the smollm2 preset's stage 1), and the
+    next n_held + n_held as a held-out set (bench/decision_pairs.py). Cut at the first word, the whole contrast is on
+    the decision token: uncut, or cut after a sentence, SmolLM2 won it on the words after " I" (" know" vs " think")
+    and said " I" on known and unknown prefixes alike (README "Latest run (smollm2 preset)")."""
+    rows = list(pairs)
+    random.Random(0).shuffle(rows)
+    known, unknown = [r for r in rows if r["known"]], [r for r in rows if not r["known"]]
+    train, held = known[:n] + unknown[:n], known[n:n + n_held] + unknown[n:n + n_held]
+    random.Random(1).shuffle(train)
+    return [cut_pair(r, at) for r in train], [cut_pair(r, at) for r in held]
 
 
 def tool_calls(splits, runs):
