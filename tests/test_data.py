@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     entities, by_type = data.make_world(args, random.Random(args.seed))  # make_world is the seed's first consumer
     d = {name: read_jsonl(os.path.join(out, name + ".jsonl"))
          for name in ("corpus", "train", "dev", "test", "base", "sft_cot", "sft_coa", "sft_mix", "sft_pairs",
-                      "tool_calls", "sft_mix_renamed", "base_facts")}
+                      "tool_calls", "sft_mix_renamed", "base_facts", "sft_pairs_decision")}
     return {"out": out, "summary": summary, "entities": entities, "by_type": by_type, **d}
 
 
@@ -252,6 +252,22 @@ def test_contrastive_pairs(world):
             assert chosen.startswith(" <begin_search>")
             assert "<begin_" not in rejected and boxed_answer(rejected) not in r["golden_answers"]
     assert {r["known"] for r in world["sft_pairs"]} == {True, False}
+
+
+def test_decision_pairs_differ_only_in_the_decision_token(world):
+    """sft_pairs_decision.jsonl (the smollm2 preset's stage 1): pairs of sft_pairs.jsonl, up to 250 known and 250
+    unknown, each cut after its first word: the whole contrast is " I" (answer from memory) vs " " (before
+    <begin_search>)."""
+    full = {r["id"]: r for r in world["sft_pairs"]}
+    rows = world["sft_pairs_decision"]
+    for known in (True, False):  # 250 of each where the world has them
+        assert sum(r["known"] == known for r in rows) == min(250, sum(r["known"] == known for r in full.values())) > 0
+    for r in rows:
+        answer, act = (" I", " ") if r["known"] else (" ", " I")
+        assert trajectory_text(r["chosen"]) == answer and trajectory_text(r["rejected"]) == act
+        assert {k: v for k, v in r.items() if k not in ("chosen", "rejected")} == \
+            {k: v for k, v in full[r["id"]].items() if k not in ("chosen", "rejected")}
+        assert trajectory_text(full[r["id"]]["chosen"]).startswith(trajectory_text(r["chosen"]))
 
 
 def test_golden_answers_reachable_from_corpus(world):
