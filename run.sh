@@ -80,18 +80,12 @@ case "$PRESET" in
     # learns the format from a few hundred examples), RL of 4 steps of 2 x 4 rollouts, the test split's first 12
     # questions per type. lr 2e-4 for stage 2 from the pretrained model: the new tag tokens must become its top
     # prediction (8 steps at 1e-4 left "<begin_search>" at p 0.16; at 3e-4 the loss was 0.41 vs 1.0).
-    # The base stage teaches SmolLM2 the world's known facts, which it never saw (issue 16 target 3: known questions
-    # answered without acting): the 298 fact documents alone, one row each (--no-pack: packed, it learnt which
-    # document follows which), 12 passes: 63.9% of 147 fact sentences completed from their subject
-    # (bench/fact_recall.py).
-    # The tags are added here, the first time a stage starts from the pretrained model.
-    BASE="--train-file $W/base_facts.jsonl --no-pack --epochs 12 --lr 3e-4 --max-len 256 --batch-size 16"
-    BASE="$BASE --micro-batch 16"
-    TAGS="--add-action-tokens"
-    # Stage 1 on the decision alone (sft_pairs_decision.jsonl: 250 known + 250 unknown pairs cut after " I" vs the
-    # " " before <begin_search>), 3 passes: on 100 held-out pairs p(" I") 1.000 on known and 0.005 on unknown prefixes
-    # (bench/decision_pairs.py, 2026-11-30). Uncut pairs, or one pass, left it at the same p(" I") on both.
-    SFT1="--train-file $W/sft_pairs_decision.jsonl --epochs 3 --lr 1e-4 --batch-size 16 --micro-batch 8"
+    # A pretrained model: no base stage, so "known" facts are ones it was never taught (README "Latest run (smollm2
+    # preset)": a base stage on the known facts alone, train_sft.py --stage base --train-file $W/base_facts.jsonl
+    # --no-pack, teaches them, measured there, but the policy still searches for every one of them).
+    BASE=""
+    TAGS="--add-action-tokens"  # the tags become single tokens the first time SFT starts from the pretrained model
+    SFT1="--max-steps 3 --lr 2e-5 --batch-size 16 --micro-batch 4"
     SFT2="--max-steps 24 --lr 2e-4 --batch-size 12 --micro-batch 4"
     SFT3="--max-steps 8 --lr 5e-5 --batch-size 12 --micro-batch 4"
     RL="--prompts-per-step 2 --group-size 4 --lr 2e-6 --max-new-tokens 256 --ppo-epochs 1 --minibatches 1"
@@ -128,10 +122,14 @@ stage() {
 stage world "$W/summary.json" $PY data.py --out "$W" --seed $SEED $WORLD
 
 # --- SFT (paper 3.2): base "reasoning model" -> stage 1 (when to act) -> 2 (how to act) -> 3 (world model) ----------
-stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" --seed $SEED $BASE $TAGS
-BASE_CKPT="$OUT/base"
-stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1
-stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2
+if [ "$PRESET" = tiny ]; then
+  stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" --seed $SEED $BASE
+  BASE_CKPT="$OUT/base"
+else
+  BASE_CKPT="$INIT"   # the pretrained model is the starting "reasoning model"
+fi
+stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1 $TAGS
+stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2 $TAGS
 stage sft-12    "$OUT/sft12/config.json"  $PY train_sft.py --stage 2 --init "$OUT/sft1"   --data "$W" --out "$OUT/sft12"  --seed $SEED $SFT2
 # the teacher's real calls, split train / held-out: stage 3 (tiny) and the separate world model learn the train ones
 stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --out "$OUT/wm_calls.jsonl" --seed $SEED
