@@ -382,7 +382,7 @@ def cut_pair(pair, at="word"):
         text = segments[0]["text"]
         end = re.search(r"</end_search>|\.(?= |$)" if at == "sentence" else r" ?[^\s<]+| ", text)
         return [{"kind": "policy", "text": text[:end.end()] if end else text}]
-    return {**pair, "chosen": first(pair["chosen"]), "rejected": first(pair["rejected"])}
+    return {**pair, "chosen": first(pair["chosen"]), "rejected": first(pair["rejected"]), "cut": True}
 
 
 def decision_pairs(pairs, n=250, n_held=50, at="word"):

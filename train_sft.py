@@ -177,7 +177,8 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
             context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
             rows = []
             for continuation in (r["chosen"], r["rejected"]):
-                ids, loss_mask, obs_mask = encode_segments(tok, continuation, add_eos=True)
+                # a continuation cut short ("cut": true, teacher.decision_pairs) must not teach the answer to end there
+                ids, loss_mask, obs_mask = encode_segments(tok, continuation, add_eos=not r.get("cut", False))
                 # only the continuation counts in P(x|c): the shared context c gets mask 0
                 rows.append((context + ids, [0] * len(context) + loss_mask, context_obs + obs_mask))
             if max(len(row[0]) for row in rows) > max_len:

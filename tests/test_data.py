@@ -265,7 +265,8 @@ def test_decision_pairs_differ_only_in_the_decision_token(world):
     for r in rows:
         answer, act = (" I", " ") if r["known"] else (" ", " I")
         assert trajectory_text(r["chosen"]) == answer and trajectory_text(r["rejected"]) == act
-        assert {k: v for k, v in r.items() if k not in ("chosen", "rejected")} == \
+        assert r["cut"] is True  # train_sft stage 1 adds no EOS after a cut continuation
+        assert {k: v for k, v in r.items() if k not in ("chosen", "rejected", "cut")} == \
             {k: v for k, v in full[r["id"]].items() if k not in ("chosen", "rejected")}
         assert trajectory_text(full[r["id"]]["chosen"]).startswith(trajectory_text(r["chosen"]))
 

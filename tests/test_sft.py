@@ -108,6 +108,18 @@ def test_stage2_masks_exactly_observations_stage3_none(world):
         assert ids2[-1] == tok.eos_token_id and loss2[-1] == 1  # the eos that ends the response is trained
 
 
+def test_cut_pairs_get_no_eos(world, tmp_path):
+    """A stage-1 pair cut at the decision ("cut": true, teacher.decision_pairs) must not teach the answer to end after
+    its first word; a whole continuation ends with the trained EOS."""
+    tok = world["tok"]
+    pair = json.loads(open(os.path.join(world["data"], "sft_pairs.jsonl")).readline())
+    write_jsonl(tmp_path / "cut.jsonl", [pair, {**pair, "cut": True}])
+    (whole, cut), _ = train_sft.load_examples(tok, "1", str(tmp_path / "cut.jsonl"), 512)
+    for j in range(2):  # chosen, rejected
+        assert whole[j][0][-1] == tok.eos_token_id and whole[j][1][-1] == 1
+        assert cut[j][0] == whole[j][0][:-1] and cut[j][1] == whole[j][1][:-1]
+
+
 def test_stage1_loss_equals_hand_computation(world):
     tok, alpha = world["tok"], 0.2
     pairs, _ = train_sft.load_examples(tok, "1", os.path.join(world["data"], "sft_pairs.jsonl"), 512)
