@@ -12,7 +12,7 @@ what the tool returned, wrapped by tools.format_observation. Its trajectories ar
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
     sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
-                     (sft_pairs_decision.jsonl: 250 + 250 of them cut after the decision token, decision_pairs)
+                     (decision_pairs: 250 + 250 of them cut after the decision token, bench/decision_pairs.py)
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
                      known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
                      We chose "unnecessary search" over "wrong guess" for the known rejected side: the pair should
@@ -386,8 +386,8 @@ def cut_pair(pair, at="word"):
 
 
 def decision_pairs(pairs, n=250, n_held=50, at="word"):
-    """n known + n unknown pairs cut at the decision (sft_pairs_decision.jsonl, the smollm2 preset's stage 1), and the
-    next n_held + n_held as a held-out set (bench/decision_pairs.py). Cut at the first word, the whole contrast is on
+    """n known + n unknown pairs cut at the decision (a stage-1 train file), and the next n_held + n_held as a
+    held-out set (bench/decision_pairs.py make writes both). Cut at the first word, the whole contrast is on
     the decision token: uncut, or cut after a sentence, SmolLM2 won it on the words after " I" (" know" vs " think")
     and said " I" on known and unknown prefixes alike (README "Latest run (smollm2 preset)")."""
     rows = list(pairs)

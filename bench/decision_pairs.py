@@ -1,6 +1,6 @@
 """Does a policy decide to act from what it knows, measured on stage-1 pairs cut at the decision (issue 16, target 3).
-`make`: from a world's sft_pairs.jsonl, teacher.decision_pairs: 250 known + 250 unknown pairs for training (data.py
-writes the same as sft_pairs_decision.jsonl) and 50 + 50 held out, chosen and rejected cut after their first word
+`make`: from a world's sft_pairs.jsonl, teacher.decision_pairs: 250 known + 250 unknown pairs for training
+(train_sft.py --stage 1 --train-file) and 50 + 50 held out, chosen and rejected cut after their first word
 (" I" vs the " " before <begin_search>; --at sentence: after the first sentence or action). `measure`: on the
 held-out pairs, the probability a checkpoint gives " I" (answering from memory) and " " (acting) right after the
 prefix, split by known / unknown. A policy that uses its knowledge gives " I" a much higher probability on known pairs.
