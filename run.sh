@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 66 min on 2 cores (2026-11-30)
+#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 47 min on 2 cores (2026-11-30)
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 61 min on 2 cores (2026-11-30)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (11.5 min a seed on 2 cores, 2026-11-30), then their mean and spread (OUT/rl_seeds.md):
+# The RL rows over 3 seeds (11-13 min a seed on 2 cores, 2026-12-01), then their mean and spread (OUT/rl_seeds.md):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
@@ -42,26 +42,30 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false
 SEED=0
 case "$PRESET" in
   tiny)
-    # Sized for 2 CPU cores (~8k training tokens/s on the 3.5M-parameter preset): long enough for the tiny model to
-    # learn to copy unseen names into queries and read the results, short enough for the 30-minute budget.
+    # Sized for 2 CPU cores (~10k training tokens/s on the 3.5M-parameter preset in bf16): long enough for the tiny
+    # model to learn to copy unseen names into queries and read the results and to simulate the tools it was trained
+    # on (stage 3); 47 min in all, over the 30-minute budget (README).
     INIT=tiny
-    BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16"
-    SFT1="--epochs 1 --batch-size 16 --micro-batch 8"
+    # bfloat16 autocast (weights and AdamW stay float32) where the CPU has bf16 matmuls (AVX512-BF16 / AMX): training
+    # steps ~2x faster on 2 cores (7k -> 14k tokens/s, 2026-11-30); elsewhere float32, where autocast would be slower
+    BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"
+    BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16 $BF16"
+    SFT1="--epochs 1 --batch-size 16 --micro-batch 8 $BF16"
     # stages 2 and 3 read the world's renamed copies (4 per CoA trajectory, teacher.py "Renamed copies"): one pass
     # costs what 5 epochs of sft_mix did, and the tiny model learns to copy names instead of memorising them. Stage 3
     # on them also teaches it to copy years out of results (0.4 of a pass, measured on 60 dev questions from SFT-1&2:
     # 16.7% EM -> 40.0%; stage 3 on sft_mix: 21.7%)
-    SFT2="--train-file $W/sft_mix_renamed.jsonl --epochs 1 --batch-size 8 --micro-batch 8 --lr 2e-3"
+    SFT2="--train-file $W/sft_mix_renamed.jsonl --epochs 1 --batch-size 8 --micro-batch 8 --lr 2e-3 $BF16"
     # Stage 3 is also the internal world model (issue 14): 4 copies of the renamed copies + 50 of the teacher's 1,258
     # training calls as one-search trajectories, 0.4 of a pass (1.6 passes over the renamed copies, 20 over the calls).
     # Measured on 200 dev questions (2026-11-30, GPU sweep from SFT-1&2, README): unknown-entity EM 50.4 (the renamed
     # copies alone, 0.4 of a pass) -> 76.7 (the same, 1.6 passes) -> 78.9 (+ the calls); the policy as its own
     # simulator recalls the answer fact of 5% -> 75% of held-out calls about seen entities.
     SFT3="--train-file $W/sft_mix_renamed.jsonl --train-copies 4 --wm-calls $OUT/wm_calls.jsonl --wm-calls-copies 50"
-    SFT3="$SFT3 --epochs 0.4 --batch-size 8 --micro-batch 8 --lr 1e-3"
+    SFT3="$SFT3 --epochs 0.4 --batch-size 8 --micro-batch 8 --lr 1e-3 $BF16"
     # RL lr 1e-5: chosen on 166 dev questions on 2026-11-30 once the trainer scored the temperature-0.6 policy that
     # sampled (issue 13): RL sim->real from SFT-1&2&3 gave dev EM 38.0 at 1e-5 vs 28.3 at 3e-5 (SFT-1&2&3: 34.3)
-    RL="--prompts-per-step 8 --group-size 4 --lr 1e-5 --max-new-tokens 384 --ppo-epochs 2 --minibatches 2"
+    RL="--prompts-per-step 8 --group-size 4 --lr 1e-5 --max-new-tokens 384 --ppo-epochs 2 --minibatches 2 $BF16"
     RL_STEPS=30; RL_SIM_STEPS=25          # sim->real: the paper's 5/6 simulated, 1/6 real
     WM="--epochs 6"                       # starts from the SFT-1&2&3 policy, which already writes observations
     WM_EVAL="--max-calls 100 --batch-size 64"

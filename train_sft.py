@@ -123,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--alpha", type=float, default=0.2, help="stage 1: weight of the auxiliary loss -P(chosen|c)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast; weights and optimizer stay float32 (GPU, or a "
+                   "CPU with AVX512-BF16/AMX: ~2x on the tiny preset)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
                    "(FSDP2 per decoder layer, torchrun; fsdp.shard): a 7B on 8 x 80 GB")

@@ -425,6 +425,19 @@ def test_wm_calls_become_one_action_trajectories_with_trained_observations(world
                                                      "--wm-calls", str(tmp_path / "calls.jsonl"))))
 
 
+def test_bf16_autocast_on_cpu_keeps_float32_weights_and_the_loss(world):
+    """run.sh trains the tiny preset under bf16 autocast on a CPU with bf16 matmuls: the weights and AdamW stay float32
+    (the checkpoint reloads as float32), and the first step's loss, taken before any update, matches float32's to
+    bfloat16's precision."""
+    losses = {}
+    for name, extra in [("fp32", []), ("bf16", ["--bf16"])]:
+        out = world["root"] / f"autocast_{name}"
+        train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "2", *extra)))
+        losses[name] = read_metrics(out)[0]["loss"]
+        assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
+
+
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
 def test_stage_runs_end_to_end(world, stage):
     out = world["root"] / f"stage_{stage}"
