@@ -437,7 +437,7 @@ def build(argv=None):
     files = {"corpus": passages, **{split: [public(q) for q in qs] for split, qs in splits.items()}, "base": base,
              "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
              "sft_cot": cot, "sft_coa": coa, "sft_mix": mix, "sft_mix_renamed": mix_renamed, "sft_pairs": pairs,
-             "tool_calls": tool_calls}
+             "sft_pairs_decision": teacher.decision_pairs(pairs)[0], "tool_calls": tool_calls}
     for name, rows in files.items():
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
     tmp_tok = tempfile.mkdtemp(dir=out, prefix=".tmp-tokenizer-")

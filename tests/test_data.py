@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     entities, by_type = data.make_world(args, random.Random(args.seed))  # make_world is the seed's first consumer
     d = {name: read_jsonl(os.path.join(out, name + ".jsonl"))
          for name in ("corpus", "train", "dev", "test", "base", "sft_cot", "sft_coa", "sft_mix", "sft_pairs",
-                      "tool_calls", "sft_mix_renamed", "base_facts")}
+                      "tool_calls", "sft_mix_renamed", "base_facts", "sft_pairs_decision")}
     return {"out": out, "summary": summary, "entities": entities, "by_type": by_type, **d}
 
 
@@ -255,11 +255,12 @@ def test_contrastive_pairs(world):
 
 
 def test_decision_pairs_differ_only_in_the_decision_token(world):
-    """teacher.decision_pairs (bench/decision_pairs.py's stage-1 file): pairs of sft_pairs.jsonl, up to 250 known
+    """sft_pairs_decision.jsonl (teacher.decision_pairs: the smollm2 preset's stage 1): pairs of sft_pairs.jsonl, up to 250 known
     and 250 unknown, each cut after its first word: the whole contrast is " I" (answer from memory) vs " " (before
     <begin_search>)."""
     full = {r["id"]: r for r in world["sft_pairs"]}
-    rows, _ = teacher.decision_pairs(world["sft_pairs"])
+    rows = world["sft_pairs_decision"]
+    assert rows == teacher.decision_pairs(world["sft_pairs"])[0]
     for known in (True, False):  # 250 of each where the world has them
         assert sum(r["known"] == known for r in rows) == min(250, sum(r["known"] == known for r in full.values())) > 0
     for r in rows:
