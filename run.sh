@@ -2,7 +2,7 @@
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
 #   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 47 min on 2 cores (2026-11-30)
-#   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 61 min on 2 cores (2026-11-30)
+#   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 89 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
