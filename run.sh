@@ -40,15 +40,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false
 
 # --- presets: every number of the run is here ------------------------------------------------------------------------
 SEED=0
+# bfloat16 autocast (weights and AdamW stay float32) where the CPU has bf16 matmuls (AVX512-BF16 / AMX): training steps
+# ~2x faster on 2 cores (tiny: 7k -> 14k tokens/s, 2026-11-30); elsewhere float32, where autocast would be slower
+BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"
 case "$PRESET" in
   tiny)
     # Sized for 2 CPU cores (~10k training tokens/s on the 3.5M-parameter preset in bf16): long enough for the tiny
     # model to learn to copy unseen names into queries and read the results and to simulate the tools it was trained
     # on (stage 3); 47 min in all, over the 30-minute budget (README).
     INIT=tiny
-    # bfloat16 autocast (weights and AdamW stay float32) where the CPU has bf16 matmuls (AVX512-BF16 / AMX): training
-    # steps ~2x faster on 2 cores (7k -> 14k tokens/s, 2026-11-30); elsewhere float32, where autocast would be slower
-    BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16 $BF16"
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8 $BF16"
     # stages 2 and 3 read the world's renamed copies (4 per CoA trajectory, teacher.py "Renamed copies"): one pass
@@ -94,7 +94,6 @@ case "$PRESET" in
     # 3. stage 2 long enough: 72 steps at lr 2e-4 (the tags must become its top prediction: 8 steps at 1e-4 left
     #    "<begin_search>" at p 0.16). After 24 steps p(" I") was 0.513 vs 0.017 and SFT-1&2 answered 48% of known
     #    questions without acting (avg EM 22.8); after 72, 0.957 vs 0.037, 100% and 52.3.
-    BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"  # as in the tiny preset
     BASE="--train-file $W/base_facts.jsonl --no-pack --epochs 12 --lr 3e-4 --max-len 256 --batch-size 16"
     BASE="$BASE --micro-batch 16"
     TAGS="--add-action-tokens"

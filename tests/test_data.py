@@ -255,9 +255,9 @@ def test_contrastive_pairs(world):
 
 
 def test_decision_pairs_differ_only_in_the_decision_token(world):
-    """sft_pairs_decision.jsonl (teacher.decision_pairs: the smollm2 preset's stage 1): pairs of sft_pairs.jsonl, up to 250 known
-    and 250 unknown, each cut after its first word: the whole contrast is " I" (answer from memory) vs " " (before
-    <begin_search>)."""
+    """sft_pairs_decision.jsonl (teacher.decision_pairs: the smollm2 preset's stage 1): pairs of sft_pairs.jsonl, up
+    to 250 known and 250 unknown, each cut after its first word: the whole contrast is " I" (answer from memory) vs
+    " " (before <begin_search>)."""
     full = {r["id"]: r for r in world["sft_pairs"]}
     rows = world["sft_pairs_decision"]
     assert rows == teacher.decision_pairs(world["sft_pairs"])[0]
