@@ -2,7 +2,7 @@
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
 #   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 47 min on 2 cores (2026-11-30)
-#   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 89 min on 2 cores (2026-12-01)
+#   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
@@ -86,7 +86,7 @@ case "$PRESET" in
     # things, each measured on SmolLM2 (README "Latest run (smollm2 preset)"):
     # 1. a base stage that teaches it the world's known facts, which it never saw: the 298 fact documents alone, one
     #    row each (--no-pack: packed, it learnt which document follows which), 12 passes: 63.9% of 147 fact sentences
-    #    completed from their subject (bench/fact_recall.py). It stays fp32: this run reused that checkpoint. The
+    #    completed from their subject (bench/fact_recall.py). It stays fp32, as measured (bf16 not tried here). The
     #    tags are added here, the first time a stage starts from the pretrained model.
     # 2. stage 1 on the decision alone (sft_pairs_decision.jsonl: 250 known + 250 unknown pairs cut after " I" vs the
     #    " " before <begin_search>, no EOS), 3 passes: held-out p(" I") 0.999 on known vs 0.007 on unknown prefixes
