@@ -306,12 +306,16 @@ class _Batch:
                                     list(range(len(self.prompts))))
         self.push(list(range(len(self.prompts))))
 
-    def sample_and_record(self, temperature, top_p, greedy):
+    def sample_and_record(self, temperature, top_p, greedy, sim_greedy=False):
         """Step 1: sample one token per row from next_logits and write it to the response buffers (rows that do not
-        sample write to the spare column and draw nothing from their own generator). -> token (B,)"""
+        sample write to the spare column and draw nothing from their own generator). sim_greedy: rows writing a
+        simulated observation take the argmax (a deterministic environment; their logp is then 0). -> token (B,)"""
         generator = ([g if r else None for g, r in zip(self.generator, self.is_running)]
                      if isinstance(self.generator, list) else self.generator)
         token, logp = _sample(self.next_logits, temperature, top_p, greedy, generator)
+        if sim_greedy:
+            sim = self.sample_obs.bool()
+            token, logp = torch.where(sim, self.next_logits.argmax(-1), token), logp.masked_fill(sim, 0.0)
         at = torch.where(self.running, self.counters[1].clamp(max=self.cap - 1), self.cap)
         self.resp_ids[self.arange, at] = token
         self.resp_loss[self.arange, at] = self.sample_loss
@@ -411,12 +415,15 @@ class _Batch:
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
-            sim_obs_tokens=256):
+            sim_obs_tokens=256, sim_greedy=False):
     """Generate one trajectory per prompt (list of token ids). tools: a ToolRegistry ((name, arg) list -> texts).
-    env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled".
+    env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled";
+    sim_greedy: the simulated observations are written greedily while the policy's own tokens are sampled.
     seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order. See the module
     docstring for the rules and for what the model must support (check_model)."""
     check_model(model)
+    if sim_greedy and train_sim_obs:
+        raise ValueError("sim_greedy with train_sim_obs: trained observation tokens must be sampled from the policy")
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
                train_sim_obs)
     rows = _rows(prompts, s)
@@ -425,12 +432,12 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     batch = _Batch(model, tokenizer, prompts, rows, tools, s, seed)
     batch.prefill()
     while any(batch.is_running):
-        token = batch.sample_and_record(temperature, top_p, greedy)  # 1. one token per running row, recorded
-        events = batch.stop_checks(token)                             # 2. eos / tags / budgets; the one sync
-        touched = batch.on_events(events)                             # 3. the state machine, rows with an event
-        batch.call_tools(touched)                                     # 4. one tool call for the rows that paused
-        chunks = batch.queue_injections(touched, events.token)        # 5. observations and forced tags queued
-        batch.feed_cache(token, chunks)                               # 6. decode forward + injection forward
-        batch.retire_and_push(touched)                                # 7. finished rows leave; state to device
+        token = batch.sample_and_record(temperature, top_p, greedy, sim_greedy)  # 1. a token per running row
+        events = batch.stop_checks(token)                                          # 2. eos / tags / budgets; one sync
+        touched = batch.on_events(events)                                          # 3. the state machine
+        batch.call_tools(touched)                                                  # 4. one tool call, paused rows
+        chunks = batch.queue_injections(touched, events.token)                     # 5. observations, forced tags
+        batch.feed_cache(token, chunks)                                            # 6. decode + injection forward
+        batch.retire_and_push(touched)                                             # 7. finished rows leave
     model.train(was_training)
     return batch.results()

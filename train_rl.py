@@ -26,6 +26,7 @@ Departures from the paper / the authors' verl code, and why:
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
     error observations are counted apart; the in-loop dev evaluation has its own registry, never counted.
   - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
+  - The policy as its own simulator writes observations greedily (--sim-greedy), as world_model.py's model does.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
@@ -69,8 +70,7 @@ from tools import make_tools
 
 def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
     """Scalar reward of one trajectory (SPEC 5): EM (or token F1) of the extracted answer when the RESPONSE keeps the
-    format (</think>, no action after it, a \\boxed{} after it), else format_penalty. Swap this function to change the
-    reward."""
+    format (</think>, no action after it, a \\boxed{} after it), else format_penalty."""
     if not format_ok(response_text)[0]:
         return format_penalty
     score = {"em": exact_match, "f1": f1}[kind]
@@ -126,8 +126,7 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
 
 
 def grpo_advantages(batches, args):
-    """GRPO (paper 3.3.2): A_i = r_i - mean(r) (/ std(r)) within each prompt's group of K samples; every token of
-    trajectory i gets A_i (the mask decides which count)."""
+    """GRPO (paper 3.3.2): A_i = (r_i - mean(r)) (/ std(r)) in each prompt's group of K; all of i's tokens get A_i."""
     micro = [b for minibatch in batches for b in minibatch]
     rewards = torch.tensor([s["reward"] for b in micro for s in b["seqs"]]).view(-1, args.group_size)  # (P, K)
     A = group_advantages(rewards, args.grpo_std_norm).flatten().split([len(b["seqs"]) for b in micro])
@@ -172,7 +171,8 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
-                        temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs)
+                        temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
+                        sim_greedy=args.sim_greedy and not args.train_sim_obs)
     seqs = []
     sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
     for i, r in enumerate(rolls):
@@ -298,6 +298,8 @@ def parse_args(argv=None):
     g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
     g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
+    g.add_argument("--sim-greedy", action=argparse.BooleanOptionalAction, default=True, help="sim steps: observations "
+                   "written greedily, a deterministic tool as world_model.py's (not with --train-sim-obs); no: at T")
     g = p.add_argument_group("reward")
     g.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
     g.add_argument("--format-penalty", type=float, default=-0.5, help="reward of a response that breaks the format")
@@ -368,8 +370,7 @@ def train(args, rank, world, device, ddp):
     assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
     assert total_steps > 0 and args.temperature > 0, "needs --sim-steps + --real-steps > 0 and --temperature > 0"
     if master:
-        print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples = "
-              f"{args.prompts_per_step * args.group_size} trajectories/step; {args.ppo_epochs} epochs x "
+        print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples; {args.ppo_epochs} epochs x "
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
     resume_dir = resume_point(args.out, args.resume, master, ddp)
 
@@ -392,7 +393,6 @@ def train(args, rank, world, device, ddp):
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
     eval_tools = None  # the dev evaluation's own registry (cache, counters): never mixed with the rollouts' calls
-    # world_model.py's checkpoint as the search tool (common.py; no stage script imported)
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0

@@ -9,7 +9,7 @@ from trajectory import (DONE, SIM, _completed_tag, _environment, _generators, _o
 @torch.no_grad()
 def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10,
                   max_context=2048, answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None,
-                  train_sim_obs=False, sim_obs_tokens=256):
+                  train_sim_obs=False, sim_obs_tokens=256, sim_greedy=False):
     """engine.rollout()'s arguments and semantics, written for obviousness, not speed."""
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
                train_sim_obs)
@@ -38,6 +38,8 @@ def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_token
                 break
             logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
             token, token_logp = _sample(logits, temperature, top_p, greedy, generator)
+            if sim_greedy and row.phase == SIM:  # the simulated tool answers greedily (the row still drew)
+                token, token_logp = logits.argmax(-1), 0.0
             ids.append(int(token))
             loss.append(int(row.phase != SIM or train_sim_obs))
             obs.append(int(row.phase == SIM))

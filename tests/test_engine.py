@@ -214,6 +214,36 @@ def test_sim_env_calls_no_tool_and_none_env_neither():
     assert sum(registry.counts.values()) == 0 and all(M.TOOLS_DISABLED in r.text for r in none)
 
 
+def test_sim_greedy_writes_observations_greedily_while_the_policy_samples():
+    """sim_greedy (train_rl.py --sim-greedy): in env="sim" the policy samples its own tokens at T while the observations
+    it writes as the simulated tool are its argmax (logprob 0: the environment's, never trained), as the oracle does."""
+    lm, tok = make_model(True)
+    prompts = prompts_for(tok)
+    seeds = [21, 22, 23, 24]
+    kw = dict(max_new_tokens=200, max_context=500, answer_tokens=8, temperature=1.0, sim_obs_tokens=20, seed=seeds)
+    greedy_obs = E.rollout(lm, tok, prompts, fake_tools(), "sim", sim_greedy=True, **kw)
+    for a, b in zip(greedy_obs, naive_rollout(lm, tok, prompts, fake_tools(), "sim", sim_greedy=True, **kw)):
+        same(a, b)
+
+    def off_argmax(runs):  # observation tokens that are not the model's argmax; each span injects 5 itself:
+        # "\n<X_result>\n" before, "</X_result>\n" after (forced at sim_obs_tokens here)
+        bad = spans_ = 0
+        for r in runs:  # one prefix at a time: ScriptedLM biases the last position only
+            ids = r.prompt_ids + r.response_ids
+            for i in (i for i, o in enumerate(r.obs_mask) if o):
+                n = len(r.prompt_ids) + i
+                bad += int(lm(torch.tensor([ids[:n]])).logits[0, -1].argmax()) != ids[n]
+            spans_ += len(spans(r.obs_mask))
+        return bad, spans_
+    bad, n_spans = off_argmax(greedy_obs)
+    assert n_spans >= len(prompts) and bad <= 5 * n_spans
+    assert all(lp == 0.0 for r in greedy_obs for o, lp in zip(r.obs_mask, r.logprobs) if o)
+    sampled = E.rollout(lm, tok, prompts, fake_tools(), "sim", **kw)
+    assert off_argmax(sampled)[0] > 5 * off_argmax(sampled)[1], "sampled observations should stray from the argmax"
+    with pytest.raises(ValueError, match="train_sim_obs"):
+        E.rollout(lm, tok, prompts, fake_tools(), "sim", sim_greedy=True, train_sim_obs=True, **kw)
+
+
 def test_seeded_sampling_is_reproducible():
     lm, tok = make_model(True)
     prompts = prompts_for(tok)
