@@ -91,6 +91,8 @@ def get_args(argv=None):
     p.add_argument("--test", type=int, default=300, help="number of test questions drawn with the others")
     p.add_argument("--test-extra", type=int, default=0, help="more test questions, drawn after everything else from "
                    "their own RNG, so no other file changes with them (run.sh: 900, 1,200 in all)")
+    p.add_argument("--rl", type=int, default=0, help="questions for RL alone (rl.jsonl; train and known entities, "
+                   "drawn last: every other file is the same bytes), never SFT data (paper 4.2: RL's own problems)")
     p.add_argument("--known-questions", type=float, default=0.2,
                    help="share of train questions whose every fact is known (pure-CoT data); dev/test use 1/3")
     p.add_argument("--base-fact-repeats", type=int, default=2,
@@ -402,6 +404,9 @@ def build(argv=None):
     for i, q in enumerate(extra, len(splits["test"])):
         q["id"] = f"test_{i}"
     splits["test"] = splits["test"] + extra
+    # --- RL's own questions (--rl), after those: entities SFT trajectories named, questions SFT never trained on
+    rl = make_split(world, heads_of, "train", args.rl, args.known_questions, seen, random.Random(args.seed + 6))
+    splits.update({"rl": [{**q, "id": f"rl_{i}"} for i, q in enumerate(rl)]} if rl else {})
 
     # --- token lengths (what the trainers will see), summary
     def n_tokens(segs):

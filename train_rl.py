@@ -4,8 +4,7 @@ acts inside its chain of thought. RL-stage 1 runs in a simulated environment (th
 the internal world model of SFT stage 3), RL-stage 2 against the real tool; the paper's best schedule is
 `--sim-steps 80 --real-steps 16`. A step, one function per box: collect (engine.rollout: token ids in and out,
 loss_mask from the engine; rewards) -> score (old and reference log-probs) -> ADVANTAGES[--algo] (one function per
-algorithm, same signature) -> update (--ppo-epochs x --minibatches clipped updates). Real tool calls are counted per
-step and in total: spending few of them is the point of the simulated stage.
+algorithm, same signature) -> update (--ppo-epochs x --minibatches clipped updates); real tool calls counted.
 
 Departures from the paper / the authors' verl code, and why:
   - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
@@ -120,9 +119,8 @@ def prompt_index(seed, step, j, num_prompts, num_questions):
     return int(torch.randperm(num_questions, generator=generator)[offset])
 
 # -----------------------------------------------------------------------------
-# Advantages per algorithm: same signature, (batches, args) -> extra metrics; each sets b["advantages"] (B, T-1) on
-# every micro-batch b (batches[minibatch][micro], from score()). Add an algorithm by adding a function here (or a
-# module: PPO's is ppo.py).
+# Advantages per algorithm, same signature (batches, args) -> extra metrics; each sets b["advantages"] (B, T-1) on
+# every micro-batch b (batches[minibatch][micro], from score()). A new algorithm is a function here (PPO's: ppo.py).
 
 
 def grpo_advantages(batches, args):
@@ -280,6 +278,8 @@ def parse_args(argv=None):
                    "decoder layer, torchrun; fsdp.shard); rollouts gather the whole policy (fsdp.whole_model)")
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl), shared format")
+    g.add_argument("--questions", default="train.jsonl", help="RL's prompts, a file in --data (rl.jsonl of data.py "
+                   "--rl: questions SFT never trained on, as the paper's RL problems)")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
                    help="prompt template (default: --init's, its run_args.json); chat template: --init's tokenizer's")
     g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
@@ -388,7 +388,7 @@ def train(args, rank, world, device, ddp):
     template = args.template = checkpoint_template(args.init, args.template)
     if master:
         print(prompt_format(tokenizer, template))
-    questions = load_questions(os.path.join(args.data, "train.jsonl"))
+    questions = load_questions(os.path.join(args.data, args.questions))
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)

@@ -87,6 +87,24 @@ def test_test_extra_adds_test_questions_and_changes_no_other_file(world, tmp_pat
     assert len({q["question"] for q in new}) == 150 and not texts & {q["question"] for q in new}
 
 
+def test_rl_questions_are_new_and_change_no_other_file(world, tmp_path):
+    """--rl N: N questions for RL alone (rl.jsonl), drawn after everything else (after --test-extra's too): every other
+    file but summary.json is the same bytes, and no question text of any other split, SFT's included, repeats there."""
+    rl = str(tmp_path / "rl")
+    data.build(["--out", rl, "--rl", "40"] + SMALL)
+    a, b = all_files(world["out"]), all_files(rl)
+    assert sorted(b) == sorted([*a, "rl.jsonl"])
+    for name in a:
+        if name != "summary.json":
+            assert a[name] == b[name], f"{name} changed with --rl"
+    qs = [json.loads(line) for line in b["rl.jsonl"].splitlines()]
+    assert [q["id"] for q in qs] == [f"rl_{i}" for i in range(40)] and all(q["golden_answers"] for q in qs)
+    others = {json.loads(line)["question"] for name in ("train.jsonl", "dev.jsonl", "test.jsonl")
+              for line in b[name].splitlines()}
+    assert len({q["question"] for q in qs}) == 40 and not others & {q["question"] for q in qs}
+    assert json.loads(b["summary.json"])["questions"]["rl"]
+
+
 def test_layout_and_fields(world):
     for name in ("corpus.jsonl", "summary.json", "tokenizer/tokenizer.json"):
         assert os.path.exists(os.path.join(world["out"], name))

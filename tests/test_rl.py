@@ -320,6 +320,17 @@ def test_end_to_end_sim_then_real_with_resume(world, tmp_path):
         assert torch.allclose(resumed[name], straight[name], atol=1e-6), name
 
 
+def test_questions_file_is_what_rl_trains_on(world, tmp_path):
+    """--questions (run.sh: rl.jsonl, data.py --rl): the prompts and their golden answers come from that file."""
+    wrong = [{"id": f"r{i}", "question": QUESTION, "golden_answers": ["Nowhere"]} for i in range(4)]
+    (world / "rl_wrong.jsonl").write_text("".join(json.dumps(q) + "\n" for q in wrong))
+    em = {}
+    for name in ("train.jsonl", "rl_wrong.jsonl"):
+        train_rl.main(run_args(world, tmp_path / name, "--sim-steps", "0", "--real-steps", "1", "--questions", name))
+        em[name] = read_metrics(tmp_path / name)[0]["em"]
+    assert em["train.jsonl"] > 0 and em["rl_wrong.jsonl"] == 0, em
+
+
 def test_collapse_stops_with_a_message(world, tmp_path, capsys):
     """Silent GRPO collapse (entropy and format both gone) is the most common complaint about peers: we stop and say so."""
     out = tmp_path / "run"
