@@ -415,17 +415,18 @@ class _Batch:
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
-            sim_obs_tokens=256, sim_greedy=False):
+            sim_obs_tokens=256, sim_greedy=False, sim_real_tools=()):
     """Generate one trajectory per prompt (list of token ids). tools: a ToolRegistry ((name, arg) list -> texts).
     env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled";
-    sim_greedy: the simulated observations are written greedily while the policy's own tokens are sampled.
+    sim_greedy: the simulated observations are written greedily while the policy's own tokens are sampled;
+    sim_real_tools: names of tools that env="sim" still calls for real (a calculator costs nothing and is exact).
     seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order. See the module
     docstring for the rules and for what the model must support (check_model)."""
     check_model(model)
     if sim_greedy and train_sim_obs:
         raise ValueError("sim_greedy with train_sim_obs: trained observation tokens must be sampled from the policy")
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs)
+               train_sim_obs, sim_real_tools)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()

@@ -25,7 +25,7 @@ Departures from the paper / the authors' verl code, and why:
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
     error observations are counted apart; the in-loop dev evaluation has its own registry, never counted.
   - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
-    --sim-greedy: the policy writes its observations greedily (README: simulated/real reward 0.59x -> 0.63x, no gain).
+    --sim-greedy (observations written greedily), --sim-real-tools calculator (a free tool run for real): README.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
@@ -170,7 +170,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
-                        sim_greedy=args.sim_greedy and not args.train_sim_obs)
+                        sim_greedy=args.sim_greedy and not args.train_sim_obs, sim_real_tools=args.sim_real_tools)
     seqs = []
     sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
     for i, r in enumerate(rolls):
@@ -300,6 +300,7 @@ def parse_args(argv=None):
     g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
     g.add_argument("--sim-greedy", action="store_true", help="sim steps: the policy writes observations greedily, a "
                    "deterministic tool as world_model.py's (not with --train-sim-obs); default: sampled at T")
+    g.add_argument("--sim-real-tools", nargs="*", default=[], help="tools still called for real in sim steps")
     g = p.add_argument_group("reward")
     g.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
     g.add_argument("--format-penalty", type=float, default=-0.5, help="reward of a response that breaks the format")
@@ -315,8 +316,7 @@ def parse_args(argv=None):
                    help="truncated importance sampling: surrogate x min(pi_old / pi_engine, C) (0: off)")
     g.add_argument("--kl-coef", type=float, default=1e-3, help="k3 KL-to-reference coefficient (0: no reference model)")
     g.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
-    g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="divide group advantages by their std (the paper's formula only mean-centers)")
+    g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True, help="A /= std(r) too")
     g.add_argument("--seed", type=int, default=0, help="seed of prompt order and rollouts")
     g = p.add_argument_group("stopping")
     g.add_argument("--collapse-entropy", type=float, default=0.02, help="collapse: mean token entropy below this ...")

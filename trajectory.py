@@ -85,6 +85,7 @@ class _Setup:
     answer_tokens: int
     sim_obs_tokens: int
     train_sim_obs: bool
+    sim_real: tuple         # env="sim": tools called for real all the same (free and exact ones: the calculator)
     tags: dict              # close tag text -> ("action"|"result"|"think", tool name)
     names: list
     think_ids: list         # "</think>\n", the forced-answer switch
@@ -92,11 +93,11 @@ class _Setup:
 
 
 def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-           train_sim_obs):
+           train_sim_obs, sim_real=()):
     if env not in ("real", "sim", "none"):
         raise ValueError(f"env must be 'real', 'sim' or 'none', got {env!r}")
-    if env == "real" and tools is None:
-        raise ValueError("env='real' needs tools (a ToolRegistry)")
+    if (env == "real" or env == "sim" and sim_real) and tools is None:
+        raise ValueError(f"env={env!r} needs tools (a ToolRegistry)" + (" for sim_real" if env == "sim" else ""))
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
     if answer_tokens >= max_new_tokens:
@@ -110,7 +111,7 @@ def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answ
     think_ids = enc(THINK_CLOSE + "\n")
     sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
     return _Setup(tokenizer, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-                  train_sim_obs, tags, names, think_ids, answer_tokens + len(think_ids) + sim_tags)
+                  train_sim_obs, tuple(sim_real), tags, names, think_ids, answer_tokens + len(think_ids) + sim_tags)
 
 
 def _limits(row, s):
@@ -206,8 +207,8 @@ def _environment(rows, segment_texts, tools, s):
             observe(row, name, LIMIT_MESSAGE)
         elif s.env == "none":
             observe(row, name, TOOLS_DISABLED)
-        elif s.env == "sim":  # the policy writes the observation text itself, after the forced open tag (the
-            # reserve always has room for it)
+        elif s.env == "sim" and name not in s.sim_real:  # the policy writes the observation text itself, after
+            # the forced open tag (the reserve always has room for it)
             _queue(row, s.tokenizer.encode(f"\n{result_open(name)}\n", add_special_tokens=False), 0, 1)
             row.phase, row.sim_name, row.phase_count, row.sim_obs = SIM, name, 0, row.sim_obs + 1
             row.obs_names.append(name)

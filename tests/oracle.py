@@ -9,10 +9,10 @@ from trajectory import (DONE, SIM, _completed_tag, _environment, _generators, _o
 @torch.no_grad()
 def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10,
                   max_context=2048, answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None,
-                  train_sim_obs=False, sim_obs_tokens=256, sim_greedy=False):
+                  train_sim_obs=False, sim_obs_tokens=256, sim_greedy=False, sim_real_tools=()):
     """engine.rollout()'s arguments and semantics, written for obviousness, not speed."""
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs)
+               train_sim_obs, sim_real_tools)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()

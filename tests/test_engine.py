@@ -244,6 +244,24 @@ def test_sim_greedy_writes_observations_greedily_while_the_policy_samples():
         E.rollout(lm, tok, prompts, fake_tools(), "sim", sim_greedy=True, train_sim_obs=True, **kw)
 
 
+def test_sim_real_tools_call_the_calculator_for_real_and_simulate_the_rest():
+    """sim_real_tools (train_rl.py --sim-real-tools calculator): in env="sim" the named tools are called for real (the
+    observation is the tool's, counted as a real call), every other tool's observation the policy writes itself."""
+    lm, tok = make_model(True)
+    prompts = prompts_for(tok)
+    kw = dict(max_new_tokens=200, max_context=500, answer_tokens=8, greedy=True, sim_obs_tokens=20)
+    registry = fake_tools()
+    fast = E.rollout(lm, tok, prompts, registry, "sim", sim_real_tools=("calculator",), **kw)
+    for a, b in zip(fast, naive_rollout(lm, tok, prompts, fake_tools(), "sim", sim_real_tools=("calculator",), **kw)):
+        same(a, b)
+    assert registry.counts.get("calculator", 0) > 0 and registry.counts.get("search", 0) == 0
+    assert all(r.real_calls == r.num_actions.get("calculator", 0) and r.sim_obs == r.num_actions.get("search", 0)
+               for r in fast)
+    assert any(format_observation("calculator", "12") in r.text for r in fast)  # SCRIPT's 3*4, computed
+    with pytest.raises(ValueError, match="needs tools"):
+        E.rollout(lm, tok, prompts, None, "sim", sim_real_tools=("calculator",), **kw)
+
+
 def test_seeded_sampling_is_reproducible():
     lm, tok = make_model(True)
     prompts = prompts_for(tok)
