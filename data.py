@@ -406,7 +406,8 @@ def build(argv=None):
     splits["test"] = splits["test"] + extra
     # --- RL's own questions (--rl), after those: entities SFT trajectories named, questions SFT never trained on
     rl = make_split(world, heads_of, "train", args.rl, args.known_questions, seen, random.Random(args.seed + 6))
-    splits.update({"rl": [{**q, "id": f"rl_{i}"} for i, q in enumerate(rl)]} if rl else {})
+    if rl:
+        splits["rl"] = [{**q, "id": f"rl_{i}"} for i, q in enumerate(rl)]
 
     # --- token lengths (what the trainers will see), summary
     def n_tokens(segs):

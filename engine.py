@@ -306,14 +306,14 @@ class _Batch:
                                     list(range(len(self.prompts))))
         self.push(list(range(len(self.prompts))))
 
-    def sample_and_record(self, temperature, top_p, greedy, sim_greedy=False):
+    def sample_and_record(self, temperature, top_p, greedy):
         """Step 1: sample one token per row from next_logits and write it to the response buffers (rows that do not
-        sample write to the spare column and draw nothing from their own generator). sim_greedy: rows writing a
+        sample write to the spare column and draw nothing from their own generator). s.sim_greedy: rows writing a
         simulated observation take the argmax (a deterministic environment; their logp is then 0). -> token (B,)"""
         generator = ([g if r else None for g, r in zip(self.generator, self.is_running)]
                      if isinstance(self.generator, list) else self.generator)
         token, logp = _sample(self.next_logits, temperature, top_p, greedy, generator)
-        if sim_greedy:
+        if self.s.sim_greedy:
             sim = self.sample_obs.bool()
             token, logp = torch.where(sim, self.next_logits.argmax(-1), token), logp.masked_fill(sim, 0.0)
         at = torch.where(self.running, self.counters[1].clamp(max=self.cap - 1), self.cap)
@@ -423,22 +423,20 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order. See the module
     docstring for the rules and for what the model must support (check_model)."""
     check_model(model)
-    if sim_greedy and train_sim_obs:
-        raise ValueError("sim_greedy with train_sim_obs: trained observation tokens must be sampled from the policy")
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs, sim_real_tools)
+               train_sim_obs, sim_real_tools, sim_greedy)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()
     batch = _Batch(model, tokenizer, prompts, rows, tools, s, seed)
     batch.prefill()
     while any(batch.is_running):
-        token = batch.sample_and_record(temperature, top_p, greedy, sim_greedy)  # 1. a token per running row
-        events = batch.stop_checks(token)                                          # 2. eos / tags / budgets; one sync
-        touched = batch.on_events(events)                                          # 3. the state machine
-        batch.call_tools(touched)                                                  # 4. one tool call, paused rows
-        chunks = batch.queue_injections(touched, events.token)                     # 5. observations, forced tags
-        batch.feed_cache(token, chunks)                                            # 6. decode + injection forward
-        batch.retire_and_push(touched)                                             # 7. finished rows leave
+        token = batch.sample_and_record(temperature, top_p, greedy)  # 1. one token per running row, recorded
+        events = batch.stop_checks(token)                             # 2. eos / tags / budgets; the one sync
+        touched = batch.on_events(events)                             # 3. the state machine, rows with an event
+        batch.call_tools(touched)                                     # 4. one tool call for the rows that paused
+        chunks = batch.queue_injections(touched, events.token)        # 5. observations and forced tags queued
+        batch.feed_cache(token, chunks)                               # 6. decode forward + injection forward
+        batch.retire_and_push(touched)                                # 7. finished rows leave; state to device
     model.train(was_training)
     return batch.results()

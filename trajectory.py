@@ -86,6 +86,7 @@ class _Setup:
     sim_obs_tokens: int
     train_sim_obs: bool
     sim_real: tuple         # env="sim": tools called for real all the same (free and exact ones: the calculator)
+    sim_greedy: bool        # env="sim": the simulated observations are the argmax (the policy's own tokens sampled)
     tags: dict              # close tag text -> ("action"|"result"|"think", tool name)
     names: list
     think_ids: list         # "</think>\n", the forced-answer switch
@@ -93,9 +94,11 @@ class _Setup:
 
 
 def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-           train_sim_obs, sim_real=()):
+           train_sim_obs, sim_real=(), sim_greedy=False):
     if env not in ("real", "sim", "none"):
         raise ValueError(f"env must be 'real', 'sim' or 'none', got {env!r}")
+    if sim_greedy and train_sim_obs:
+        raise ValueError("sim_greedy with train_sim_obs: trained observation tokens must be sampled from the policy")
     if (env == "real" or env == "sim" and sim_real) and tools is None:
         raise ValueError(f"env={env!r} needs tools (a ToolRegistry)" + (" for sim_real" if env == "sim" else ""))
     if tokenizer.eos_token_id is None:
@@ -111,7 +114,8 @@ def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answ
     think_ids = enc(THINK_CLOSE + "\n")
     sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
     return _Setup(tokenizer, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-                  train_sim_obs, tuple(sim_real), tags, names, think_ids, answer_tokens + len(think_ids) + sim_tags)
+                  train_sim_obs, tuple(sim_real), sim_greedy, tags, names, think_ids,
+                  answer_tokens + len(think_ids) + sim_tags)
 
 
 def _limits(row, s):

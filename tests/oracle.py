@@ -12,7 +12,7 @@ def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_token
                   train_sim_obs=False, sim_obs_tokens=256, sim_greedy=False, sim_real_tools=()):
     """engine.rollout()'s arguments and semantics, written for obviousness, not speed."""
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs, sim_real_tools)
+               train_sim_obs, sim_real_tools, sim_greedy)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()
@@ -38,7 +38,7 @@ def naive_rollout(model, tokenizer, prompts, tools, env="real", *, max_new_token
                 break
             logits = model(torch.tensor([prompt + ids], device=device)).logits[:, -1].float()
             token, token_logp = _sample(logits, temperature, top_p, greedy, generator)
-            if sim_greedy and row.phase == SIM:  # the simulated tool answers greedily (the row still drew)
+            if s.sim_greedy and row.phase == SIM:  # the simulated tool answers greedily (the row still drew)
                 token, token_logp = logits.argmax(-1), 0.0
             ids.append(int(token))
             loss.append(int(row.phase != SIM or train_sim_obs))
