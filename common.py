@@ -1,24 +1,17 @@
 """
-What every training stage shares, in one place: the device and distributed set-up, padding, next-token log-probs (the
-ONE place the targets are shifted), the learning-rate schedule and epoch order, the JSONL step log, and checkpoints
-that survive a kill at any point. train_sft.py, train_rl.py and world_model.py import this, model.py, tools.py and
-evaluate.py's metrics; no stage script imports another.
+What train_sft.py, train_rl.py and world_model.py share: ranks, padding, next-token log-probs (the ONE place targets
+are shifted) and RL's scoring forward, the LR schedule, typed JSONL input, the step log, checkpoints that survive a
+kill at any point, the separate world model as a tool. No command of its own; sharding (--fsdp) is fsdp.py's.
 
 One checkpoint format for every stage:
     OUT/                 the final checkpoint: a save_pretrained dir (+ run_args.json), loadable by plain transformers
     OUT/metrics.jsonl    one row per step ("step" field), appended as the run goes
     OUT/resume/          weights (model.save) + trainer_state.pt (step, optimizer, RNG, whatever the stage adds),
                          written with save_resume every --save-every steps and once at the end
-A kill at any point loses nothing: resume/ is swapped in as a whole (find_resume also finds it half-way through the
+A kill at any point loses nothing: resume/ is swapped in as a whole (resume_point also finds it half-way through the
 swap), the final checkpoint is moved INTO OUT file by file (the logs and resume/ never move), and since resume/
 already holds the last step when the final save starts, a rerun with --resume only redoes that save. On --resume the
 step log drops the rows of steps after the resume point, so every step's row is there exactly once.
-
-Also here: typed JSONL reading whose errors name file:line and the field; the separate world model as a tool
-(world_model.py trains it; train_rl.py --world-model uses it).
-Sharding over GPUs (--fsdp) and the memory plan are fsdp.py's.
-
-No command of its own.
 """
 import gc
 import json
@@ -37,14 +30,12 @@ from tools import ToolRegistry, action_close, action_open, calculator, read_json
 # Device and ranks
 
 
-def default_device():
-    """The one default device rule of every script: cuda when there is one, else cpu."""
+def default_device():  # the one default device rule of every script
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def setup_distributed(device):
-    """-> (rank, world_size, device, ddp). Under torchrun (RANK set): one process per GPU (nccl) or per CPU process
-    (gloo), device becomes cuda:LOCAL_RANK. Otherwise one process on `device`."""
+    """-> (rank, world_size, device, ddp); under torchrun (RANK set) a process per GPU (nccl) or CPU process (gloo)."""
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device, False
     cuda = device.startswith("cuda")
@@ -56,9 +47,8 @@ def setup_distributed(device):
 
 
 def teardown_distributed():
-    """Call it once the DDP/FSDP modules are gone (the trainers: after train() returns): a wrapper or DTensor freed
-    after destroy_process_group still holds the gloo group, whose destructor then aborted ("terminate called without
-    an active exception") or hung."""
+    """Call it after train() returns: a DDP wrapper or DTensor freed after destroy_process_group holds the gloo
+    group, whose destructor then hung or aborted."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # reference cycles among the dropped modules
         dist.barrier()
@@ -84,10 +74,9 @@ def all_gather_objects(obj):
 
 
 def all_sum_dict(d):
-    """{name: number} summed over ranks, same names (named metrics instead of slots in a tensor)."""
-    keys = list(d)
-    values = all_sum(torch.tensor([float(d[k]) for k in keys], dtype=torch.float64)).tolist()
-    return dict(zip(keys, values))
+    """{name: number} summed over ranks."""
+    values = all_sum(torch.tensor([float(v) for v in d.values()], dtype=torch.float64))
+    return dict(zip(d, values.tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +85,7 @@ def all_sum_dict(d):
 
 def collate(rows, pad_id, device):
     """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each further column
-    padded with 0 (int64, or float32 for a column of floats such as RL's engine log-probs)."""
+    padded with 0 (float32 if it holds floats, as RL's engine log-probs)."""
     T = max(len(r[0]) for r in rows)
 
     def pad(seqs, value):
@@ -106,28 +95,22 @@ def collate(rows, pad_id, device):
 
 
 def token_logprobs(logits, ids):
-    """log pi(x_t | x_<t) for every next token: the ONE place targets are shifted. Position t of the result scores
-    ids[:, t + 1] from the logits at t, so a (R, T) mask over ids lines up with it as mask[:, 1:].
-    logits (R, T, V), ids (R, T) -> (R, T-1), float32."""
+    """log pi(x_t | x_<t) of every next token, the ONE place targets are shifted: logits (R, T, V), ids (R, T) ->
+    (R, T-1) float32, whose position t scores ids[:, t + 1], so a (R, T) mask over ids lines up as mask[:, 1:]."""
     R, T, V = logits.shape
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), ids[:, 1:].reshape(-1), reduction="none")
     return -nll.view(R, T - 1)
 
 
 def policy_forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
-    """RL's forward: per-target log-prob, entropy and value of a padded batch (ids, attention: (B, T)) under
-    softmax(logits / temperature), the distribution the engine sampled from; values only with a value_head. Position t
-    scores ids[:, t + 1] (token_logprobs' one shift), as collate's masks [:, 1:] do."""
+    """RL's forward under softmax(logits / temperature), the engine's sampling distribution -> per-target log-prob,
+    entropy (or None) and value (None without a value_head), each (B, T-1), aligned as token_logprobs'."""
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
     scaled = out.logits.float() / temperature                            # (B, T, V)
-    logp = token_logprobs(scaled, ids)                                   # (B, T-1) log pi_T(ids[:, 1:])
-    entropy = None
-    if need_entropy:                                                     # H = logsumexp(z) - sum softmax(z) z
-        logits = scaled[:, :-1]                                          # (B, T-1, V)
-        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, :-1]).float()      # (B, T-1) V(prefix up to t)
+    logp = token_logprobs(scaled, ids)
+    z = scaled[:, :-1]
+    entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1) if need_entropy else None
+    values = value_head(out.hidden_states[-1][:, :-1]).float() if value_head is not None else None
     return logp, entropy, values
 
 
@@ -161,12 +144,10 @@ def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
 
 # The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
 # became the query "None", an int observation crashed split_results, a list as tool name a set insert).
-FIELD_TYPES = {"tool": (str, "a string"), "args": (str, "a string"), "observation": (str, "a string"),
-               "split": (str, "a string"), "entity": (str, "a string"), "entity_seen": (bool, "true or false"),
-               "question": (str, "a string"), "text": (str, "a string")}
 CALL_FIELDS = ("tool", "args", "observation")
 SEGMENT_FIELDS = ("segments", "prefix", "chosen", "rejected")  # SFT records: lists of {"kind", "text"} segments
-FIELD_TYPES.update({field: (list, "a list of segments") for field in SEGMENT_FIELDS})
+FIELD_TYPES = {**dict.fromkeys(CALL_FIELDS + ("split", "entity", "question", "text"), (str, "a string")),
+               "entity_seen": (bool, "true or false"), **dict.fromkeys(SEGMENT_FIELDS, (list, "a list of segments"))}
 
 
 def json_type(value):
@@ -190,13 +171,11 @@ def check_fields(row, fields, where, what="field"):
 
 
 def read_rows(path, fields=()):
-    """Rows of a JSONL file, each with "_where" (file:line); a missing field, or one of the wrong type, fails with
-    file:line and its name."""
+    """Rows of a JSONL file, each with "_where" (file:line) added and its fields checked (check_fields)."""
     rows = []
     for where, row in read_jsonl(path):
         check_fields(row, fields, where)
-        row["_where"] = where
-        rows.append(row)
+        rows.append({**row, "_where": where})
     return rows
 
 
@@ -205,8 +184,8 @@ def read_rows(path, fields=()):
 
 
 def open_step_log(path, resume, start_step):
-    """A JSONL log with a "step" field per row, opened for appending. On resume, rows of steps after the resume point
-    are dropped first (they are redone), and so is a last line cut short by a kill; without it the log starts empty."""
+    """A JSONL log of rows with a "step", opened for appending: on resume without the rows after start_step (redone)
+    and a last line cut short by a kill; else empty."""
     kept = []
     if resume and os.path.exists(path):
         with open(path) as f:
@@ -233,9 +212,8 @@ def replace_dir(src, dst):
 
 
 def save_resume(model, tokenizer, out, args, state, state_dict=None):
-    """OUT/resume = weights (model.save) + trainer state, swapped in as a whole: never a half-written resume dir. The
-    state is written last, so a dir holding trainer_state.pt is complete (find_resume relies on it). state_dict: the
-    gathered weights under FSDP (full_state_dict), else None."""
+    """OUT/resume = weights (model.save) + trainer state, built beside it and swapped in as a whole. The state is
+    written last, so a dir holding trainer_state.pt is complete. state_dict: FSDP's gathered weights, else None."""
     tmp = os.path.join(out, ".resume.tmp")
     save(model, tokenizer, tmp, args, state_dict)
     torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
@@ -244,20 +222,6 @@ def save_resume(model, tokenizer, out, args, state, state_dict=None):
 
 
 RESUME_DIRS = ("resume", ".resume.tmp", "resume.old")  # the state, its next version being built, the one moved aside
-
-
-def find_resume(out):
-    """Finish a swap of OUT/resume a kill interrupted (resume moved aside to resume.old, the new one still at
-    .resume.tmp: the newest complete one becomes OUT/resume) and drop the leftovers."""
-    resume = os.path.join(out, "resume")
-    for name in RESUME_DIRS:  # newest first
-        path = os.path.join(out, name)
-        if os.path.exists(os.path.join(path, "trainer_state.pt")):
-            if path != resume:
-                replace_dir(path, resume)
-            break
-    for name in RESUME_DIRS:  # what an interrupted save left behind
-        drop_leftovers(os.path.join(out, name), keep=name == "resume")
 
 
 def drop_leftovers(path, keep=False):
@@ -271,29 +235,26 @@ def drop_leftovers(path, keep=False):
 
 
 def resume_point(out, resume, master, ddp):
-    """-> OUT/resume to continue from, or None to start from scratch. With --resume: finish a swap a kill interrupted;
-    nothing complete saved yet starts from scratch (said). Without: drop an earlier run's state, so a later --resume
-    never mixes two runs. Every rank calls it."""
+    """-> OUT/resume to continue from, or None to start from scratch (every rank calls it). --resume first finishes a
+    swap a kill interrupted; without it an earlier run's state is dropped, so a later --resume never mixes two runs."""
+    resume_dir = os.path.join(out, "resume")
     if master:
         os.makedirs(out, exist_ok=True)
         if resume:
-            find_resume(out)
-        else:
-            clear_resume(out)
+            for name in RESUME_DIRS:  # newest first: the newest complete one becomes OUT/resume
+                if os.path.exists(os.path.join(out, name, "trainer_state.pt")):
+                    if name != "resume":
+                        replace_dir(os.path.join(out, name), resume_dir)
+                    break
+        for name in RESUME_DIRS:  # what an interrupted save left behind (starting over: everything)
+            drop_leftovers(os.path.join(out, name), keep=resume and name == "resume")
     if ddp:
         dist.barrier()
-    resume_dir = os.path.join(out, "resume")
     if resume and not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
         if master:
             print(f"--resume: nothing saved in {resume_dir} yet, starting from scratch", flush=True)
         return None
     return resume_dir if resume else None
-
-
-def clear_resume(out):
-    """A run that starts over (no --resume) drops an earlier run's state, so a later --resume never mixes the two."""
-    for name in RESUME_DIRS:
-        drop_leftovers(os.path.join(out, name))
 
 
 def load_resume_state(resume_dir):
@@ -302,8 +263,7 @@ def load_resume_state(resume_dir):
 
 def save_final(model, tokenizer, out, args, state_dict=None):
     """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs and resume/
-    never move: a kill at any point leaves them in place, and a rerun with --resume only redoes this save.
-    state_dict: the gathered weights under FSDP (full_state_dict), else None."""
+    never move. state_dict: FSDP's gathered weights, else None."""
     tmp = out.rstrip("/") + ".final.tmp"
     drop_leftovers(tmp)  # of a save a kill interrupted
     save(model, tokenizer, tmp, args, state_dict)
@@ -326,10 +286,9 @@ def wm_prompt(tool, args):
     return f"{action_open(tool)} {args.strip()} {action_close(tool)}\n{result_open(tool)}\n"
 
 
-def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16, greedy=True, temperature=1.0):
-    """prompts: token id lists that end inside an opened result tag -> the observation text each row writes, up to
-    result_close(tool) or eos. HF generate with left padding (one prefill per batch, then the KV cache) and the close
-    tag as an extra stop token: engine.rollout stops only at actions and eos, so it does not fit here."""
+def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16):
+    """prompts: token id lists that end inside an opened result tag -> each row's observation, greedy, up to
+    result_close(tool) or eos: HF generate with that extra stop token (engine.rollout stops only at actions and eos)."""
     stop = tokenizer.convert_tokens_to_ids(result_close(tool))
     if stop is None or stop == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")
@@ -342,27 +301,24 @@ def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16,
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0}
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_obs_tokens,
-                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, **sampling)
+                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, do_sample=False)
         for new in generated[:, width:].tolist():
             cut = next((i for i, t in enumerate(new) if t in (stop, tokenizer.eos_token_id)), len(new))
             out.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
     return out
 
 
-def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, greedy=True, temperature=1.0,
-                           max_query_chars=300, cache_size=4096, timeout_s=3600):
-    """A ToolRegistry whose "search" is the world model at ckpt and whose "calculator" is the real calculator
-    (computation is cheap and exact: simulating it would only add errors). registry.real_calls then counts world-model
-    generations, not real retrievals. Queries longer than max_query_chars are cut so prompt + observation fit.
-    timeout_s is only a backstop (generation is local and bounded by max_obs_tokens): the registry's 30 s default
-    would turn a long CPU batch into timeout errors."""
+def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, max_query_chars=300, cache_size=4096,
+                           timeout_s=3600):
+    """A ToolRegistry: "search" is the world model at ckpt (real_calls count its generations), "calculator" the real
+    one (cheap and exact: simulating it would only add errors). Queries are cut to max_query_chars so prompt +
+    observation fit; timeout_s is a backstop: the registry's 30 s default would fail long CPU batches."""
     model, tokenizer = load(ckpt, device=device, add_action_tokens=True)
 
     def search(queries):
         prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": wm_prompt("search", q[:max_query_chars])}])
                    [0] for q in queries]
-        return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size, greedy, temperature)
+        return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size)
 
     return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)

@@ -2,48 +2,31 @@
 The embedded default world: a small fictional multi-hop world, its search corpus, a tokenizer, the question splits and
 the data every training stage needs, all generated on a laptop CPU in seconds with no download.
 
-Why a synthetic world. The paper's phenomena (a reasoning model that must learn WHEN to act, HOW to act, and to predict
-what the tool will answer) need (a) facts no pretrained model can know, (b) a corpus where retrieval is good but not
-perfect, and (c) knowledge that is split into "known" (in the base model's training text) and "unknown" (only in the
-corpus), as in paper Appendix A. Real Wikipedia + a 7B model do not fit a 2-core CPU and a 30-minute budget, so we
-generate a world with those properties and keep every text short and regular, so a ~3M-parameter model can learn it.
+Why a synthetic world: the paper's phenomena (learning WHEN and HOW to act, and to predict what the tool will answer)
+need facts no pretrained model can know, a corpus where retrieval is good but not perfect, and knowledge split into
+"known" (in the base model's training text) and "unknown" (only in the corpus), as in paper Appendix A. Wikipedia + a
+7B model do not fit a 2-core CPU and 30 minutes; short, regular texts let a ~3M-parameter model learn this world.
 
-The world. Countries, cities, people, companies and bands with relations
-    person  --born_in-->  city        person  --birth_year-->   year            person  --employer--> company
-    company --founded_by--> person    company --headquartered_in--> city    company --founded_year--> year
-    band    --signed_to--> company    band    --formed_in--> city           city    --located_in--> country
-Every entity lives in one pool: "known" (its facts go into base.jsonl, the stand-in for the pretrained reasoning model's
-knowledge) or "train"/"dev"/"test" (its facts are ONLY in the corpus). Relations never leave a pool except towards the
-known pool, so a test question about unknown entities names nothing that a training question named, and no training
-trajectory (whose observations SFT stage 3 trains on) carries a fact about a test-pool entity.
+The world: countries, cities, people, companies and bands, linked by teacher.RELATIONS. Every entity lives in one
+pool: "known" (its facts go into base.jsonl, the pretrained model's knowledge) or "train"/"dev"/"test" (its facts are
+ONLY in the corpus). Relations leave a pool only towards the known pool, so no test question names what a training
+question named, and no training trajectory (SFT stage 3 trains on its observations) shows a test-pool fact.
 
 The corpus (FlashRAG JSONL, contents = '"Title"\\ntext'): each fact in one or two phrasings, some passages combining two
-facts, and distractors: people share first names and family names, companies share name stems ("Velmor Works",
-"Velmor Labs"), bands echo company stems, and "mention" passages name an entity without any asked fact. So BM25 top-3
-for a natural query is usually right but not always, and a query about the wrong entity really fails.
+facts, and distractors: shared first and family names, shared company stems ("Velmor Works", "Velmor Labs"), bands
+echoing company stems, "mention" passages without any asked fact. So BM25 top-3 for a natural query is usually right
+but not always, and a query about the wrong entity really fails.
 
-Questions: 1-hop, 2-hop bridge, 3-hop, 4-hop (compositional, 2Wiki-style noun phrases), comparison ("Who was born first,
-X or Y?") and arithmetic ("How many years after X was born was Y founded?", solved with the calculator tool).
-Each has golden_answers, type, hops (facts needed) and known (every needed fact is known).
-
-The scripted teacher (teacher.py) answers every question with the REAL tools over the corpus written here; its
-trajectories on the train questions are the SFT data (CoT, CoA, their mix, renamed copies, CoT+A pairs), its calls on
-train and dev questions the world model's data.
+Questions: 1- to 4-hop (2Wiki-style noun phrases), comparison ("Who was born first, X or Y?") and arithmetic ("How many
+years after X was born was Y founded?"), each with golden_answers, type, hops and known (every needed fact is known);
+teacher.py answers them, which makes the SFT and world-model data.
 
 Departures from the paper (why): a generated world instead of Wikipedia + a 2021 dump (CPU budget, see above); BM25
 instead of e5 dense retrieval (no download); the teacher is a script, not a prompted large model (determinism, and its
 observations are real by construction); the known/unknown split is by entity pool, not by date; renamed copies of
 the CoA data for the tiny model, which has no pretrained copying skill (teacher.py, "Renamed copies").
 
-Tokenizer: byte-level BPE trained on train-side text only (known + train pools), digits split one by one, pad/eos
-every tool tag (tools.special_tokens()) as single special tokens, every year 1800-2099 one token; small vocabulary
-on purpose (see train_tokenizer).
-
-Outputs (CONTRACT.md "data.py"): corpus.jsonl, tokenizer/, train/dev/test.jsonl, base.jsonl, base_facts.jsonl (its
-known-fact prose alone: what a pretrained model lacks, for its base stage: README, smollm2 preset),
-sft_cot/coa/mix/mix_renamed/pairs.jsonl, tool_calls.jsonl (teacher calls on train and dev questions, never test, with
-an extra "split" field), summary.json.
-Same seed -> same bytes. Every file is written to a temporary name and renamed.
+Outputs: CONTRACT.md "data.py" (+ rl.jsonl with --rl). Same seed -> same bytes; every file is written atomically.
 
 Run:
     python data.py --out out/world                 # default sizes, < 1 minute on one CPU core
@@ -81,8 +64,7 @@ def get_args(argv=None):
     p.add_argument("--people", type=int, default=700, help="number of people")
     p.add_argument("--companies", type=int, default=280, help="number of companies")
     p.add_argument("--bands", type=int, default=200, help="number of bands")
-    p.add_argument("--known-frac", type=float, default=0.12,
-                   help="share of entities in the known pool (their facts go into base.jsonl)")
+    p.add_argument("--known-frac", type=float, default=0.12, help="share of entities in the known pool (base.jsonl)")
     p.add_argument("--pool-split", type=float, nargs=3, default=[0.64, 0.12, 0.24], metavar=("TRAIN", "DEV", "TEST"),
                    help="how the unknown entities are split into train/dev/test pools")
     # Questions
@@ -95,20 +77,17 @@ def get_args(argv=None):
                    "drawn last: every other file is the same bytes), never SFT data (paper 4.2: RL's own problems)")
     p.add_argument("--known-questions", type=float, default=0.2,
                    help="share of train questions whose every fact is known (pure-CoT data); dev/test use 1/3")
-    p.add_argument("--base-fact-repeats", type=int, default=2,
-                   help="how many phrasings of each known fact base.jsonl carries (memorisation needs repetition)")
+    p.add_argument("--base-fact-repeats", type=int, default=2, help="phrasings of each known fact in base.jsonl")
     # Teacher
     p.add_argument("--topk", type=int, default=3, help="passages per search (SPEC: 3)")
     p.add_argument("--max-tries", type=int, default=3, help="search reformulations the teacher tries per fact")
     p.add_argument("--mix-ratio", type=int, default=5, help="CoA trajectories per CoT trajectory in sft_mix.jsonl")
-    p.add_argument("--renamed-copies", type=int, default=4,
-                   help="renamed copies of each CoA trajectory in sft_mix_renamed.jsonl (teacher.py "
-                        "'Renamed copies'); 0: none")
+    p.add_argument("--renamed-copies", type=int, default=4, help="renamed copies of each CoA trajectory in "
+                   "sft_mix_renamed.jsonl (teacher.py 'Renamed copies'); 0: none")
     # Tokenizer
     p.add_argument("--vocab-size", type=int, default=1000, help="BPE vocabulary size (special tokens included; the "
                    "300 year tokens come on top); small on purpose (train_tokenizer)")
-    p.add_argument("--prompt-template", default="short",
-                   help="template name passed to model.build_prompt for base text")
+    p.add_argument("--prompt-template", default="short", help="model.build_prompt template of the base text")
     args = p.parse_args(argv)
     assert args.people >= 40 and args.companies >= 20 and args.bands >= 10 and args.cities >= 10, \
         "world too small: need --people >= 40, --companies >= 20, --bands >= 10, --cities >= 10"
@@ -169,10 +148,8 @@ def make_world(args, rng):
     sizes = {kind: pool_sizes(n) for kind, n in
              (("city", args.cities), ("person", args.people), ("company", args.companies), ("band", args.bands))}
     for pool in POOLS:
-        # Each pool has its own name parts, so a query about a train entity cannot retrieve a test entity's passage
-        # by a shared name word (that would leak test facts into training observations). Within a pool, few first
-        # names, family names shared by 2-3 people and company stems shared by 2-3 companies ("Velmor Works",
-        # "Velmor Labs") are the "similar names" distractors.
+        # Own name parts per pool: a query about a train entity cannot retrieve a test passage by a shared name word.
+        # In a pool, few first names and family names and company stems shared by 2-3 are the similar-name distractors.
         n_people, n_companies = sizes["person"][pool], sizes["company"][pool]
         firsts = unique_words(rng, max(3, n_people // 12), [2], taken)
         families = unique_words(rng, max(3, n_people // 2), [2, 3], taken)
@@ -198,21 +175,20 @@ def make_world(args, rng):
     def pick(kind, pool):
         return pick_in_pool(world, by_type, kind, pool, rng)
 
-    countries, people, companies, bands = (by_type[k] for k in ("country", "person", "company", "band"))
     for c in by_type["city"]:
-        world[c]["located_in"] = rng.choice(countries)
-    for p in people:
+        world[c]["located_in"] = rng.choice(by_type["country"])
+    for p in by_type["person"]:
         e = world[p]
         e["born_in"], e["birth_year"] = pick("city", e["pool"]), str(rng.randint(1900, 1979))
         e["job"] = rng.choice(JOBS)
-    for p in people:  # after all people exist
+    for p in by_type["person"]:  # after all people exist
         world[p]["employer"] = pick("company", world[p]["pool"])
-    for c in companies:
+    for c in by_type["company"]:
         e = world[c]
         e["founded_by"], e["headquartered_in"] = pick("person", e["pool"]), pick("city", e["pool"])
         # founded 20-60 years after the founder's birth: arithmetic answers are positive and plausible
         e["founded_year"] = str(int(world[e["founded_by"]]["birth_year"]) + rng.randint(20, 60))
-    for b in bands:
+    for b in by_type["band"]:
         e = world[b]
         e["signed_to"], e["formed_in"] = pick("company", e["pool"]), pick("city", e["pool"])
     return world, by_type
@@ -227,11 +203,8 @@ def make_corpus(world, by_type, rng):
     for kind in ("city", "person", "company", "band"):
         for s in by_type[kind]:
             e = world[s]
-            rels = [r for r, v in RELATIONS.items() if v[0] == kind]
-            for r in rels:
-                phrasings = RELATIONS[r][4]
-                chosen = rng.sample(phrasings, 2 if rng.random() < 0.5 else 1)
-                for t in chosen:
+            for r in [r for r, v in RELATIONS.items() if v[0] == kind]:
+                for t in rng.sample(RELATIONS[r][4], 2 if rng.random() < 0.5 else 1):
                     texts.append((s, t.format(s=s, o=e[r]), [(s, r)]))
             if kind == "person":
                 # a combined passage (two facts) and a job sentence, which mentions no asked fact
@@ -267,8 +240,8 @@ def make_corpus(world, by_type, rng):
 
 def make_split(world, heads_of, split, n, known_share, seen_questions, rng):
     """n questions for one split; unknown ones name only entities of this split's pool, known ones the known pool.
-    Known questions are few per type (4-hop needs a fully known band chain): dev and test are built first and must get
-    their quota; train fills what known questions it cannot get with unknown ones (counted in "known_shortfall")."""
+    Known questions are few per type (4-hop needs a fully known band chain): dev and test are built first and must
+    get their quota; train makes up the known ones it cannot get with unknown ones."""
     out, shortfall = [], 0
     for qtype in QTYPES:
         n_type = round(n * TYPE_SHARE[qtype]) if qtype != QTYPES[-1] else n - len(out)
@@ -309,15 +282,12 @@ def train_tokenizer(texts, vocab_size):
 
     Why a small vocabulary (--vocab-size, 1000 by default): with a large one whole names become tokens, and a test
     entity's name is made of tokens no training text contains, which a small model cannot copy from a result.
-    Test-answer tokens that never occur in sft_mix+base (default world, measured): 1.3% at 1000, 5% at 1500, 60% at
-    3000; 0.2% at 600, but with 21% more tokens per trajectory.
+    Test-answer tokens never seen in sft_mix+base (default world): 1.3% at 1000, 5% at 1500, 60% at 3000; 0.2% at
+    600, but with 21% more tokens per trajectory.
 
-    Why whole years: the tiny model must COPY a year from a search result into its reasoning. With four digit tokens
-    it mostly wrote a likely year instead ("founded in 1945." in the result, "founded in 1971." in its reasoning;
-    3 of 33 years copied on dev after stage 2); with one token the copy is a single step, like a name piece. Honest
-    record: whole years alone did not fix it at stage 2 (1 of 41; dev EM 11.7% vs 13.3% with digits, 60 questions);
-    what did was stage 3 on the renamed copies, where results repeat a year the model cannot know (20 of 29 copied,
-    see run.sh). We kept whole years (shorter sequences) and did not re-measure digits with that stage 3."""
+    Why whole years: the tiny model must COPY a year from a result into its reasoning (with four digit tokens it
+    wrote a likely one: 3 of 33 copied on dev after stage 2). They alone did not fix it (1 of 41; dev EM 11.7% vs
+    13.3% with digits); stage 3 on the renamed copies did (README), and digits were not re-measured with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<eos>"] + tools.special_tokens()
@@ -333,15 +303,7 @@ def train_tokenizer(texts, vocab_size):
                                    additional_special_tokens=specials[2:])
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def write_jsonl(path, rows):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def public(q):
-    return {k: q[k] for k in ("id", "question", "golden_answers", "type", "hops", "known")}
+# Everything above, in order, written to --out
 
 
 def build(argv=None):
@@ -355,15 +317,14 @@ def build(argv=None):
     world, by_type = make_world(args, rng)
     passages, stating = make_corpus(world, by_type, rng)
     index = tools.BM25Index(passages)
-    # the world as the teacher sees it (teacher.py's docstring)
+    # the world as the teacher sees it (teacher.py)
     env = {"world": world, "by_type": by_type, "index": index, "search": tools.search_tool(index, k=args.topk),
            "calc": tools.calculator, "stating": stating, "args": args}
 
     # --- questions: every question text unique across splits
     heads_of = defaultdict(list)
-    for kind, names in by_type.items():
-        for name in names:
-            heads_of[(kind, world[name]["pool"])].append(name)
+    for name, e in world.items():
+        heads_of[(e["type"], e["pool"])].append(name)
     seen = set()
     test = make_split(world, heads_of, "test", args.test, 1 / 3, seen, rng)
     dev = make_split(world, heads_of, "dev", args.dev, 1 / 3, seen, rng)
@@ -385,12 +346,10 @@ def build(argv=None):
             for rep in range(args.base_fact_repeats):
                 base_facts.append(" ".join(RELATIONS[r][4][rep % len(RELATIONS[r][4])].format(s=s, o=world[s][r])
                                            for r in rels))
-    # The tokenizer sees only train-side text (as a real tokenizer never saw tomorrow's entities): with the default
-    # small vocabulary, dev/test names then split into pieces that training text contains (see train_tokenizer).
+    # The tokenizer sees only train-side text, as a real one never saw tomorrow's entities (see train_tokenizer)
     train_side = [p["contents"] for p in passages if world[p["contents"].split("\n")[0].strip('"')]["pool"]
                   in ("known", "train")]
-    # Our tokenizer has no chat template, so the prompt text does not depend on it: None lets the tokenizer be trained
-    # on the exact prompt before it exists.
+    # None: no chat template, so the tokenizer can be trained on the exact prompt before it exists
     prompt_of = lambda question: build_prompt(None, question, args.prompt_template)  # noqa: E731
     texts_for_tokenizer = (train_side + base_facts + [prompt_of("")] + [q["question"] for q in splits["train"]]
                            + ["".join(s["text"] for s in row["segments"]) for row in cot + coa])
@@ -399,25 +358,20 @@ def build(argv=None):
     base += [{"text": prompt_of(row["question"]) + "".join(s["text"] for s in row["segments"])} for row in cot]
     random.Random(args.seed + 4).shuffle(base)
 
-    # --- more test questions, drawn last from their own RNG: every other file is the same bytes with or without them
+    # --- --test-extra, drawn last from their own RNG: every other file is the same bytes with or without them
     extra = make_split(world, heads_of, "test", args.test_extra, 1 / 3, seen, random.Random(args.seed + 5))
-    for i, q in enumerate(extra, len(splits["test"])):
-        q["id"] = f"test_{i}"
-    splits["test"] = splits["test"] + extra
+    splits["test"] = splits["test"] + [{**q, "id": f"test_{i}"} for i, q in enumerate(extra, len(splits["test"]))]
     # --- RL's own questions (--rl), after those: entities SFT trajectories named, questions SFT never trained on
     rl = make_split(world, heads_of, "train", args.rl, args.known_questions, seen, random.Random(args.seed + 6))
     if rl:
         splits["rl"] = [{**q, "id": f"rl_{i}"} for i, q in enumerate(rl)]
 
     # --- token lengths (what the trainers will see), summary
-    def n_tokens(segs):
-        return sum(len(tokenizer(s["text"], add_special_tokens=False)["input_ids"]) for s in segs)
-
     lengths = defaultdict(list)
     for row in coa + cot:
-        lengths[row["type"] + ("_cot" if row in cot else "")].append(n_tokens(row["segments"]))
-    # Retrieval is real, so a reformulated query can surface another pool's passage through shared words
-    # ("Group", "head office"): count train calls whose observation shows a test-pool entity (reported, kept rare).
+        n = sum(len(tokenizer(s["text"], add_special_tokens=False)["input_ids"]) for s in row["segments"])
+        lengths[row["type"] + ("_cot" if row in cot else "")].append(n)
+    # train calls whose observation shows a test-pool entity (shared words: "Group", "head office"; kept rare)
     test_names = [n for n in sorted(world, key=len, reverse=True) if world[n]["pool"] == "test"]
     test_regex = re.compile(r"\b(" + "|".join(re.escape(n) for n in test_names) + r")\b")
     leaked = sum(bool(test_regex.search(c["observation"])) for c in tool_calls if c["split"] == "train")
@@ -438,14 +392,15 @@ def build(argv=None):
         "train_calls_showing_test_entity": leaked,
     }
 
-    # --- write everything (each file atomically)
-    out = args.out
-    files = {"corpus": passages, **{split: [public(q) for q in qs] for split, qs in splits.items()}, "base": base,
-             "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
+    # --- write everything (each file atomically); questions without their internal "plan" and "named"
+    out, keys = args.out, ("id", "question", "golden_answers", "type", "hops", "known")
+    files = {"corpus": passages, **{split: [{k: q[k] for k in keys} for q in qs] for split, qs in splits.items()},
+             "base": base, "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
              "sft_cot": cot, "sft_coa": coa, "sft_mix": mix, "sft_mix_renamed": mix_renamed, "sft_pairs": pairs,
              "sft_pairs_decision": teacher.decision_pairs(pairs)[0], "tool_calls": tool_calls}
     for name, rows in files.items():
-        write_jsonl(os.path.join(out, f"{name}.jsonl"), rows)
+        write_atomic(os.path.join(out, f"{name}.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                 for r in rows))
     tmp_tok = tempfile.mkdtemp(dir=out, prefix=".tmp-tokenizer-")
     os.chmod(tmp_tok, 0o755)
     tokenizer.save_pretrained(tmp_tok)
@@ -471,8 +426,7 @@ def print_summary(s):
     print(f"train tool calls whose observation shows a test entity: {s['train_calls_showing_test_entity']}")
     print(f"sft: {s['sft']}")
     print(f"mean response tokens: {s['mean_response_tokens']}")
-    if "seconds" in s:
-        print(f"built in {s['seconds']} s")
+    print(f"built in {s['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -1,51 +1,29 @@
 """
-The agent rollout engine (paper 2.1, Algorithm 1): generate multi-turn trajectories that stop exactly at an action, call
-the tools for the rows that paused at that step, and prefill the observations into the same KV cache while the other
-rows keep decoding. Token ids in, token ids and masks out (the one mask rule, SPEC 3, as model.encode_segments).
+The agent rollout engine (paper 2.1, Algorithm 1): multi-turn trajectories, batched over one KV cache, that stop
+exactly at an action; the observation is prefilled into the same cache while the other rows keep decoding. Token ids
+in, token ids and masks out (SPEC 3, as model.encode_segments). It runs trajectory.py's per-row rules batched, as the
+numbered steps of rollout()'s loop (tests/oracle.py runs them with no cache, one row at a time).
 
-    from model import build_prompt, load
-    from engine import rollout
-    model, tok = load("ckpt/sft3")
-    prompt = tok.encode(build_prompt(tok, "Who wrote Hamlet?"), add_special_tokens=False)
+    from engine import rollout  # model, tok and prompt as in model.py's docstring
     rollouts = rollout(model, tok, [prompt] * 8, make_tools(corpus="data/corpus.jsonl"), env="real", temperature=0.6)
 
-The engine (rollout) in one picture, per batch of rows (continuous batching: rows never wait for each other):
-    prefill the prompts once -> loop { 1. sample one token per running row and record it; 2. stop checks on the device
-    (eos, an action's close tag, budgets) and the one device->host copy of the step; 3. the state machine, on the host,
-    for the rows with an event; 4. ONE batched tool call for the rows that paused on an action at this step; 5. queue
-    the injected ids (observation, forced tags); 6. feed the cache: decoding rows their token (a forward over the
-    batch), rows with an injection their sampled token + those ids as one chunk (a second forward over those rows
-    only); 7. retire finished rows }.
-The KV cache (_SlotCache) gives each row its own slots, so a forward can cover a subset of the rows and no row spends
-cache on another row's padding.
-naive_rollout() (tests/oracle.py) runs the same per-row rules with no cache, one row at a time: the test oracle.
+A model must pass check_model() (a Hugging Face causal LM does: Llama, Qwen2, SmolLM2...), use the given position_ids
+and 4-D attention_mask (B, 1, T, L) as they are, and call cache.update(key, value, layer_idx) once per layer. "eager"
+attention gets an additive float mask, "sdpa" a boolean one; other kernels misread a 4-D mask and are refused.
 
-What a model must support (check_model() checks it once per rollout() call and names what is missing):
-- a torch module with parameters (the engine runs on their device) and get_output_embeddings() (its rows = vocab size);
-- forward(input_ids=, attention_mask=, position_ids=, use_cache=, logits_to_keep=, cache= or past_key_values=) (or
-  **kwargs that pass them on) -> an object with .logits (B, T, V): a Hugging Face causal LM (Llama, Qwen2, SmolLM2...);
-- it must use the given position_ids and a ready 4-D attention_mask (B, 1, T, L) as they are, and call
-  cache.update(key, value, layer_idx) once per layer with key/value (B, H, T, D) (the only Cache method it needs);
-- the mask form follows model.config._attn_implementation: "eager" gets an additive float mask (0 or float32's min),
-  "sdpa" (or no config) a boolean one. Other kernels (flash_attention_2, flex_attention) ignore or misread a 4-D mask
-  and are refused: load the model with attn_implementation="sdpa" or call model.set_attn_implementation("sdpa").
-
-How this departs from the paper / the original code, and why:
-- The original (verl + vLLM) generated each turn to EOS or 2048 tokens, cut the text at the first action, decoded and
-  re-encoded the whole context every turn. Here every row stops at the token that completes `</end_NAME>` (zero tokens
-  past it), the prefix is never re-encoded, and masks come from token ids, never from re-tokenised text (SPEC 3).
-- A close tag spelled as several text tokens is detected on the decoded tail of the current segment; a tag that is one
-  special token is detected by id (no decode). With a BPE that merges the tag's last ">" with following characters
-  (">\\n"), the row stops after that token: still zero tokens past it, the extra characters are part of that token.
-- Tool calls are made at the step a row pauses, batched over the rows that paused at that same step (often one):
-  nobody idles, at the price of smaller batches for a retrieval server's batch API.
-- The per-row rules (the forced answer at the budget, per-row seeds, env="sim" observations) are in trajectory.py,
-  whose docstring states them; this file is the batched execution of those rules.
+How this departs from the original code (verl + vLLM), and why:
+- It generated each turn to EOS or 2048 tokens, cut the text at the first action and re-encoded the whole context every
+  turn. Here a row stops at the token that completes `</end_NAME>` (zero tokens past it), the prefix is never
+  re-encoded, and masks come from token ids, never from re-tokenised text (SPEC 3).
+- A close tag of several text tokens is found on the decoded tail of the segment, a one-token tag by id. A BPE token
+  that merges the tag's last ">" with more characters (">\\n") stops the row after it: still zero tokens past the tag.
+- Tool calls are batched over the rows that paused at the same step (often one): nobody idles, at the price of
+  smaller batches for a retrieval server's batch API.
 
 No command of its own: scripts import it. (Distributed scripts call rollout() on the unwrapped model on every rank.)
 """
 import inspect
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 import transformers
@@ -65,14 +43,12 @@ MASK_FORMS = {"eager": "additive", "sdpa": "boolean", None: "boolean"}  # attent
 
 
 def _attention(model):
-    """The model's attention implementation, which decides the mask form. transformers (4.56 to 5.24) has a public
-    setter, model.set_attn_implementation(), but no public getter: this is the one place that reads the private field.
-    """
+    """The attention implementation: the one read of a private field (transformers has no public getter)."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def check_model(model):
-    """Raise a ValueError that names everything `model` lacks to be run by the engine (see the module docstring)."""
+    """Raise a ValueError that names everything `model` lacks to be run by the engine."""
     missing = []
     if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
         missing.append("a torch.nn.Module with parameters (the engine runs on their device)")
@@ -83,9 +59,8 @@ def check_model(model):
         params = inspect.signature(model.forward).parameters
     except (AttributeError, TypeError, ValueError):
         params = None
-    if params is None:
         missing.append("a forward() with an inspectable signature")
-    elif not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # **kwargs may pass everything on (a wrapper)
+    if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # a wrapper's **kwargs: ok
         absent = [a for a in FORWARD_ARGS if a not in params]
         absent += [] if "cache" in params or "past_key_values" in params else ["cache (or past_key_values)"]
         if absent:
@@ -95,27 +70,22 @@ def check_model(model):
                        f"{_attention(model)!r}: load it with attn_implementation='sdpa' or call "
                        f"model.set_attn_implementation('sdpa'))")
     if missing:
-        raise ValueError(f"{type(model).__name__} cannot be run by the rollout engine; it needs "
-                         + "; ".join(missing))
+        raise ValueError(f"{type(model).__name__} cannot be run by the rollout engine; it needs " + "; ".join(missing))
 
 
 # -----------------------------------------------------------------------------
-# The engine: continuous batching over one KV cache with a slot per token of each row, stops exactly at actions
+# The engine: continuous batching over one KV cache, stopping exactly at actions
 
 class _SlotCache(Cache):
-    """KV cache where each row writes its new tokens into its OWN next free slots (not one shared column per forward),
-    so a forward may cover a subset of the rows, and a row that feeds nothing costs no slot. Buffers are preallocated
-    and doubled when full (no torch.cat per step). A finished row is retired: the last live row moves into its buffer
-    row, so the live rows stay the first buffer rows and a forward over them reads the buffers as a view (no gathered
-    copy) and spends no attention on finished rows. The engine calls prepare() before each forward; the model calls
-    update() per layer (the only Cache method a Llama-style model needs given position_ids and a ready 4-D mask).
-    A transformers Cache subclass (transformers 5 deprecates other objects); its base class's per-layer storage is
-    unused. `kwarg` is the forward() argument it goes in: "cache" (transformers >= 5.x) or "past_key_values"."""
+    """KV cache where each row writes its new tokens into its OWN next free slots, so a forward may cover a subset of
+    the rows and a row that feeds nothing costs no slot. Buffers are preallocated and doubled when full. A retired
+    row's buffer row takes the last live row, so the live rows stay the first buffer rows, read as a view. A Cache
+    subclass (transformers 5 deprecates other objects); `kwarg`: "cache" (transformers 5) or "past_key_values"."""
 
     def __init__(self, batch, device, model=None):
         try:
             super().__init__(layers=[])
-        except TypeError:  # base-class signatures differ across transformers versions; nothing of it is used
+        except TypeError:  # signatures differ across transformers versions; its storage is unused
             pass
         params = inspect.signature(model.forward).parameters if model is not None else {}
         new_name = "cache" in params or ("past_key_values" not in params and _TRANSFORMERS_MAJOR >= 5)  # a wrapper's
@@ -130,10 +100,6 @@ class _SlotCache(Cache):
         self.index = self.slots = None
         self.count = self.length = 0
         self.additive = MASK_FORMS.get(_attention(model)) == "additive"  # the mask form (check_model)
-
-    def live_rows(self):
-        """Engine rows not retired, in buffer order (a forward over them in this order reads a view)."""
-        return self.order[:self.live]
 
     def retire(self, row):
         """Engine row `row` will never feed again: move the last live row into its buffer row."""
@@ -155,10 +121,8 @@ class _SlotCache(Cache):
         device = self.valid.device
         buffer_rows = [self.where[i] for i in rows]
         self.count = len(buffer_rows)
-        # buffer rows 0..R-1 in order (the live rows): read as a view; any other subset: a gathered copy
-        prefix = buffer_rows == list(range(self.count))
-        index = self.arange[:self.count] if prefix else torch.tensor(buffer_rows, device=device)
-        self.index = None if prefix else index
+        self.view = buffer_rows == list(range(self.count))  # the live rows in order: read as a view, else a copy
+        self.index = self.arange[:self.count] if self.view else torch.tensor(buffer_rows, device=device)
         free = [self.free[i] for i in buffer_rows]
         need = max(free) + width
         if need > self.valid.shape[1]:
@@ -172,13 +136,13 @@ class _SlotCache(Cache):
         offset = j - (width - n_t)[:, None]  # (R, width): index within the row's real tokens, < 0 on padding
         # real tokens go to the row's next free slots; padding right after them (never valid, overwritten later)
         self.slots = torch.tensor(free, device=device)[:, None] + torch.where(offset >= 0, offset, n_t[:, None] + j)
-        self.valid[index[:, None], self.slots] |= offset >= 0
+        self.valid[self.index[:, None], self.slots] |= offset >= 0
         for i, k in zip(buffer_rows, n):
             self.free[i] += k
         self.length = max(self.free[i] for i in buffer_rows)
         span = torch.arange(self.length, device=device)
-        # query (r, j) sees its row's valid slots up to its own (a padding query sees the whole row: never empty)
-        mask = (self.valid[index, None, :self.length] & (span <= self.slots[:, :, None]))[:, None]  # (R, 1, width, L)
+        # (R, 1, width, L): query (r, j) sees its row's valid slots up to its own (padding: the whole row, never empty)
+        mask = (self.valid[self.index, None, :self.length] & (span <= self.slots[:, :, None]))[:, None]
         if self.additive:  # the eager attention adds the mask to the scores
             mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
         return mask
@@ -189,51 +153,30 @@ class _SlotCache(Cache):
             self.keys.append(key.new_zeros(len(self.free), H, self.valid.shape[1], D))
             self.values.append(value.new_zeros(len(self.free), H, self.valid.shape[1], D))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.index is None:
-            keys, values = keys[:self.count], values[:self.count]
-        rows = (self.arange[:self.count] if self.index is None else self.index)[:, None]
-        keys[rows, :, self.slots] = key.transpose(1, 2).to(keys.dtype)
-        values[rows, :, self.slots] = value.transpose(1, 2).to(values.dtype)
-        if self.index is None:
-            return keys[:, :, :self.length], values[:, :, :self.length]
+        keys[self.index[:, None], :, self.slots] = key.transpose(1, 2).to(keys.dtype)
+        values[self.index[:, None], :, self.slots] = value.transpose(1, 2).to(values.dtype)
+        if self.view:
+            return keys[:self.count, :, :self.length], values[:self.count, :, :self.length]
         return keys[self.index, :, :self.length], values[self.index, :, :self.length]  # a copy of the few rows
 
 
 def _forward(model, ids, n, position_ids, cache, rows):
     """One cached forward of right-aligned inputs (the last n[r] slots of row r real) for engine rows `rows` (list) ->
     next-token logits (R, V) at the last slot of each row (meaningful where n > 0)."""
-    mask = cache.prepare(n, ids.shape[1], rows)
-    # no autocast here: the caller's (train_rl --bf16, evaluate --dtype) applies, so the engine samples from exactly
-    # the numerics it was asked for
+    mask = cache.prepare(n, ids.shape[1], rows)  # no autocast of its own: the caller's (train_rl --bf16) applies
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
                 **{cache.kwarg: cache})
     return out.logits[:, -1].float()
 
 
-def _right_aligned(seqs, pad):
-    """Token lists -> (len(seqs), longest) long tensor, each list at the right end, pad on the left."""
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for r, x in enumerate(seqs):
-        ids[r, width - len(x):] = torch.tensor(x)
-    return ids
-
-
-@dataclass
-class _Events:
-    """The one device->host copy of a step, one list entry per row (all rows: the copy is one tensor)."""
-    event: list        # 1: the row has something for the host (eos, a close tag or a candidate one, a budget)
-    eos: list          # 1: it sampled eos
-    tag: list          # index in _Batch.single of the one-token close tag it sampled and watches, else -1
-    gen: list          # the row's token counters after this step (_Row.gen, .length, .phase_count)
-    length: list
-    phase_count: list
-    token: list        # the token it sampled
+# The one device->host copy of a step, a list per field with one entry per row: event (eos, a close tag or a candidate
+# one, a budget), eos, tag (index in _Batch.single of the watched one-token close tag it sampled, else -1), the
+# row's counters after the step (_Row.gen, .length, .phase_count), the token.
+_Events = namedtuple("_Events", "event eos tag gen length phase_count token")
 
 
 class _Batch:
-    """The engine's state for one rollout() call: the host rows (_Row, the state machine) and their device mirror
-    (response buffers, counters, budgets, watched tags), the KV cache, and the steps of the loop as methods."""
+    """One rollout() call: the host rows (_Row), their device mirror, the KV cache, and the loop's steps as methods."""
 
     def __init__(self, model, tokenizer, prompts, rows, tools, s, seed):
         self.model, self.tok, self.prompts, self.rows, self.tools, self.s = model, tokenizer, prompts, rows, tools, s
@@ -247,25 +190,22 @@ class _Batch:
         self.prompt_len = torch.tensor([len(p) for p in prompts], device=device)
         self.cap = cap = s.max_context - min(len(p) for p in prompts) + 1
         self.resp_ids = torch.full((B, cap + 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        self.resp_loss = torch.zeros(B, cap + 1, dtype=torch.long, device=device)
-        self.resp_obs = torch.zeros(B, cap + 1, dtype=torch.long, device=device)
+        self.resp_loss, self.resp_obs = torch.zeros(2, B, cap + 1, dtype=torch.long, device=device)
         self.resp_logp = torch.zeros(B, cap + 1, dtype=torch.float, device=device)
         self.counters = torch.zeros(3, B, dtype=torch.long, device=device)  # gen, length, phase_count
         self.limits = torch.zeros(3, B, dtype=torch.long, device=device)    # their budgets (_limits)
         self.watch = torch.zeros(B, max(len(self.single), 1), dtype=torch.bool, device=device)
         self.text_watch = torch.zeros(B, dtype=torch.bool, device=device)
-        self.sample_loss = torch.zeros(B, dtype=torch.long, device=device)  # masks of the token it samples next
-        self.sample_obs = torch.zeros(B, dtype=torch.long, device=device)
+        self.sample_loss, self.sample_obs = torch.zeros(2, B, dtype=torch.long, device=device)  # its next token's masks
         self.running = torch.zeros(B, dtype=torch.bool, device=device)
         self.is_running = [False] * B  # host copy of `running` (no sync to know whether anyone samples)
 
     def _tag_lookup(self, V):
         """Close tags that are one token are matched by id on the device (tag_of_token); the rest by decoding the tail
         of the segment, only for rows whose new token contains a tag's last character (could_end)."""
-        self.single, self.text_tags = [], []  # [(tag, its id)], [tag]
-        for tag in self.s.tags:
-            ids = self.tok.encode(tag, add_special_tokens=False)
-            (self.single if len(ids) == 1 else self.text_tags).append((tag, ids[0]) if len(ids) == 1 else tag)
+        ids = {tag: self.tok.encode(tag, add_special_tokens=False) for tag in self.s.tags}
+        self.single = [(tag, x[0]) for tag, x in ids.items() if len(x) == 1]  # [(tag, its id)]
+        self.text_tags = [tag for tag, x in ids.items() if len(x) != 1]
         tag_of_token = torch.full((V,), -1, dtype=torch.long)
         for i, (_, token_id) in enumerate(self.single):
             tag_of_token[token_id] = i
@@ -283,8 +223,7 @@ class _Batch:
             return
         s, device, idx = self.s, self.device, torch.tensor(indices, device=self.device)
         r = [self.rows[i] for i in indices]
-        self.counters[:, idx] = torch.tensor([[x.gen for x in r], [x.length for x in r], [x.phase_count for x in r]],
-                                             device=device)
+        self.counters[:, idx] = torch.tensor([(x.gen, x.length, x.phase_count) for x in r], device=device).T
         self.limits[:, idx] = torch.tensor(list(zip(*[_limits(x, s) for x in r])), device=device)
         w = [set(_watched(x, s)) for x in r]
         self.watch[idx] = torch.tensor([[tag in wi for tag, _ in self.single] or [False] for wi in w], device=device)
@@ -295,21 +234,27 @@ class _Batch:
             self.is_running[i] = x.phase != DONE and x.action is None and not x.inject
         self.running[idx] = torch.tensor([self.is_running[i] for i in indices], device=device)
 
+    def feed_chunks(self, rows, chunks, starts):
+        """One forward of token lists `chunks` for engine rows `rows`, right-aligned (left padding, at position 0 and
+        never attended to), chunk r's first token at position starts[r]. -> next-token logits (R, V)."""
+        n = [len(c) for c in chunks]
+        width = max(n)
+        ids = torch.full((len(chunks), width), self.tok.pad_token_id, dtype=torch.long)
+        for r, c in enumerate(chunks):
+            ids[r, width - n[r]:] = torch.tensor(c)
+        position = (torch.tensor(starts) - width + torch.tensor(n))[:, None] + torch.arange(width)
+        return _forward(self.model, ids.to(self.device), n, position.clamp(min=0).to(self.device), self.cache, rows)
+
     def prefill(self):
-        """Prefill the left-padded prompts into a new cache; positions count real tokens only, so padding changes
-        nothing. -> next-token logits (B, V)."""
-        ids = _right_aligned(self.prompts, self.tok.pad_token_id).to(self.device)
-        width = ids.shape[1]
+        """Prefill the prompts into a new cache."""
         self.cache = _SlotCache(len(self.prompts), self.device, self.model)
-        position = (torch.arange(width, device=self.device) - (width - self.prompt_len)[:, None]).clamp(min=0)
-        self.next_logits = _forward(self.model, ids, [len(p) for p in self.prompts], position, self.cache,
-                                    list(range(len(self.prompts))))
-        self.push(list(range(len(self.prompts))))
+        everyone = list(range(len(self.prompts)))
+        self.next_logits = self.feed_chunks(everyone, self.prompts, [0] * len(self.prompts))
+        self.push(everyone)
 
     def sample_and_record(self, temperature, top_p, greedy):
-        """Step 1: sample one token per row from next_logits and write it to the response buffers (rows that do not
-        sample write to the spare column and draw nothing from their own generator). s.sim_greedy: rows writing a
-        simulated observation take the argmax (a deterministic environment; their logp is then 0). -> token (B,)"""
+        """Step 1: sample one token per row and write it to the response buffers (rows that do not sample write to the
+        spare column and draw nothing). s.sim_greedy: a simulated observation takes the argmax, logp 0. -> token (B,)"""
         generator = ([g if r else None for g, r in zip(self.generator, self.is_running)]
                      if isinstance(self.generator, list) else self.generator)
         token, logp = _sample(self.next_logits, temperature, top_p, greedy, generator)
@@ -325,8 +270,7 @@ class _Batch:
         return token
 
     def stop_checks(self, token):
-        """Step 2: on the device, which rows have an event: eos, a watched one-token close tag, a token that may
-        complete a text tag, a budget reached. -> _Events: the ONE device->host sync of the step."""
+        """Step 2: which rows have an event (eos, a watched close tag or a candidate, a budget), on the device."""
         eos = token == self.tok.eos_token_id
         tag = self.tag_of_token[token]
         tag_hit = (tag >= 0) & self.watch.gather(1, tag.clamp(min=0)[:, None])[:, 0]
@@ -351,10 +295,9 @@ class _Batch:
     def call_tools(self, touched):
         """Step 4: the rows that paused on an action THIS step get one batched tool call now; nobody waits."""
         paused = [i for i in touched if self.rows[i].action is not None]
-        if paused:
-            texts = [self.tok.decode(self.resp_ids[i, self.rows[i].seg_start:self.rows[i].length].tolist(),
-                                     skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in paused]
-            _environment([self.rows[i] for i in paused], texts, self.tools, self.s)
+        texts = [self.tok.decode(self.resp_ids[i, self.rows[i].seg_start:self.rows[i].length].tolist(),
+                                 skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in paused]
+        _environment([self.rows[i] for i in paused], texts, self.tools, self.s)
 
     def queue_injections(self, touched, tokens):
         """Step 5: injected ids (observation, forced tags) go to the response buffers now (one write per tensor).
@@ -374,12 +317,10 @@ class _Batch:
         return chunks
 
     def feed_cache(self, token, chunks):
-        """Step 6: update next_logits. Decoding rows feed their token, in a forward over the live (not retired) rows
-        (rows that ended this step or inject feed nothing). Injecting rows feed their chunks, right-aligned so the last
-        slot is real, in a second forward over those rows only. One forward of width max(chunk) over all B rows would
-        cost B x that width in padding: on the tiny CPU bench (batch 32) it processed 3x the tokens and ran ~2x slower
-        than two forwards."""
-        live = self.cache.live_rows()
+        """Step 6: update next_logits: decoding rows feed their token over the live rows, injecting rows their chunks in
+        a second forward over those rows only (one forward over all B rows, padded to the widest chunk, processed 3x the
+        tokens and ran ~2x slower on the tiny CPU bench, batch 32)."""
+        live = self.cache.order[:self.cache.live]  # not retired, in buffer order (read as a view)
         n = [int(self.is_running[i] and i not in chunks and self.rows[i].phase != DONE) for i in live]
         if any(n):
             idx = torch.tensor(live, device=self.device)
@@ -388,28 +329,21 @@ class _Batch:
             fed = torch.tensor(n, device=self.device).bool()[:, None]
             self.next_logits[idx] = torch.where(fed, logits, self.next_logits[idx])
         if chunks:
-            ids = _right_aligned([chunk for _, chunk in chunks.values()], self.tok.pad_token_id).to(self.device)
-            width = ids.shape[1]
-            idx = torch.tensor(list(chunks), device=self.device)
-            first = torch.tensor([f for f, _ in chunks.values()], device=self.device)
-            n_c = [len(c) for _, c in chunks.values()]
-            position = (self.prompt_len[idx] + first)[:, None] + torch.arange(width, device=self.device) \
-                - (width - torch.tensor(n_c, device=self.device))[:, None]
-            self.next_logits[idx] = _forward(self.model, ids, n_c, position.clamp(min=0), self.cache, list(chunks))
+            starts = [len(self.prompts[i]) + first for i, (first, _) in chunks.items()]
+            logits = self.feed_chunks(list(chunks), [c for _, c in chunks.values()], starts)
+            self.next_logits[torch.tensor(list(chunks), device=self.device)] = logits
 
     def retire_and_push(self, touched):
-        """Step 7: finished rows leave the cache (later forwards skip them); the touched rows' state goes back to the
-        device."""
+        """Step 7: finished rows leave the cache; the touched rows' state goes to the device."""
         for i in touched:
             if self.rows[i].phase == DONE:
                 self.cache.retire(i)
         self.push(touched)
 
     def results(self):
-        lengths = [r.length for r in self.rows]
-        ids, loss, obs, logp = (t.tolist() for t in (self.resp_ids, self.resp_loss, self.resp_obs, self.resp_logp))
-        return [_result(self.tok, self.prompts[i], self.rows[i], ids[i][:n], loss[i][:n], obs[i][:n], logp[i][:n])
-                for i, n in enumerate(lengths)]
+        lists = [t.tolist() for t in (self.resp_ids, self.resp_loss, self.resp_obs, self.resp_logp)]
+        return [_result(self.tok, self.prompts[i], row, *(x[i][:row.length] for x in lists))
+                for i, row in enumerate(self.rows)]
 
 
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
@@ -420,8 +354,7 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
     env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled";
     sim_greedy: the simulated observations are written greedily while the policy's own tokens are sampled;
     sim_real_tools: names of tools that env="sim" still calls for real (a calculator costs nothing and is exact).
-    seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order. See the module
-    docstring for the rules and for what the model must support (check_model)."""
+    seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order."""
     check_model(model)
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
                train_sim_obs, sim_real_tools, sim_greedy)

@@ -1,11 +1,8 @@
 """
 Evaluate a model on open-domain QA the way the paper's Table 1 and Figure 3 do: EM (and F1, cover-EM, an optional
 LLM judge) per dataset and averaged, actions per question, real tool calls, and success rate by number of actions.
-This file runs the model and scores each answer; report.py aggregates the scores (results.json, results.md, Figure 3)
-and builds Table 1 of a run.sh run (python report.py --run OUT --rows LABEL ...).
-
-The answer metrics (normalize_answer, exact_match, f1, cover_em, extract_answer, format_ok) live here and are imported
-by train_rl.py, so the RL reward and the evaluation score the same thing.
+This file runs the model and scores each answer, with the metrics train_rl.py imports (the RL reward scores the same
+thing); report.py aggregates the scores (results.json, results.md, Figure 3) and builds Table 1 of a run.sh run.
 
 Modes (one engine, engine.rollout, for all of them):
   agent      the model acts inside its chain of thought; actions run against the real tools (the agent model rows).
@@ -54,10 +51,10 @@ import unicodedata
 from collections import Counter
 
 from report import format_results_md, summarize, write_outputs
-from tools import THINK_CLOSE, read_jsonl
+from tools import THINK_CLOSE, make_tools, read_jsonl
 
 # -----------------------------------------------------------------------------
-# Answer metrics (SPEC 5 and 8). Pure functions of strings: train_rl.py imports these.
+# Answer metrics (SPEC 5 and 8): pure functions of strings
 
 _PUNCT = set(string.punctuation)
 
@@ -67,33 +64,32 @@ def normalize_answer(s, strip_accents=False):
     s = unicodedata.normalize("NFKC", s).lower()
     if strip_accents:
         s = "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
-    # ASCII punctuation (SQuAD) plus every Unicode punctuation character (curly quotes, dashes, CJK marks).
     s = "".join(c for c in s if c not in _PUNCT and not unicodedata.category(c).startswith("P"))
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
 
-def _golds(golds, strip_accents):
-    """Normalised gold aliases; one that normalises to "" (e.g. "The") can never be matched."""
-    golds = [golds] if isinstance(golds, str) else list(golds)
-    return [g for g in (normalize_answer(g, strip_accents) for g in golds) if g]
+def _normalized(pred, golds, strip_accents):
+    """(normalised pred or ""; the normalised gold aliases that are not "", as "The" would be)."""
+    golds = [golds] if isinstance(golds, str) else golds
+    return (normalize_answer(pred, strip_accents) if pred else "",
+            [g for g in (normalize_answer(g, strip_accents) for g in golds) if g])
 
 
 def exact_match(pred, golds, strip_accents=False):
-    """1.0 if the normalised prediction equals any normalised gold alias, else 0.0 (None / empty pred -> 0.0)."""
-    p = normalize_answer(pred, strip_accents) if pred else ""
-    return float(bool(p) and p in _golds(golds, strip_accents))
+    """1.0 if the normalised prediction (not empty) equals a normalised gold alias, else 0.0."""
+    p, golds = _normalized(pred, golds, strip_accents)
+    return float(bool(p) and p in golds)
 
 
 def f1(pred, golds, strip_accents=False):
     """SQuAD token F1, max over gold aliases. Like HotpotQA's scorer, yes/no/noanswer must match exactly."""
-    p = normalize_answer(pred, strip_accents) if pred else ""
+    p, golds = _normalized(pred, golds, strip_accents)
     best = 0.0
-    for g in _golds(golds, strip_accents):
-        if not p or (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")) and p != g:
+    for g in golds if p else []:
+        if (p in ("yes", "no", "noanswer") or g in ("yes", "no", "noanswer")) and p != g:
             continue
-        common = Counter(p.split()) & Counter(g.split())
-        same = sum(common.values())
+        same = sum((Counter(p.split()) & Counter(g.split())).values())
         if same:
             precision, recall = same / len(p.split()), same / len(g.split())
             best = max(best, 2 * precision * recall / (precision + recall))
@@ -102,8 +98,8 @@ def f1(pred, golds, strip_accents=False):
 
 def cover_em(pred, golds, strip_accents=False):
     """1.0 if some normalised gold occurs in the normalised prediction as whole words, else 0.0."""
-    p = normalize_answer(pred, strip_accents) if pred else ""
-    return float(bool(p) and any(f" {g} " in f" {p} " for g in _golds(golds, strip_accents)))
+    p, golds = _normalized(pred, golds, strip_accents)
+    return float(bool(p) and any(f" {g} " in f" {p} " for g in golds))
 
 
 _BOXED = re.compile(r"\\boxed\s*\{")
@@ -119,16 +115,13 @@ def _last_boxed(text):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:  # a truncated "\boxed{abc" (ran out of tokens) is not an answer
-            found = text[m.end():i - 1].strip()
-    if found is not None:
-        found = _TEXT_WRAP.sub(r"\1", found).strip()  # \boxed{\text{Paris}} -> Paris
+            found = _TEXT_WRAP.sub(r"\1", text[m.end():i - 1].strip()).strip()  # \boxed{\text{Paris}} -> Paris
     return found
 
 
 def extract_answer(text, require_think_close=True):
-    """The answer: the last \\boxed{...} after </think> (None when there is none).
-    A response without </think> breaks the format: it yields None unless require_think_close=False, in which case the
-    last \\boxed{...} anywhere counts (lenient scoring for models that never close their thought; RL stays strict)."""
+    """The answer: the last \\boxed{...} after </think>, or None. Without </think> (a format break) None, unless
+    require_think_close=False: then the last \\boxed{...} anywhere (lenient scoring; RL stays strict)."""
     head, sep, tail = text.partition(THINK_CLOSE)
     if not sep:
         return None if require_think_close else _last_boxed(text)
@@ -142,10 +135,9 @@ _ANSWERED_ACTION = re.compile(r"</end_(\w+)>\s*<\1_result>.*?</\1_result>", re.S
 
 def format_ok(response_text):
     """(ok, reason) for the RESPONSE only: needs </think>, no action/observation tag after it, a \\boxed{} after it,
-    and every result block right after an action of its tool. Pass the POLICY's text (Rollout.policy_text: observation
-    contents removed by the engine's masks), never text search over observations: a passage holding "</think>" or
-    "\\boxed{X}" must not change the score. A result tag anywhere else was written by the policy: a fabricated
-    observation, a format violation."""
+    and every result block right after an action of its tool (any other result tag is an observation the policy made
+    up). Pass the POLICY's text (Rollout.policy_text: observation contents masked out): a retrieved passage holding
+    "</think>" or "\\boxed{X}" must not change the score."""
     head, sep, tail = response_text.partition(THINK_CLOSE)
     if not sep:
         return False, "no </think>"
@@ -177,14 +169,13 @@ def load_questions(path, limit=None):
         q["id"] = str(q["id"])
         key = (q.get("dataset"), q["id"])  # ids repeat across datasets in the authors' test file ("dev_265")
         if key in seen:
-            first, first_where = seen[key]
-            first_line = first_where.rsplit(":", 1)[1]
+            first, first_line = seen[key]
             if first != q:
                 raise ValueError(f"{where}: field 'id' {q['id']!r} repeats line {first_line} with other content")
             # the authors' file has one exact duplicate (TriviaQA dev_2063, hence "501"): count it once
             print(f"warning: {where}: exact duplicate of line {first_line}, skipped", file=sys.stderr)
             continue
-        seen[key] = (q, where)
+        seen[key] = (q, where.rsplit(":", 1)[1])
         questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions")
@@ -203,8 +194,7 @@ def load_questions(path, limit=None):
 # -----------------------------------------------------------------------------
 # Prompts per mode
 
-# ReAct baseline (paper 4.2, "agent workflow"): two in-context examples in the AutoCoA tag format, so the same engine
-# executes the actions. The facts are real and the observations are short, as a real retriever would return them.
+# ReAct baseline (paper 4.2): the facts are real, the observations as short as a real retriever's
 REACT_EXAMPLES = """Answer the question. Think inside <think> </think>. When you need a fact, search for it by writing <begin_search> your query </end_search>; the results will appear inside <search_result> </search_result>. You may search several times. After </think>, give the final answer as \\boxed{ANSWER}.
 
 Question: What is the capital of Australia?
@@ -241,10 +231,9 @@ Question: {question}"""
 
 
 def user_turn(tokenizer, text):
-    """model.wrap_prompt (chat template when there is one, then <think>) for a prompt that brings its own instruction:
-    the react and workflow prompts are not nested inside the --template instruction. The text ends with a newline, as
-    the trained template does ("Question: {question}\n"), so the prompt ends "...\n<think>" in every mode."""
-    from model import wrap_prompt  # lazy, as in evaluate(): the metrics above must import without torch
+    """model.wrap_prompt (chat template, then <think>) of a prompt with its own instruction (react, workflow), ending
+    in a newline as the trained template does, so that the prompt ends "...\n<think>" in every mode."""
+    from model import wrap_prompt  # lazy, as in evaluate()
     return wrap_prompt(tokenizer, text if text.endswith("\n") else text + "\n")
 
 
@@ -260,7 +249,7 @@ def make_prompts(tokenizer, questions, mode, tools, template, build_prompt):
 
 
 # -----------------------------------------------------------------------------
-# LLM judge (paper 4.1: "LLM-based accuracy"; the paper does not print its judge prompt, this is a short one)
+# LLM judge (paper 4.1: "LLM-based accuracy")
 
 JUDGE_PROMPT = """You are grading an answer to a question. Decide whether the predicted answer means the same as one of the gold answers (different wording, spelling or detail level is fine; a different entity or number is not).
 
@@ -277,8 +266,7 @@ def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, se
     from engine import rollout
     asks = [i for i, (_, _, p) in enumerate(items) if p]
     texts = []
-    for i in asks:
-        question, golds, prediction = items[i]
+    for question, golds, prediction in (items[i] for i in asks):
         content = JUDGE_PROMPT.format(question=question, golds=" | ".join(golds), prediction=prediction)
         if getattr(judge_tokenizer, "chat_template", None):
             content = judge_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -295,14 +283,12 @@ def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, se
         for o in outs:  # the verdict is the first word after any thinking, tags and punctuation removed
             reply = re.sub(r"<[^>]*>", " ", o.text.split(THINK_CLOSE)[-1]).lower()
             said_yes.append(re.sub(r"[^a-z]", " ", reply).split()[:1] == ["yes"])
-    verdict = [0] * len(items)
-    for k, i in enumerate(asks):
-        verdict[i] = int(sum(said_yes[k * votes:(k + 1) * votes]) * 2 > votes)
-    return verdict
+    yes = {i: sum(said_yes[k * votes:(k + 1) * votes]) for k, i in enumerate(asks)}
+    return [int(yes.get(i, 0) * 2 > votes) for i in range(len(items))]
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: one engine call per batch, then scoring (report.summarize aggregates the records)
+# Evaluation: one engine call per batch, then scoring (report.summarize aggregates)
 
 MODES = ("agent", "no-action", "workflow", "react", "agent-sim")
 ENV_OF_MODE = {"agent": "real", "react": "real", "no-action": "none", "workflow": "none", "agent-sim": "sim"}
@@ -310,9 +296,7 @@ NEEDS_TOOLS = ("agent", "react", "workflow")
 
 
 def tool_counters(tools):
-    """Cumulative registry counters. real_calls: arguments that reached a tool (cache misses; calculator included),
-    paid_calls: those that reached a non-local tool (the paper's cost, as train_rl's real_calls), errors: error
-    observations."""
+    """The registry's cumulative counters (defined in tools.ToolRegistry); zeros without tools."""
     if tools is None:
         return {"requests": 0, "real_calls": 0, "paid_calls": 0, "cache_hits": 0, "errors": 0}
     return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "paid_calls": tools.paid_calls,
@@ -323,11 +307,8 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
              top_p=1.0, batch_size=8, max_new_tokens=512, max_actions=10, max_context=2048, answer_tokens=32, seed=0,
              strip_accents=False, lenient_think=False, judge=None, judge_votes=1, progress=True):
     """Run `questions` through the engine in `mode` and score them -> (summary dict, prediction records).
-
-    tools: a ToolRegistry (required for agent / react / workflow; unused by no-action and agent-sim).
-    temperature 0 = greedy; with n_samples > 1 every metric is the mean over the samples (the paper's averaged EM).
-    judge: (model, tokenizer) of an LLM judge or None.
-    lenient_think: score a \\boxed{} even when </think> is missing (never the default)."""
+    tools: a ToolRegistry or None (NEEDS_TOOLS); judge: (model, tokenizer) of an LLM judge or None.
+    temperature 0 = greedy; with n_samples > 1 every metric is the mean over the samples (the paper's averaged EM)."""
     from engine import rollout  # lazy: the metrics above must import without torch (train_rl, data)
     from model import build_prompt
     from tqdm import tqdm
@@ -344,14 +325,13 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     jobs = [(qi, si) for qi in range(len(questions)) for si in range(n_samples)]
     outs = {}
-    batches = range(0, len(jobs), batch_size)
     t0 = time.time()
-    for start in tqdm(batches, desc=f"eval {mode}", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {mode}", unit="batch", disable=not progress):
         chunk = jobs[start:start + batch_size]
         rolls = rollout(model, tokenizer, [prompt_ids[qi] for qi, _ in chunk], tools if env == "real" else None,
                         env=env, max_new_tokens=max_new_tokens, max_actions=max_actions, max_context=max_context,
-                        answer_tokens=answer_tokens,
-                        temperature=temperature or 1.0, top_p=top_p, greedy=temperature <= 0, seed=seed + start)
+                        answer_tokens=answer_tokens, temperature=temperature or 1.0, top_p=top_p,
+                        greedy=temperature <= 0, seed=seed + start)
         outs.update(zip(chunk, rolls))
 
     predictions = []
@@ -360,7 +340,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
         for si in range(n_samples):
             r, golds = outs[(qi, si)], q["golden_answers"]
             answer_text = r.policy_text  # the policy's own tokens: tool output never supplies the answer or the format
-            if mode == "react":  # a few-shot model often goes on to invent the next "Question:"; score up to it
+            if mode == "react":  # score up to an invented next "Question:"
                 head, sep, tail = answer_text.partition(THINK_CLOSE)
                 answer_text = head + sep + tail.split("\nQuestion:")[0]
             pred = extract_answer(answer_text, require_think_close=not lenient_think)
@@ -374,9 +354,8 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
                             "real_calls": r.real_calls, "sim_obs": r.sim_obs, "stop_reason": r.stop_reason})
         record = {"id": q["id"], **{k: q[k] for k in ("dataset", "type", "hops", "known") if k in q},
                   "question": q["question"], "golden_answers": q["golden_answers"], "prompt": prompts[qi],
-                  "trajectory": samples[0]["text"], "prediction": samples[0]["prediction"],
-                  "stop_reason": samples[0]["stop_reason"], "format": samples[0]["format"],
-                  "actions": samples[0]["actions"]}
+                  "trajectory": samples[0]["text"],
+                  **{k: samples[0][k] for k in ("prediction", "stop_reason", "format", "actions")}}
         for k in ("em", "f1", "cover_em", "mention", "format_ok", "answered", "num_actions", "real_calls"):
             record[k] = samples[0][k] if n_samples == 1 else sum(s[k] for s in samples) / n_samples
         if n_samples > 1:
@@ -414,12 +393,11 @@ def get_args(argv=None):
     p.add_argument("--model", required=True, help="checkpoint dir, 'tiny' (needs --tokenizer), 'smollm2', or HF name")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
-                   "tokens to a pretrained tokenizer (as train_sft.py does; a new row starts at its first piece's)")
+                   "tokens to a pretrained tokenizer (as train_sft.py does)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one, as every script)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
-    p.add_argument("--template", choices=["short", "autocoa"], default=None,
-                   help="instruction prompt template (default: the one --model was trained with, its run_args.json "
-                   "'template'; 'short' for a model without one); printed at start with the chat template used")
+    p.add_argument("--template", choices=["short", "autocoa"], default=None, help="instruction prompt template "
+                   "(default: the one --model was trained with, its run_args.json; 'short' for a model without one)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
                    help="prompts through the tokenizer's chat template when it has one; --no-chat-template: plain text")
     # Data
@@ -430,8 +408,7 @@ def get_args(argv=None):
     p.add_argument("--url", default=None, help="retrieval server URL instead of --corpus")
     p.add_argument("--api", choices=["flashrag", "searchr1"], default="flashrag", help="request shape for --url")
     p.add_argument("--topk", type=int, default=3, help="passages per search")
-    p.add_argument("--max-obs-chars", type=int, default=4000,
-                   help="tool output longer than this is cut (visibly: '... [truncated]') before tokenising")
+    p.add_argument("--max-obs-chars", type=int, default=4000, help="tool output past this many chars is cut, visibly")
     # Evaluation
     p.add_argument("--mode", choices=MODES, default="agent", help="how the model meets the tools (see the docstring)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per question; metrics are averaged over them")
@@ -476,10 +453,8 @@ def main(argv=None):
                             add_action_tokens=args.add_action_tokens, chat_template=args.chat_template)
     print(prompt_format(tokenizer, args.template), flush=True)
     model.eval()
-    tools = None
-    if args.corpus or args.url:
-        from tools import make_tools
-        tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk, max_obs_chars=args.max_obs_chars)
+    tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk,
+                       max_obs_chars=args.max_obs_chars) if args.corpus or args.url else None
     judge = load(args.judge, device=args.device, dtype=dtype) if args.judge else None
     summary, predictions = evaluate(
         model, tokenizer, questions, tools, args.mode, template=args.template, n_samples=args.n_samples,

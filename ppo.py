@@ -1,14 +1,12 @@
 """
 PPO's pieces of train_rl.py (`--algo ppo`; not in the paper, whose RL is GRPO): a value head on the policy's last
 hidden state (model.ValueHead), GAE over the policy's own tokens, advantages whitened over the batch, and the clipped
-value loss. train_rl.py's ADVANTAGES maps "ppo" to advantages() below, the same signature as its grpo_advantages, and
-its update() adds value_loss when the policy has a value head: a new algorithm plugs in the same way.
+value loss. train_rl.py's ADVANTAGES["ppo"] is advantages() below; its update() adds value_loss.
 
   - gamma = lambda = 1 (SPEC 5): one reward, on the last policy token; a row without any policy token gets none.
   - Observation tokens are skipped, not zero-reward steps: they are the environment's transition, so the next value of
     a policy token is the value of the next POLICY token.
-  - The value loss is clipped at train_rl's --clip around the old values and, like every loss term, masked and divided
-    by the masked-in tokens of the minibatch over all ranks.
+  - The value loss is clipped at train_rl's --clip around the old values.
 
 Tests: tests/test_rl.py (GAE, the value loss and the whitening against hand computations; a PPO run end to end).
 """
@@ -16,13 +14,11 @@ import torch
 
 from common import all_sum
 
-GAMMA = LAM = 1.0  # GAE's discount and lambda (SPEC 5)
-VF_COEF = 0.5      # weight of the value loss in the total loss
+VF_COEF = 0.5  # weight of the value loss in the total loss
 
 
 def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
-    """GAE over the masked-in (policy) tokens of each row; masked-out tokens (prompt, observations) are skipped, so the
-    next value of a policy token is the value of the next policy token. -> (advantages, returns), 0 where masked."""
+    """GAE over the masked-in (policy) tokens of each row, the others skipped -> (advantages, returns), 0 if masked."""
     # token_rewards, values, mask: (B, T)
     m = mask.bool()
     advantages = torch.zeros_like(values)
@@ -69,7 +65,7 @@ def advantages(batches, args):
         token_rewards[torch.arange(B, device=mask.device), last] = torch.tensor([s["reward"] for s in b["seqs"]],
                                                                                 device=mask.device)
         token_rewards *= mask  # a row without any policy token gets no reward
-        b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask, GAMMA, LAM)
+        b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask)  # gamma = lambda = 1
         R, d = b["returns"][mask.bool()].double(), (b["returns"] - b["old_values"])[mask.bool()].double()
         ev += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(), (d ** 2).sum()]).cpu()
     whitened = masked_whiten(torch.cat([b["advantages"].flatten() for b in micro]),

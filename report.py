@@ -16,8 +16,7 @@ Usage (no model, no torch; run.sh's last step):
   python report.py --run out/tiny --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real \\
       sft-123+rl-sim sft-123+rl-sim-real --wall-seconds 2160
 writes OUT/results.md, OUT/results.json (rows, intervals, paired, fig3) and OUT/results_fig3.png (with matplotlib).
-  python report.py --run out/tiny --seeds    # the RL rows of seed 0 and every OUT/seedN (run.sh --rl-seed N):
-                                             #   per seed, mean and sd -> OUT/rl_seeds.{md,json}
+  python report.py --run out/tiny --seeds    # RL rows over seeds (run.sh --rl-seed N) -> OUT/rl_seeds.{md,json}
   python report.py --run out/tiny --curve    # EM vs the share of real RL steps (run.sh --curve) -> OUT/curve.*
 In-process (evaluate.py):  summary = summarize(predictions); write_outputs(out_dir, summary, predictions, label)
 """
@@ -25,11 +24,10 @@ import argparse
 import json
 import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
 
-from tools import write_atomic
+from tools import read_jsonl, write_atomic
 
 # -----------------------------------------------------------------------------
 # A run's numbers (results.json)
@@ -74,13 +72,10 @@ def summarize(predictions, with_judge=False):
     per_group = summary.get("by_dataset") or summary.get("by_type") or {"all": summary["overall"]}
     summary["average"] = {k: sum(m[k] for m in per_group.values()) / len(per_group)
                           for k in summary["overall"] if k != "n"}
-    stops, formats = Counter(), Counter()
-    for r in predictions:
-        for s in r.get("samples", [r]):
-            formats[s["format"]] += 1
-            stops[s["stop_reason"]] += 1
+    samples = [s for r in predictions for s in r.get("samples", [r])]
     summary["by_actions"] = success_by_actions(predictions, ACTION_BUCKETS)
-    summary["stop_reasons"], summary["format_checks"] = dict(stops), dict(formats)
+    summary["stop_reasons"] = dict(Counter(s["stop_reason"] for s in samples))
+    summary["format_checks"] = dict(Counter(s["format"] for s in samples))
     return summary
 
 
@@ -92,21 +87,18 @@ def _pct(x):
 
 
 def _md_table(head, rows):
-    """A markdown table's lines: the header, its rule, one line per row (each cell through str)."""
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
     return [line(head), "|" + "---|" * len(head)] + [line(r) for r in rows]
 
 
 def format_table(rows, metric="em"):
     """Table-1-like markdown: one row per run, one column per dataset (or type) and Avg.
-    rows: list of (label, summary). Cells are `metric` x 100, with "/ judge" appended when the run has a judge."""
+    rows: [(label, summary)]. Cells: `metric` x 100, "/ judge" appended when the run has a judge."""
     per = [s.get("by_dataset") or s.get("by_type") or {} for _, s in rows]
     groups = list(dict.fromkeys(g for p in per for g in p))  # in order of first appearance
 
     def cell(m):
-        if m is None:
-            return "-"
-        return _pct(m[metric]) + (f" / {_pct(m['judge'])}" if "judge" in m else "")
+        return "-" if m is None else _pct(m[metric]) + (f" / {_pct(m['judge'])}" if "judge" in m else "")
 
     body = [[label] + [cell(p.get(g)) for g in groups] + [cell(s["average"])] for (label, s), p in zip(rows, per)]
     return "\n".join(_md_table(["run"] + groups + ["Avg"], body))
@@ -135,8 +127,7 @@ def format_results_md(summary, label):
 
 
 def _plot(path, draw, figsize, ncols=1, **savefig):
-    """draw(fig, axes) on a new figure (1 x ncols), written atomically (temp file, then rename) as a PNG when matplotlib
-    (an optional dependency) is installed. -> whether it was written."""
+    """draw(fig, axes) on a 1 x ncols figure, saved atomically as a PNG if matplotlib is installed -> whether saved."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -153,7 +144,7 @@ def _plot(path, draw, figsize, ncols=1, **savefig):
 
 
 def plot_by_actions(summary, path):
-    """Figure 3 as a PNG when matplotlib is installed (optional dependency); returns whether it was written."""
+    """Figure 3 of one run (counts, success rates) as a PNG -> whether written."""
     def draw(fig, axes):
         (ax1, ax2), b = axes, summary["by_actions"]
         ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
@@ -165,7 +156,7 @@ def plot_by_actions(summary, path):
 
 
 def write_outputs(out_dir, summary, predictions, label="run"):
-    """results.json, results.md, predictions.jsonl (+ by_actions.png when matplotlib is there), each atomically."""
+    """results.json, results.md, predictions.jsonl (+ by_actions.png), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "predictions.jsonl"),
                  "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
@@ -189,15 +180,10 @@ def world_cells(predictions):
         return {(r.get("dataset"), r["id"]): float(r["em"]) for r in rows}
     unknown = [r for r in predictions if not r.get("known")]
     known = [r for r in predictions if r.get("known")]
-    cells = {t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}
-    cells["known"] = scores(known)
-    cells["unknown_multihop"] = scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")])
-    cells["known_no_action"] = scores([{**r, "em": r["num_actions"] == 0} for r in known])  # 1 = answered w/o acting
-    return cells
-
-
-def cell_groups(cells, cell):  # the question groups a cell averages: avg the means of AVG_OF, any other cell one
-    return [cells[c] for c in (AVG_OF if cell == "avg" else [cell])]  # empty ones (no such question) drop later
+    return {**{t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS},
+            "known": scores(known),
+            "unknown_multihop": scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")]),
+            "known_no_action": scores([{**r, "em": r["num_actions"] == 0} for r in known])}  # 1 = answered w/o acting
 
 
 def bootstrap_ci(groups, n_boot=1000, seed=0):
@@ -215,17 +201,18 @@ def bootstrap_ci(groups, n_boot=1000, seed=0):
 def cell_ci(cells, cell, base_cells=None):
     """A Table 1 cell with its bootstrap 95% interval -> {value, lo, hi, n questions}; with base_cells (another row),
     the paired difference cell - base cell on the questions both rows answered (matched by dataset and id)."""
-    groups = cell_groups(cells, cell)
-    base = cell_groups(base_cells, cell) if base_cells else [{}] * len(groups)
-    diffs = [[g[k] - b.get(k, 0) for k in sorted(g.keys() & b.keys() if base_cells else g)]
-             for g, b in zip(groups, base)]
-    diffs = [d for d in diffs if d]
+    diffs = []
+    for c in AVG_OF if cell == "avg" else [cell]:
+        g, b = cells[c], base_cells[c] if base_cells else {}
+        d = [g[k] - b.get(k, 0) for k in sorted(g.keys() & b.keys() if base_cells else g)]
+        if d:  # a column without questions drops out
+            diffs.append(d)
     return {"value": sum(sum(d) / len(d) for d in diffs) / len(diffs) if diffs else None,
             **dict(zip(("lo", "hi"), bootstrap_ci(diffs))), "n": sum(map(len, diffs))}
 
 
 def plot_fig3(fig3, path):
-    """Figure 3 of the run, one line per agent row, as a PNG when matplotlib is installed; returns whether written."""
+    """Figure 3 of the run, a line per agent row, as a PNG -> whether written."""
     def draw(fig, ax):
         for label, b in fig3.items():
             ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
@@ -235,22 +222,19 @@ def plot_fig3(fig3, path):
 
 
 def world_row(predictions, model_dir):
-    """EM per question type on UNKNOWN-entity questions (the model must act), EM on known-fact questions, their mean,
-    EM on unknown multi-hop (2- to 4-hop), the share of known questions answered without acting, and the real tool
-    calls RL spent to make this checkpoint (read from the metrics.jsonl train_rl.py leaves in it; 0 without RL)."""
-    cells = world_cells(predictions)
-    row = {c: sum(v.values()) / len(v) if v else None for c, v in cells.items()}
-    present = [row[c] for c in AVG_OF if row[c] is not None]
-    row = {**{c: row[c] for c in AVG_OF}, "avg": sum(present) / len(present) if present else None,
-           "unknown_multihop": row["unknown_multihop"], "known_no_action": row["known_no_action"]}
-    metrics = Path(model_dir, "metrics.jsonl")  # SFT checkpoints keep one too
-    logs = [json.loads(line) for line in metrics.read_text().split("\n") if line.strip()] if metrics.exists() else []
+    """A Table 1 row; rl_real_calls from the metrics.jsonl train_rl.py leaves in the checkpoint (0 without RL)."""
+    mean = {c: sum(v.values()) / len(v) if v else None for c, v in world_cells(predictions).items()}
+    present = [mean[c] for c in AVG_OF if mean[c] is not None]
+    row = {**{c: mean[c] for c in AVG_OF}, "avg": sum(present) / len(present) if present else None,
+           "unknown_multihop": mean["unknown_multihop"], "known_no_action": mean["known_no_action"]}
+    metrics = os.path.join(model_dir, "metrics.jsonl")  # SFT checkpoints keep one too
+    logs = [log for _, log in read_jsonl(metrics)] if os.path.exists(metrics) else []
     row["rl_real_calls"] = logs[-1].get("real_calls_total", 0) if logs else 0
     return row
 
 
 def _ci(cell, signed=False):
-    """A cell_ci result as "28.4 [22.1, 35.0]" (signed: "+1.2 [...]", EM points); "-" when the cell has no question."""
+    """A cell_ci result as "28.4 [22.1, 35.0]" (signed: "+1.2 [...]", EM points); "-" for a cell without questions."""
     if cell["value"] is None:
         return "-"
     v = f"{100 * cell['value']:+.1f}" if signed else _pct(cell["value"])
@@ -260,19 +244,16 @@ def _ci(cell, signed=False):
 def read_eval(eval_dir):
     """An evaluate.py output dir -> (its args, its prediction records)."""
     with open(os.path.join(eval_dir, "results.json")) as f:
-        args = json.load(f)["args"]
-    with open(os.path.join(eval_dir, "predictions.jsonl")) as f:
-        return args, [json.loads(line) for line in f if line.strip()]
+        return json.load(f)["args"], [p for _, p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))]
 
 
 def world_table(run_dir, labels, wall_seconds=None):
-    """Read run_dir/eval/LABEL/{results.json,predictions.jsonl} for each label -> (markdown, rows dict, extras dict):
-    Table 1, then its 95% bootstrap intervals, each RL row minus its starting row (RL_START), and Figure 3."""
+    """Table 1 of run_dir/eval/LABEL per label -> (markdown, rows, extras); see the module docstring."""
     rows, cells, fig3 = {}, {}, {}
     for label in labels:
         args, predictions = read_eval(os.path.join(run_dir, "eval", label))
         rows[label], cells[label] = world_row(predictions, args["model"]), world_cells(predictions)
-        if args.get("mode") not in NO_ACTION_MODES:  # agent rows only: model-only and workflow never act
+        if args.get("mode") not in NO_ACTION_MODES:
             fig3[label] = success_by_actions(predictions)
     cols = WORLD_COLUMNS + ["known", "avg", "unknown_multihop", "known_no_action"]
     lines = _md_table(["row"] + cols + ["RL real calls"],
@@ -284,8 +265,8 @@ def world_table(run_dir, labels, wall_seconds=None):
         note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
 
     intervals = {label: {c: cell_ci(cells[label], c) for c in cols} for label in labels}
-    paired = {label: {"start": start, **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg",
-                                                                                         "unknown_multihop")}}
+    paired = {label: {"start": start,
+                      **{c: cell_ci(cells[label], c, cells[start]) for c in ("avg", "unknown_multihop")}}
               for label, start in RL_START.items() if label in cells and start in cells}
     md = ["", "## 95% bootstrap intervals (percentile, 1000 resamples of each cell's questions, seed 0)", ""]
     md += _md_table(["row"] + cols, [[label] + [_ci(iv[c]) for c in cols] for label, iv in intervals.items()])
@@ -357,9 +338,8 @@ CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-
 def curve_report(run_dir):
     """Final test EM against the share of RL steps on the real tool (k/6; k = 1 is the main run's rl-sim-real), from
     SFT-1&2&3 at equal total steps, with intervals and the paired gain over SFT-1&2&3; a PNG with matplotlib."""
-    entries = {k: (os.path.join(run_dir, "eval", label) if k == 1 else os.path.join(run_dir, "curve", "eval", label),
-                   "sft-123") for k, label in CURVE.items()}
-    rows = rl_rows(run_dir, {f"{k}/6": e for k, e in entries.items()})
+    rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 1 else "curve", "eval", label), "sft-123")
+                             for k, label in CURVE.items()})
     md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", ""]
     md += _md_table(["real steps", "avg", "gain over sft-123", "unknown_multihop", "gain multihop", "real calls"],
                     [[k, _ci(x["avg"]), _ci(x["avg_gain"], True), _ci(x["unknown_multihop"]),
@@ -387,10 +367,9 @@ def main(argv=None):
     p.add_argument("--curve", action="store_true", help="instead: EM vs the share of real RL steps (run.sh --curve) "
                    "-> OUT/curve.{md,json}, curve.png with matplotlib")
     args = p.parse_args(argv)
-    for flag, build in (("seeds", seeds_report), ("curve", curve_report)):
+    for flag, name, build in (("seeds", "rl_seeds", seeds_report), ("curve", "curve", curve_report)):
         if getattr(args, flag):
             md, data = build(args.run)
-            name = "rl_seeds" if flag == "seeds" else "curve"
             write_atomic(os.path.join(args.run, name + ".md"), md)
             write_atomic(os.path.join(args.run, name + ".json"), json.dumps(data, indent=2) + "\n")
             print(md)

@@ -1,27 +1,20 @@
 """
 The retrieval server: a BM25 index (tools.BM25Index) behind the two HTTP APIs AutoCoA's and Search-R1's code speak, so
-the same client (tools.RetrievalClient, `--url`) talks to it or to a real FlashRAG/Pyserini server. On loopback in
-tests. serve_tool() puts any search tool behind the same API (world_model.py serve: the world model as a server).
+the same client (tools.RetrievalClient, `--url`) talks to it or to a real FlashRAG/Pyserini server. serve_tool() puts
+any search tool behind the same API (world_model.py serve: the world model as a server).
 
 API (SPEC 7): POST /retrieve with FlashRAG's {"query": [...], "tok_k": k, "return_score": true} (the field really is
 `tok_k`) -> [{"documents": [...], "scores": [...]}] per query, or Search-R1's {"queries": [...], "topk": k,
 "return_scores": true} -> {"result": [[{"document", "score"}, ...]]}; GET /health -> {"status": "ok", "passages": N}.
 A bad request is a 4xx with {"error": "..."} (400 bad JSON or fields, 404 unknown path, 411 no Content-Length, 413
-body too large), a search that raises is a 500; the server keeps serving either way.
+body too large), a search that raises is a 500; the server keeps serving either way. Everything from outside is
+bounded (BoundedHTTPServer says how and why): --max-workers, --request-timeout, --max-body, --max-queries. Measured
+here (100k passages of ~100 words, one shared CPU core): ~1,300 queries/s from 8 concurrent HTTP clients.
 
-Why it is built this way: everything from outside is bounded, because slow and idle clients used to pin one thread each,
-without limit (with http.server's ThreadingHTTPServer, 300 idle connections made 182 threads; 40 clients not reading a
-5 MB answer took 582 MB). The server serves with a fixed pool of --max-workers threads, gives an idle connection no
-thread, serves one request per connection, and drops a client that takes over --request-timeout to send its request or
-read the reply. Bodies over --max-body and requests of over --max-queries queries are refused before any search.
-Measured here (100k passages of ~100 words, one shared CPU core): ~1,300 queries/s from 8 concurrent HTTP clients.
-
-Commands:
+Commands (no torchrun: one server is usually shared by every rank's RetrievalClient):
     python server.py --corpus data/corpus.jsonl --host 127.0.0.1 --port 8080    # both APIs on /retrieve
-        [--max-workers 16 --request-timeout 30]                                 # threads; seconds per request
     python server.py --corpus data/corpus.jsonl --port 0 --quiet                # a free port, printed at start (tests)
     python tools.py search --url http://127.0.0.1:8080 "who wrote hamlet"       # query it
-(No torchrun: nothing here is distributed. One server is usually shared by every rank's RetrievalClient.)
 """
 import argparse
 import io
@@ -88,13 +81,11 @@ class DeadlineIO(io.RawIOBase):
 
 
 class BoundedHTTPServer(HTTPServer):
-    """An HTTPServer with a fixed pool of max_workers threads (ThreadingHTTPServer starts one per connection, without
-    limit: 300 idle connections made 182 threads, 40 clients not reading a 5 MB answer took 582 MB). The accept loop
-    keeps every connection in a selector until its request starts arriving, so an idle socket costs a file descriptor,
-    not a thread, and is closed after request_timeout seconds of silence. A worker then serves ONE request (the reply
-    says Connection: close: a kept-alive connection idling between requests would hold its worker) under deadlines
-    (DeadlineIO): request_timeout seconds to read the request, and again to write the reply. Search time is not
-    counted: a slow backend is not the client's fault and cannot be interrupted anyway."""
+    """An HTTPServer with a fixed pool of max_workers threads (ThreadingHTTPServer's one per connection let 300 idle
+    connections make 182 threads, 40 clients not reading a 5 MB answer take 582 MB). An idle connection waits in the
+    selector (a file descriptor, not a thread), closed after request_timeout seconds of silence. A worker serves ONE
+    request (Connection: close: a kept-alive one would hold it) under DeadlineIO: request_timeout to read the request,
+    again to write the reply. Search time is not counted (a slow backend is not the client's fault)."""
     request_queue_size = 128  # listen backlog: a burst of clients waits in the kernel instead of being refused
 
     def __init__(self, address, handler, max_workers=16, request_timeout=30.0):
@@ -152,13 +143,10 @@ class BoundedHTTPServer(HTTPServer):
 
 def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512, max_k=100, quiet=False,
           max_workers=16, request_timeout=30.0):
-    """Serve index.search forever on a BoundedHTTPServer (max_workers threads; each request read, and its reply
-    written, within request_timeout seconds). index: anything with search(queries, k) and passages (world_model.py
-    serves its simulator this way). The socket listens before the "serving ... on http://HOST:PORT/retrieve" line is
-    printed (tests parse it for --port 0). Returns on Ctrl-C."""
+    """Serve index.search (index: anything with search(queries, k) and passages) on a BoundedHTTPServer until Ctrl-C.
+    The socket listens before the "serving ... on http://HOST:PORT/retrieve" line is printed (tests parse it)."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = request_timeout
         protocol_version = "HTTP/1.1"
 
         def setup(self):  # StreamRequestHandler's, with DeadlineIO in place of its socket files
@@ -228,22 +216,17 @@ def serve(index, host="127.0.0.1", port=8080, max_body=1 << 20, max_queries=512,
         server.server_close()
 
 
-
-RESULT_LINE = re.compile(r"^result (\d+): ", re.M)
+RESULT_LINE = re.compile(r"^result \d+: ", re.M)
 
 
 def split_results(observation):
-    """'result 1: A\\nresult 2: B' -> ["A", "B"] (a passage may span several lines): tools.search_tool's formatting,
-    undone."""
-    starts = list(RESULT_LINE.finditer(observation))
-    return [observation[m.end():(starts[i + 1].start() if i + 1 < len(starts) else len(observation))].strip()
-            for i, m in enumerate(starts)]
+    """'result 1: A\\nresult 2: B' -> ["A", "B"] (a passage may span several lines): search_tool's text, undone."""
+    return [passage.strip() for passage in RESULT_LINE.split(observation)[1:]]
 
 
 def serve_tool(registry, host="127.0.0.1", port=8080, tool="search"):
-    """serve() with a ToolRegistry's `tool` as the index: the passages are parsed back out of its observation text.
-    Ids are "wm-RANK" (a simulated passage has no corpus id). One lock: a thread per request, and the registry (its
-    cache, a model behind it) is not thread-safe."""
+    """serve() with a ToolRegistry's `tool` as the index, passages parsed back out of its observations, ids "wm-RANK"
+    (a simulated passage has none). One lock: the registry (its cache, a model behind it) is not thread-safe."""
     lock = threading.Lock()
 
     def search(queries, k=3):
@@ -259,12 +242,9 @@ def serve_tool(registry, host="127.0.0.1", port=8080, tool="search"):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Serve a BM25 index over HTTP (FlashRAG and Search-R1 APIs)")
-    # Data
-    parser.add_argument("--corpus", required=True,
-                        help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG format)")
+    parser.add_argument("--corpus", required=True, help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG)")
     parser.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
     parser.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
-    # Server
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8080, help="port (0 = pick a free one, printed at start)")
     parser.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")

@@ -7,34 +7,24 @@ SFT data synthesis, AutoCoA paper section 3.2.1, from any teacher model and any 
 Segments [{"kind": "policy"|"obs", "text"}] are the RESPONSE after the prompt's "<think>". CoT: the teacher reasons
 under a prompt that forbids tools; CoA: under the authors' instruction, real tools answer (--cot/--coa-prompt-file).
 
-Teachers. `--teacher NAME|DIR`: any Hugging Face causal LM through model.load and our engine engine.rollout (batched,
-stops at the action's close tag, calls the tool, prefills the observation). Segments are the runs of the engine's
-obs_mask over its token ids (obs = observation tokens, policy = the rest), each run decoded once: no span is found by
-re-tokenising; summary.json reports the share of segment texts that re-encode to exactly the teacher's ids (what
-train_sft.py will see). `--teacher-url URL`: an OpenAI-compatible /v1/completions server (vLLM or SGLang serving a 32B
-teacher). The client (urllib) sends prompt + response so far with every action close tag as a stop string; text that
-stopped inside an open action gets the close tag, the client runs the tool (ToolRegistry), appends the observation and
-continues: the same trajectory shape, at text level. A server down or answering an HTTP error stops the run, naming the
-URL and the status.
-Acceptance: a trajectory is kept when the teacher finished it (eos; a forced answer is not), evaluate.format_ok holds,
-CoT did not act and CoA acted, and the answer is right (EM of evaluate.extract_answer, or F1 >= --min-f1), all read from
-the teacher's own text (observation contents blanked, as engine.policy_text does). The best per question and kind is
-kept (max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests with untrained teachers only).
-CoT+A pairs: where the split point is. Case "act" (a CoA sample accepted, no CoT sample): the shared prefix is the best
-CoA trajectory's reasoning before its first action open tag <begin_NAME>, where the teacher met its first knowledge gap
-(HF teacher: the longest run of its token ids whose decoded text ends at or before the tag; URL teacher: the text
-before it). chosen = the rest of that trajectory (action, observation, ..., right answer); rejected = the teacher
-continuing the SAME prefix after the CoT prompt (tools forbidden), kept if it does not act, is well formed and wrong.
-Case "no_act" (a CoT sample accepted, no CoA sample): the prefix is a well-formed, acting, wrong CoA sample's reasoning
-before its first action; chosen = a tool-free continuation after the CoT prompt that is right; rejected = the acting
-rest. --pair-samples continuations are tried per pair. At training time the context is train_sft's prompt + prefix.
+Teachers. `--teacher NAME|DIR`: any HF causal LM through engine.rollout; segments are the runs of its obs_mask, each
+decoded once, never re-tokenised (summary.json: the share that re-encode to the teacher's ids). `--teacher-url URL`:
+an OpenAI-compatible /v1/completions server (vLLM, SGLang); the client sends every action close tag as a stop string,
+closes the action, runs the tool, appends the observation and goes on; a server error stops the run (URL, status).
+Acceptance: finished (eos, not a forced answer), evaluate.format_ok, CoT did not act and CoA did, right (EM of
+evaluate.extract_answer, or F1 >= --min-f1), all read from the teacher's own text (observations blanked); the best per
+question and kind is kept (max(EM, F1), then fewest tokens). --keep-all skips every check (smoke tests only).
+CoT+A pairs. Case "act" (a CoA sample accepted, no CoT sample): the prefix is the best CoA trajectory's reasoning
+before its first action open tag, its first knowledge gap (HF: the longest token prefix ending there); chosen = the
+rest; rejected = the teacher continuing the SAME prefix after the CoT prompt, if it does not act, is well formed and
+wrong. Case "no_act" (a CoT sample accepted, no CoA sample): the prefix of a well-formed, acting, wrong CoA sample;
+chosen = a right tool-free continuation after the CoT prompt; rejected = the acting rest (--pair-samples tries each).
 Departures from the paper: it does not say how it "inserts or removes the action trigger at a specific point"; we cut
 at the first action and get the other branch by continuing the prefix under the no-tool prompt (under the CoA prompt a
 teacher mostly acts again). It samples CoT and CoA from disjoint 10k-question halves; here every question gets both
 (the pairs need them): pass disjoint question files to follow it.
-Long jobs: questions run in batches of --batch-questions; each batch appends one line per question to OUT/records.jsonl
-(fsync'd). A rerun skips the ids there (same run arguments, or --fresh) and rebuilds the final files from it, each
-written atomically (temp + rename). Seeds are per (question, kind, sample): a resumed run samples what one run would.
+Long jobs: one fsync'd line per question in OUT/records.jsonl; a rerun (same arguments, or --fresh) skips the ids
+there and rebuilds the files; seeds are per (question, kind, sample), so a resumed run samples what one run would.
 
 Commands:
   python synthesize.py --questions ../shared/data/hotpotqa_train.jsonl --limit 20 --teacher smollm2 \\
@@ -171,9 +161,9 @@ class HFTeacher:
                     text = self.decode(ids[start:t])
                     segments.append({"kind": "obs" if obs[start] else "policy", "text": text})
                     pieces.append(ids[start:t])
-                    encode = self.M.encode_observation if obs[start] \
-                        else (lambda tok, x: tok.encode(x, add_special_tokens=False))  # what train_sft will do
-                    exact += encode(self.tok, text) == ids[start:t]
+                    redo = (self.M.encode_observation(self.tok, text) if obs[start]  # what train_sft will do
+                            else self.tok.encode(text, add_special_tokens=False))
+                    exact += redo == ids[start:t]
                     start = t
             out.append({"segments": segments, "pieces": pieces, "text": r.text, "actions": sum(r.num_actions.values()),
                         "stop": r.stop_reason, "tokens": len(r.response_ids), "exact": [exact, len(segments)]})
@@ -195,9 +185,7 @@ class TeacherError(RuntimeError):  # the teacher server is down or answers error
 class URLTeacher:
     def __init__(self, args):
         self.args, self.lock = args, threading.Lock()
-        base = args.teacher_url.rstrip("/")
-        base = base[:-len("/completions")] if base.endswith("/completions") else base
-        base = base if base.endswith("/v1") else base + "/v1"
+        base = re.sub(r"(/v1)?(/completions)?/*$", "", args.teacher_url) + "/v1"  # URL[/v1][/completions] -> URL/v1
         self.endpoint = base + "/completions"
         self.tok = None
         if args.teacher_tokenizer:
@@ -293,9 +281,8 @@ class URLTeacher:
 def policy_text(segments):
     """The text the teacher wrote: each observation replaced by its empty result block (engine.policy_text's rule), so
     a passage holding "</think>" or "\\boxed{X}" never supplies the answer or the format."""
-    return "".join(format_observation(re.match(r"\s*<(\w+)_result>", s["text"]).group(1), "")
-                   if s["kind"] == "obs" and re.match(r"\s*<(\w+)_result>", s["text"]) else s["text"]
-                   for s in segments)
+    tags = [re.match(r"\s*<(\w+)_result>", s["text"]) if s["kind"] == "obs" else None for s in segments]
+    return "".join(format_observation(tag.group(1), "") if tag else s["text"] for s, tag in zip(segments, tags))
 
 
 def judge(traj, golds, kind, args):
@@ -332,8 +319,7 @@ def split_at_first_action(teacher, traj):
 
 
 def synthesize_batch(batch, teacher, registry, prompts, args):
-    k = args.samples
-    results = {}
+    k, results = args.samples, {}
     for kind, env in (("cot", "none"), ("coa", "real")):
         jobs = [(prompts[kind](q["question"]), seed_of(args, q["id"], kind, i)) for q in batch for i in range(k)]
         trajs = teacher.run(jobs, registry, env)
@@ -438,8 +424,7 @@ def build_outputs(records, args):
 def main(argv=None):
     args, t0 = get_args(argv), time.time()
     os.makedirs(args.out, exist_ok=True)
-    questions = load_questions(args.questions)
-    questions = questions[:args.limit] if args.limit else questions
+    questions = load_questions(args.questions)[:args.limit or None]
     assert len({q["id"] for q in questions}) == len(questions), f"{args.questions}: ids repeat (needed for resume)"
     records_path, args_path = os.path.join(args.out, "records.jsonl"), os.path.join(args.out, "run_args.json")
     if args.fresh and os.path.exists(records_path):

@@ -1,41 +1,33 @@
 """
-The embedded world's scripted teacher: the stand-in for the paper's R1-32B teacher on the toy world (data.py builds the
-world and calls this library module; synthesize.py is the same stage for real questions and a real teacher model).
+The embedded world's scripted teacher, the stand-in for the paper's R1-32B teacher: a library module data.py calls, no
+command of its own (synthesize.py is the same stage for real questions and a real teacher model).
 
-The scripted teacher answers with the REAL tools (tools.BM25Index over the corpus data.py writes, tools.calculator):
-it first writes a one-line plan of the facts the question needs ("Plan: label, then founder, then birth year."), then
-for each fact on the chain it recalls it if the subject is known, else it searches; when the fact is not in the top-3
-it reformulates (natural question -> name + relation words -> name alone, the title form). Observations are exactly
-what the tool returned, wrapped by tools.format_observation. Its trajectories are the SFT data:
+The scripted teacher answers with the REAL tools (BM25 over the corpus data.py writes, the calculator): a one-line
+plan of the facts the question needs ("Plan: label, then founder, then birth year."), then each fact recalled if its
+subject is known, else searched and, when not in the top-3, searched again (natural question -> name + relation
+words -> name alone, the title form). Its trajectories are the SFT data:
     sft_cot.jsonl    pure CoT (no tools) on known questions
     sft_coa.jsonl    CoA (tools) on the other questions
     sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
     sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
     sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
-                     (decision_pairs: 250 + 250 of them cut after the decision token, bench/decision_pairs.py)
                      unknown: chosen = act and end right, rejected = guess without acting and end wrong.
-                     known:   chosen = answer from memory (right), rejected = an unnecessary search (also right).
-                     We chose "unnecessary search" over "wrong guess" for the known rejected side: the pair should
-                     differ only in the decision to act, which is what stage 1 teaches; a wrong guess would teach
-                     "be right", which the unknown pairs already do.
+                     known:   chosen = answer from memory (right), rejected = an unnecessary search (also right),
+                     not a wrong guess: the pair should differ only in the decision to act, which is what stage 1
+                     teaches; a wrong guess would teach "be right", which the unknown pairs already do.
+    sft_pairs_decision.jsonl  250 + 250 of them cut after the decision token (decision_pairs)
 and its real calls on train and dev questions are the world model's data (tool_calls.jsonl).
-Segments hold the RESPONSE only: model.build_prompt() ends with "<think>", so the first policy segment starts after it.
+Segments hold the RESPONSE only: the prompt (model.build_prompt) ends with "<think>".
+Departure from the paper: a script, not a prompted large model (why: data.py's docstring).
 
-Departure from the paper (why): the teacher is a script, not a prompted large model (determinism, and its
-observations are real by construction).
+The world's language lives here too, so the world, its questions and the teacher share it: the name maker, the
+relation table, the question chains and make_question, which writes each question's plan (the teacher's script).
 
-The world's language lives here too, because the world, its questions and the teacher must share it: the name maker,
-the relation table (how a relation is asked, stated, reasoned about and searched for) and the question chains, with
-make_question, which writes each question's plan: the script the teacher follows. data.py (a stage script) imports
-them; this library module imports no stage script.
-
-Every function takes `env`, the world as the teacher sees it (data.py builds it):
+The teacher takes `env`, the world as it sees it (data.py builds it):
     world, by_type    the entities {name: {"type","pool",relation: value}} and the names per type
     index, search     the BM25 index over the corpus and the search tool on it; calc: the calculator tool
     stating           per fact (subject, relation), the ids of the passages that state it
     args              data.py's arguments (--topk, --max-tries, --mix-ratio, --renamed-copies, --seed)
-
-No command of its own.
 """
 import random
 import re
@@ -120,16 +112,6 @@ def noun_phrase(head, chain):
     return np
 
 
-def resolve(world, head, chain):
-    """Walk the chain; returns the list of (subject, relation, object) steps."""
-    steps, s = [], head
-    for r in chain:
-        o = world[s][r]
-        steps.append((s, r, o))
-        s = o
-    return steps
-
-
 def make_question(world, heads_of, qtype, pool, want_known, rng):
     """One question dict (with the internal fields "plan" and "named") or None if this draw does not fit.
     heads_of[(kind, pool)]: the entities a question of this pool may name."""
@@ -139,7 +121,10 @@ def make_question(world, heads_of, qtype, pool, want_known, rng):
     if qtype in CHAINS:
         chain = rng.choice(CHAINS[qtype])
         head = rng.choice(heads(RELATIONS[chain[0]][0]))
-        steps = resolve(world, head, chain)
+        steps, s = [], head  # (subject, relation, object) along the chain
+        for r in chain:
+            steps.append((s, r, world[s][r]))
+            s = world[s][r]
         question = RELATIONS[chain[-1]][3].format(s=noun_phrase(head, chain[:-1]))
         answers = [steps[-1][2]]
         named = [head]
@@ -174,29 +159,19 @@ def make_question(world, heads_of, qtype, pool, want_known, rng):
 # The scripted teacher
 
 
-def fact_found(results, stating, subject, rel, topk):
-    """Does any of the top-k passages state this fact? (the teacher reads like a careful human: by passage meaning)"""
-    ids = set(stating[(subject, rel)])
-    return any(doc["id"] in ids for doc, _ in results[:topk])
-
-
 def solve(q, env, act=True, rng=None, world=None):
-    """Solve one question. Returns segments (response only), the answer, the tool calls and per-step info.
-
+    """Solve one question: the segments (response only), the answer, the tool calls and per-step info.
     act=True: recall known facts, search the others (reformulating when a result lacks the fact), use the calculator.
     act=False: never act; an unknown fact is guessed with a random entity of the right type (rng), i.e. chance.
-    env: see the module docstring; world overrides env["world"] (known pairs).
-    "gap" is the policy text up to the first unknown fact: where a CoT+A pair's prefix stops; "plan_text" the opening
-    plan line."""
+    env: the module docstring's; world overrides env["world"] (known pairs). "gap": the policy text up to the first
+    unknown fact, where a CoT+A pair's prefix stops; "plan_text": the opening plan line."""
     world = world or env["world"]
     args, stating = env["args"], env["stating"]
     segments, text, calls, first_hits, gap = [], "", [], [], None
     plan = q["plan"]
 
-    # The plan: the facts the question needs, in order, written before any of them. After each fact the model
-    # finds where it stands in this one line and reads the next step, or "." (answer now), instead of re-parsing the
-    # question: the tiny model otherwise ran on past a 1-hop answer into a 2-hop chain. Measured (60 dev questions,
-    # stage 2 from the base model, renamed copies, equal compute): EM 11.7% without the plan line, 30.0% with it.
+    # The plan line: after each fact the model reads its next step (or "." : answer now) here instead of re-parsing the
+    # question; without it the tiny model ran on past a 1-hop answer into a 2-hop chain (README: dev EM 11.7% -> 30%).
     nouns = [RELATIONS[rel][2] for _, rel, _ in plan["steps"]]
     if plan["kind"] == "chain":
         text = " Plan: " + ", then ".join(nouns) + "."
@@ -240,7 +215,8 @@ def solve(q, env, act=True, rng=None, world=None):
             obs = env["search"]([query])[0]
             calls.append({"tool": "search", "args": query, "observation": obs, "subject": subject})
             segments.append({"kind": "obs", "text": format_observation("search", obs)})
-            found = fact_found(results, stating, subject, rel, args.topk)
+            # does a top-k passage state the fact? (read by meaning, as a careful human would)
+            found = any(doc["id"] in stating[(subject, rel)] for doc, _ in results[:args.topk])
             if t == 0:
                 first_hits.append(found)
             if found:
@@ -297,13 +273,11 @@ def run_all(splits, env):
     """The teacher on every question (real tools), and the guessing teacher on the unknown ones (chance level).
     Returns the runs by question id (the guess under "guess"), and summary.json's "teacher" and
     "no_tool_accuracy_unknown_by_type" entries."""
-    stats = {s: Counter() for s in splits}
-    runs = {}
+    stats, runs = {s: Counter() for s in splits}, {}
     guess_rng, guess_by_type = random.Random(env["args"].seed + 1), defaultdict(list)
     for split, qs in splits.items():
         for q in qs:
-            r = solve(q, env)
-            runs[q["id"]] = r
+            runs[q["id"]] = r = solve(q, env)
             st = stats[split]
             st["n"] += 1
             st["correct"] += r["answer"] in q["golden_answers"]
@@ -330,8 +304,7 @@ def run_all(splits, env):
 
 
 def sft_data(train, runs, env):
-    """From the train questions the teacher got right: the CoT rows, the CoA rows, the CoT+A pairs, the mix and the
-    mix with renamed copies (the rows of sft_cot/coa/pairs/mix/mix_renamed.jsonl)."""
+    """From the train questions the teacher got right: the rows of sft_cot/coa/pairs/mix/mix_renamed.jsonl."""
     args, world = env["args"], env["world"]
     cot, coa, pairs = [], [], []
 
@@ -342,26 +315,23 @@ def sft_data(train, runs, env):
         r = runs[q["id"]]
         if r["answer"] not in q["golden_answers"]:
             continue
-        row = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "type": q["type"],
-               "segments": r["segments"]}
-        (cot if q["known"] else coa).append(row)
+        meta = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "type": q["type"]}
+        (cot if q["known"] else coa).append({**meta, "segments": r["segments"]})
         if q["known"]:
-            # chosen = answer from memory; rejected = the same chain, but searching the first fact needlessly
+            # chosen = answer from memory; rejected = the same chain, but searching the first fact needlessly (its
+            # subject passes for unknown only to script the search)
             subject, rel, _ = q["plan"]["steps"][0]
-            need = r["plan_text"] + f" I need the {RELATIONS[rel][2]} of {subject}."
-            searcher = dict(world[subject], pool="train")  # pretend the subject is unknown, only to script the search
-            alt = solve(q, env, world=dict(world, **{subject: searcher}))
-            if alt["answer"] not in q["golden_answers"]:
+            rejected = solve(q, env, world={**world, subject: dict(world[subject], pool="train")})
+            if rejected["answer"] not in q["golden_answers"]:
                 continue
-            cut, rejected = need, alt
+            cut = r["plan_text"] + f" I need the {RELATIONS[rel][2]} of {subject}."
         else:
-            g = r["guess"]
-            if g["answer"] in q["golden_answers"]:
+            rejected = r["guess"]
+            if rejected["answer"] in q["golden_answers"]:
                 continue  # a lucky guess is not a "guess and end wrong" example
-            cut, rejected = r["gap"], g
-            assert r["segments"][0]["text"].startswith(cut) and g["segments"][0]["text"].startswith(cut)
-        pairs.append({"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
-                      "type": q["type"], "known": q["known"], "prefix": [{"kind": "policy", "text": cut}],
+            cut = r["gap"]
+            assert r["segments"][0]["text"].startswith(cut) and rejected["segments"][0]["text"].startswith(cut)
+        pairs.append({**meta, "known": q["known"], "prefix": [{"kind": "policy", "text": cut}],
                       "chosen": after(r, cut), "rejected": after(rejected, cut)})
     mix = sft_mix(cot, coa, args.mix_ratio, args.seed)
     mix_renamed = renamed_mix(mix, world, args.renamed_copies, args.seed + 5)
@@ -386,10 +356,9 @@ def cut_pair(pair, at="word"):
 
 
 def decision_pairs(pairs, n=250, n_held=50, at="word"):
-    """n known + n unknown pairs cut at the decision (a stage-1 train file), and the next n_held + n_held as a
-    held-out set (bench/decision_pairs.py make writes both). Cut at the first word, the whole contrast is on
-    the decision token: uncut, or cut after a sentence, SmolLM2 won it on the words after " I" (" know" vs " think")
-    and said " I" on known and unknown prefixes alike (README "Latest run (smollm2 preset)")."""
+    """n known + n unknown pairs cut at the decision (a stage-1 train file), and the next n_held + n_held as a held-out
+    set (bench/decision_pairs.py make writes both). Cut at the first word, the whole contrast is on the decision token:
+    cut after a sentence, SmolLM2 won it on the words after " I" (README "Latest run (smollm2 preset)")."""
     rows = list(pairs)
     random.Random(0).shuffle(rows)
     known, unknown = [r for r in rows if r["known"]], [r for r in rows if not r["known"]]
@@ -409,17 +378,12 @@ def tool_calls(splits, runs):
 # ----------------------------------------------------------------------------------------------------------------------
 # Renamed copies: the tiny model's stand-in for a pretrained model's skill of copying unseen names
 #
-# A pretrained LLM already copies a name it has never seen from the question into its query and reads a fact about it
-# out of a passage. A 3.5M-parameter model trained from scratch on ~700 train entities does not: it memorises them,
-# and on a test question writes a TRAIN name into its query (measured on the unknown dev questions after stage 2 at
-# equal compute: the first query named the question's entity for 1 of 38 without renamed copies, 34 of 38 with).
-# So sft_mix_renamed.jsonl adds, per CoA trajectory, copies in which every unknown-pool name word is replaced by a
-# fresh word (consistently within the copy; never a word of any pool, so no dev/test name appears) and every year
-# read from an observation is shifted by one random offset (so differences, orders and calculator results stay true).
-# Names and years of known-pool entities stay: they are the base model's knowledge. CoT rows are repeated unchanged,
-# keeping the 1 CoT : 5 CoA ratio.
-# A renamed copy is the same trajectory in a consistently renamed world (names map one to one, so BM25 ranks the
-# renamed passages as it ranked the originals).
+# A pretrained LLM copies a name it has never seen from the question into its query; a 3.5M-parameter model trained
+# from scratch memorises the train entities and writes a TRAIN name into its query on a test question (README). So
+# sft_mix_renamed.jsonl adds, per CoA trajectory, copies in which every unknown-pool name word is replaced by a fresh
+# word (one to one within the copy, never a word of any pool) and every year read from an observation is shifted by
+# one random offset (so differences, orders and calculator results stay true): the same trajectory in a consistently
+# renamed world. Names and years of known-pool entities stay (the base model's knowledge); CoT rows are repeated.
 
 NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
 YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")  # world years are 1900-2039; a copy shifts them by at most 30
@@ -432,8 +396,7 @@ class Renamer:
         for name, e in world.items():
             words[e["pool"]].update(w for w in name.split() if w not in fixed)
         self.taken = set().union(*words.values())
-        # every unknown name word: train ones, and the rare other-pool word a reformulated query surfaced (counted in
-        # summary.json) is gone from the copies too (pools have their own name parts; see data.make_world)
+        # every unknown name word: train ones, and the rare other-pool one a reformulated query surfaced (summary.json)
         self.renamed = self.taken - words["known"]
         self.band_words = {name.split()[1] for name, e in world.items() if e["type"] == "band"}
         self.rng = rng

@@ -2,28 +2,21 @@
 Tools for the agent model: the action/observation format, a BM25 search index, an HTTP retrieval client, a safe
 calculator, and the ToolRegistry that the rollout engine calls once per step with every paused row's action.
 
-Format (SPEC section 2; every other script imports these strings from here):
-    <think> ... <begin_search> QUERY </end_search>
-    <search_result>
-    result 1: "Title"\ntext
-    ...
-    </search_result> ... </think>
-A tool is an action type plus an argument (paper Algorithm 1): `<begin_NAME> ARG </end_NAME>` and
-`<NAME_result> ... </NAME_result>`. `search` keeps AutoCoA's exact spelling.
+Format (SPEC section 2; every other script imports these strings from here): a tool call is an action type plus an
+argument (paper Algorithm 1), `<begin_NAME> ARG </end_NAME>` inside <think> ... </think>, answered by
+`<NAME_result> ... </NAME_result>` (search: `result 1: "Title"\ntext` lines); `search` is AutoCoA's exact spelling.
 
 How this departs from the paper's setup and why:
-- AutoCoA (like Search-R1) retrieves with a separate FlashRAG/Pyserini server over Wikipedia. We search a pure Python +
-  numpy Okapi BM25 index, in process or behind the same two HTTP APIs (server.py), so the whole pipeline runs on a
-  laptop with no Java and no FAISS. It is Pyserini's scoring (k1=0.9, b=0.4, idf = log(1 + (N-df+0.5)/(df+0.5)),
-  Lucene's English stopwords) but without Porter stemming and with exact (not Lucene-quantised) document lengths, so
-  scores are close to, not identical with, Pyserini's. Measured here: 100k passages of ~100 words index in 5-10 s on one
-  shared CPU core (peak ~650 MB RSS incl. the passages): fine for the synthetic world and ~1M passages. For the
-  21M-passage Wikipedia dump or a dense retriever, point `--url` at a real server (Pyserini/FAISS).
+- AutoCoA (like Search-R1) retrieves with a FlashRAG/Pyserini server over Wikipedia. We search a pure Python + numpy
+  Okapi BM25 index, in process or behind the same two HTTP APIs (server.py): no Java, no FAISS. Pyserini's scoring
+  (k1=0.9, b=0.4, Lucene's idf and stopwords) without Porter stemming and with exact document lengths: close to, not
+  identical with, Pyserini's. 100k passages of ~100 words index in 5-10 s on one CPU core (~650 MB); for the
+  21M-passage Wikipedia dump or a dense retriever, point `--url` at a real server.
 - A calculator is the second tool (paper footnote 2: computation as well as information access). `^` is read as power.
 - Failed calls become an error observation for that row (SPEC 2), never a crash, and are never cached. All that comes
   from outside is bounded (one unbounded thing sank a run): observations, replies, the server (server.py).
 
-Commands (no torchrun: nothing here is distributed; every rank builds its own registry, a shared server is usual):
+Commands (no torchrun: every rank builds its own registry; a shared server is usual):
     python tools.py search --corpus data/corpus.jsonl "who wrote hamlet"   # quick look (or --url URL)
     python tools.py calc "2023 - 1987"                                     # calculator -> 36
 """
@@ -51,7 +44,7 @@ import numpy as np
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 TOOL_NAMES = ("search", "calculator")
-LOCAL_TOOLS = ("calculator",)  # run in-process at no cost: not "real calls" in the paper's sense (those are retrievals)
+LOCAL_TOOLS = ("calculator",)  # in-process, free: not the paper's "real calls" (retrievals)
 LIMIT_MESSAGE = "Reach the limit of search times."  # AutoCoA's exact text past the action budget (SPEC 2)
 
 
@@ -91,9 +84,8 @@ class ToolError(Exception):
 # File helpers every script uses (this module is the one they all import, and it needs no torch)
 
 def read_jsonl(path):
-    """-> [(where, object)] for the non-blank lines of a JSONL file, where = "FILE:LINE" so callers can name the line in
-    their own field errors. A line that is not UTF-8, not JSON or not a JSON object fails here, with its file and line.
-    Lines are decoded one at a time (binary read): a text-mode read fails with a bare UnicodeDecodeError, no line."""
+    """-> [(where = "FILE:LINE", object)] for the non-blank lines of a JSONL file. A line that is not UTF-8 (decoded one
+    by one: a text-mode read would not say which), not JSON or not a JSON object fails here, with its file and line."""
     rows = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -164,8 +156,7 @@ class BM25Index:
         keys = np.frombuffer(term_ids, dtype=np.int64) * N + np.repeat(np.arange(N, dtype=np.int64), lengths)
         keys, tf = np.unique(keys, return_counts=True)
         self.post_docs = (keys % N).astype(np.int32)  # (P,) passage of each posting; keys // N is its term
-        # term t owns postings [starts[t], starts[t+1])
-        self.starts = np.searchsorted(keys // N, np.arange(len(self.vocab) + 1))
+        self.starts = np.searchsorted(keys // N, np.arange(len(self.vocab) + 1))  # term t: [starts[t], starts[t+1])
         df = np.diff(self.starts)
         self.idf = np.log(1.0 + (N - df + 0.5) / (df + 0.5))  # (V,) Lucene's idf, always > 0
         avgdl = lengths.mean() if lengths.sum() else 1.0
@@ -227,14 +218,12 @@ class RetrievalClient:
         self.api, self.timeout_s, self.retries, self.max_reply_bytes = api, timeout_s, retries, max_reply_bytes
 
     def _read_reply(self, response):
-        too_big = ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
-                            f"not read further")
         length = response.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > self.max_reply_bytes:
-            raise too_big
-        data = response.read(self.max_reply_bytes + 1)
-        if len(data) > self.max_reply_bytes:
-            raise too_big
+        too_big = length.isdigit() and int(length) > self.max_reply_bytes
+        data = b"" if too_big else response.read(self.max_reply_bytes + 1)
+        if too_big or len(data) > self.max_reply_bytes:
+            raise ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
+                            "not read further")
         return data
 
     def search(self, queries, k=3):
@@ -331,12 +320,11 @@ def calculator(exprs):
     return out
 
 
-TRUNCATED = "... [truncated]"  # ends every observation cut at max_obs_chars, so the model (and a reader) can see it
+TRUNCATED = "... [truncated]"  # ends every clipped observation: the model (and a reader) sees the cut
 
 
 def clip_observation(text, max_chars):
-    """text cut to max_chars characters + TRUNCATED when longer (None = no limit). Idempotent: a clipped text clips to
-    itself, so a cached observation can go through it again."""
+    """text cut to max_chars + TRUNCATED when longer (None: no limit); idempotent, so a cached one can pass again."""
     if max_chars is None or len(text) <= max_chars:
         return text
     return text[:max_chars] + TRUNCATED
@@ -346,18 +334,13 @@ class ToolRegistry:
     """(tool name, argument) rows -> observation texts, one batched call per tool.
 
     Every failure is that row's observation, never an exception: unknown tool, empty or over-long argument, a tool that
-    raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Every observation longer than
-    max_obs_chars is cut to it and ends with TRUNCATED, before it is cached, logged or returned: a 10 MB search result
-    once made one rollout take 69 s and 3.6 GB (the engine tokenizes and appends all of it). Successful results go into
-    an LRU cache keyed by (tool, argument); repeated arguments within one batch reach the tool once.
-    Counters (reset_counts() zeroes them; snapshot() copies them, so a trainer can diff before / after a step):
-      counts[tool]      requests, whatever became of them (unknown names included);
-      real_counts[tool] distinct arguments that reached the tool, i.e. cache misses sent to it (timeouts and failures
-                        included: the tool did run); real_calls is their sum over tools;
-      cache_hits        requests answered from the cache or by a duplicate in the same batch;
-      errors            error observations returned, of any kind above (every row that gets one, duplicates included).
-    Set `log` to a list to have every successful real call appended as {"tool", "args", "observation"}, the observation
-    clipped as the model saw it (the rows world_model.py collect reads). Not thread-safe: one per rollout loop."""
+    raises or runs past timeout_s (its thread is abandoned; Python cannot kill it). Every observation is clipped to
+    max_obs_chars before it is cached, logged or returned: a 10 MB search result once made one rollout take 69 s and
+    3.6 GB. Successes go into an LRU cache keyed by (tool, argument); repeats within one batch reach the tool once.
+    Counters (reset_counts() zeroes, snapshot() copies them): counts[tool] requests; real_counts[tool] arguments that
+    reached the tool, failed or not (real_calls: their sum); cache_hits (cache or batch duplicate); errors (rows).
+    Set `log` to a list to have every successful real call appended as {"tool", "args", "observation"} (clipped: the
+    rows world_model.py collect reads). Not thread-safe: one per rollout loop."""
 
     def __init__(self, tools, cache_size=4096, timeout_s=30, max_arg_chars=1000, max_obs_chars=4000):
         self.tools, self.cache_size, self.timeout_s = dict(tools), cache_size, timeout_s
@@ -371,7 +354,7 @@ class ToolRegistry:
 
     @property
     def paid_calls(self):
-        """Arguments that reached a tool other than the local ones (LOCAL_TOOLS): the paper's count of real calls."""
+        """Arguments that reached a tool not in LOCAL_TOOLS: the paper's count of real calls."""
         return sum(n for name, n in self.real_counts.items() if name not in LOCAL_TOOLS)
 
     def reset_counts(self):
@@ -434,8 +417,8 @@ class ToolRegistry:
         return out
 
     def _call(self, name, args):
-        """One tool on a batch -> [(observation, ok)] per argument. A batch that raises is retried one argument at a
-        time, so one bad argument costs only its own row; a ToolError (e.g. server down) answers every row at once."""
+        """One tool on a batch -> [(observation, ok)]. A batch that raises is retried one argument at a time (a bad one
+        costs only its row); a ToolError (e.g. server down) answers every row at once."""
         try:
             obs = self.tools[name](args)
             if not isinstance(obs, list) or len(obs) != len(args) or not all(isinstance(o, str) for o in obs):
@@ -471,11 +454,9 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     p_search = sub.add_parser("search", help="print the observation for one or more queries")
     p_calc = sub.add_parser("calc", help="evaluate arithmetic with the calculator tool")
-    # Data
     p_search.add_argument("--corpus", help="JSONL corpus, one {\"id\", \"contents\"} per line (FlashRAG format)")
     p_search.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
     p_search.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
-    # Search
     p_search.add_argument("--url", help="query a retrieval server instead of a local corpus")
     p_search.add_argument("--api", choices=list(API_FIELDS), default="flashrag", help="request shape for --url")
     p_search.add_argument("-k", type=int, default=3, help="passages per query")

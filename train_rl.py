@@ -2,9 +2,8 @@
 RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's) or PPO over multi-turn rollouts in which the policy
 acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own observations:
 the internal world model of SFT stage 3), RL-stage 2 against the real tool; the paper's best schedule is
-`--sim-steps 80 --real-steps 16`. A step, one function per box: collect (engine.rollout: token ids in and out,
-loss_mask from the engine; rewards) -> score (old and reference log-probs) -> ADVANTAGES[--algo] (one function per
-algorithm, same signature) -> update (--ppo-epochs x --minibatches clipped updates); real tool calls counted.
+`--sim-steps 80 --real-steps 16`. A step, one function per box: collect (engine.rollout, rewards) -> score (old and
+reference log-probs) -> ADVANTAGES[--algo] -> update (--ppo-epochs x --minibatches clipped updates).
 
 Departures from the paper / the authors' verl code, and why:
   - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
@@ -17,15 +16,13 @@ Departures from the paper / the authors' verl code, and why:
     not change the score; a result block the policy wrote itself breaks the format.
   - GRPO divides by the group std (--grpo-std-norm, as verl/DeepSeekMath; the paper's formula only mean-centers).
     PPO (--algo ppo, not in the paper): ppo.py, a value head and GAE over the policy's own tokens.
-  - Tokens are scored under the distribution that sampled them: every log-prob, KL and entropy from logits /
-    --temperature (as verl); scoring at T=1 while sampling at 0.6 updates a policy that did not act (a non-zero update
-    on logits that do not affect reward: a path to entropy collapse). Top-p is not in the scored policy (verl neither).
-    `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested); --tis-cap C
-    weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
+  - Tokens are scored under the distribution that sampled them, logits / --temperature (as verl): scoring at T=1 while
+    sampling at 0.6 updates a policy that did not act (a path to entropy collapse). Top-p is not in the scored policy
+    (verl neither). `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested);
+    --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
     error observations are counted apart; the in-loop dev evaluation has its own registry, never counted.
   - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
-    --sim-greedy (observations written greedily), --sim-real-tools calculator (a free tool run for real): README.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
@@ -68,8 +65,7 @@ from tools import make_tools
 
 
 def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
-    """Scalar reward of one trajectory (SPEC 5): EM (or token F1) of the extracted answer when the RESPONSE keeps the
-    format (</think>, no action after it, a \\boxed{} after it), else format_penalty."""
+    """SPEC 5: EM (or token F1) of the answer if the response keeps the format (format_ok), else format_penalty."""
     if not format_ok(response_text)[0]:
         return format_penalty
     score = {"em": exact_match, "f1": f1}[kind]
@@ -89,10 +85,9 @@ def group_advantages(rewards, std_norm=True):
 
 def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
                 entropy_coef=0.0, tis_weight=None):
-    """Clipped surrogate + k3 KL to the reference + entropy bonus, ALL masked by loss_mask and divided by num_tokens
-    (masked-in tokens of the whole minibatch over ranks and micro-batches). tis_weight: per-token truncated importance
-    weight min(pi_old / pi_engine, C) on the surrogate, or None. Returns (loss, stats); each stat is a masked sum /
-    num_tokens, so summing it over micro-batches and ranks gives the minibatch mean."""
+    """Clipped surrogate (x tis_weight, min(pi_old / pi_engine, C) per token, unless None) + k3 KL to the reference +
+    entropy bonus, ALL masked and divided by num_tokens (of the minibatch over ranks and micro-batches). -> (loss,
+    stats): each stat a masked sum / num_tokens, so its sum over micro-batches and ranks is the minibatch mean."""
     # logp, old_logp, ref_logp, advantages, entropy, mask, tis_weight: (B, T); masked positions may hold anything
     m = mask.bool()
     log_ratio = (logp - old_logp).masked_fill(~m, 0.0)                   # masked before exp: no inf, no NaN gradient
@@ -140,15 +135,13 @@ ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo.advantages}
 
 
 def collate(seqs, pad_id, device):
-    """Right-pad sequences -> ids, attention (B, T), the loss mask of the next-token targets (B, T-1) and the engine's
-    log-prob of each target (B, T-1; 0 where the engine sampled nothing). Both masks line up with token_logprobs."""
+    """Right-pad -> ids, attention (B, T), the targets' loss mask and engine log-probs (B, T-1, as token_logprobs)."""
     columns = [(s["ids"], s["mask"], s["engine_logp"]) for s in seqs]
     ids, attention, mask, engine_logp = common.collate(columns, pad_id, device)
     return ids, attention, mask[:, 1:], engine_logp[:, 1:]
 
 
-def tool_usage(registry):
-    """A ToolRegistry's counters: real_calls = registry.paid_calls (the paper's cost); the others counted apart."""
+def tool_usage(registry):  # real_calls: the paper's cost (see the top of this file)
     return {"real_calls": registry.paid_calls, "calculator_calls": registry.real_counts.get("calculator", 0),
             "cache_hits": registry.cache_hits, "tool_errors": registry.errors}
 
@@ -157,8 +150,8 @@ COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_erro
 
 
 def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp, args, rank, world):
-    """This rank's rollouts of the step (prompt j -> rank j % world, all in one engine call; trajectory k of prompt j
-    seeded by (seed, step, j, k)) and their rewards -> (seqs, log: per-step sums over all ranks)."""
+    """This rank's rollouts of the step (prompt j -> rank j % world, all in one engine call) and their rewards ->
+    (seqs, log: the step's metrics over all ranks, response tokens over all ranks)."""
     js = list(range(rank, args.prompts_per_step, world))
     qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
     texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
@@ -175,8 +168,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
     for i, r in enumerate(rolls):
         golds = qs[i // args.group_size]["golden_answers"]
-        # the policy's own text: what a passage says can neither be the answer nor break (or fake) the format
-        R = reward(r.policy_text, golds, args.reward, args.format_penalty)
+        R = reward(r.policy_text, golds, args.reward, args.format_penalty)  # the policy's own text, no passage
         seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids), "reward": R,
                      "mask": [0] * len(r.prompt_ids) + list(r.loss_mask),
                      "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs)})
@@ -188,16 +180,14 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
             sums[k] += v
     after = tool_usage(real_tools)
     sums = all_sum_dict({**sums, **{k: after[k] - before[k] for k in after}})
-    n = sums.pop("n")
-    means = {k: sums[k] / n for k in ("reward", "em", "format_violation", "actions")}
+    means = {k: sums[k] / sums["n"] for k in ("reward", "em", "format_violation", "actions")}
     log = {"step": step + 1, "env": env_name, **means, **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
     return seqs, log, sums["tokens"]
 
 
 def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
-    """Old and reference log-probs (and old values) of every trajectory under logits / T, no grad, per micro-batch.
-    Minibatches are whole prompt groups in a fixed order (the same for any number of ranks).
-    -> (batches[minibatch][micro] dicts, logp_gap: mean |engine - trainer| log-prob over sampled tokens, all ranks)"""
+    """Old and reference log-probs (and old values) under logits / T, no grad, in minibatches of whole prompt groups
+    -> (batches[minibatch][micro] dicts, logp_gap: mean |engine - trainer| log-prob of sampled tokens, all ranks)"""
     per_minibatch = len(seqs) // args.minibatches
     batches, gap = [], torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), amp():
@@ -221,9 +211,8 @@ def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
 
 
 def update(model, value_head, params, optimizer, batches, amp, args, wrapped, world):
-    """--ppo-epochs passes, one optimizer step per minibatch: clipped surrogate + k3 KL + entropy (+ PPO's clipped value
-    loss), over the minibatch's masked-in tokens on all ranks. Every rank makes the same number of backward passes.
-    wrapped: model is fsdp.parallelize's DDP wrapper. -> (mean stats over the updates, a stop reason or None)"""
+    """--ppo-epochs passes, an optimizer step per minibatch (every rank the same number of backward passes); wrapped:
+    model is fsdp.parallelize's DDP wrapper. -> (mean stats over the updates, a stop reason or None)"""
     names = ["loss", "kl", "entropy", "clipfrac", "approx_kl"] + ["value_loss"] * (value_head is not None)
     stats = dict.fromkeys(names, 0.0)
     for epoch in range(args.ppo_epochs):
@@ -255,7 +244,6 @@ def update(model, value_head, params, optimizer, batches, amp, args, wrapped, wo
 
 
 def step_line(log, total_steps):
-    """The one log line per step."""
     return (f"step {log['step']}/{total_steps} {log['env']} | reward {log['reward']:.3f} | em {log['em']:.3f} | "
             f"fmt_bad {log['format_violation']:.2f} | act {log['actions']:.2f} | real {log['real_calls']}/"
             f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | logp_gap {log['logp_gap']:.1e} | "
@@ -274,8 +262,7 @@ def parse_args(argv=None):
     g.add_argument("--init", required=True, help="policy start checkpoint (paper: SFT-1&2&3), also the KL reference")
     g.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast; weights and optimizer stay float32")
-    g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2 per "
-                   "decoder layer, torchrun; fsdp.shard); rollouts gather the whole policy (fsdp.whole_model)")
+    g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2, torchrun)")
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl), shared format")
     g.add_argument("--questions", default="train.jsonl", help="RL's prompts, a file in --data (rl.jsonl of data.py "
@@ -312,8 +299,7 @@ def parse_args(argv=None):
     g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass (whole prompt groups each)")
     g.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--clip", type=float, default=0.2, help="ratio clip epsilon (PPO: the value clip too)")
-    g.add_argument("--tis-cap", type=float, default=0.0,
-                   help="truncated importance sampling: surrogate x min(pi_old / pi_engine, C) (0: off)")
+    g.add_argument("--tis-cap", type=float, default=0.0, help="surrogate x min(pi_old / pi_engine, C) (0: off)")
     g.add_argument("--kl-coef", type=float, default=1e-3, help="k3 KL-to-reference coefficient (0: no reference model)")
     g.add_argument("--entropy-coef", type=float, default=1e-3, help="entropy bonus coefficient")
     g.add_argument("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True, help="A /= std(r) too")
@@ -332,17 +318,16 @@ def parse_args(argv=None):
 
 
 def build_models(args, start, device, ddp):
-    """-> policy (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), frozen reference (None
-    when --kl-coef 0), the training module (DDP-wrapped policy under torchrun), tokenizer."""
+    """-> policy (float32 master weights: lr 7e-7 updates are below bfloat16's resolution), frozen reference (--init's,
+    also on --resume; None when --kl-coef 0), the training module (DDP-wrapped policy under torchrun), tokenizer."""
     torch.manual_seed(args.seed)  # a fresh value head is initialised from the global RNG: same seed, same head
     policy, tokenizer = load(start, device=device, value_head=args.algo == "ppo", seed=args.seed)
     if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
         policy.value_head = None
     policy.eval()  # dropout off for rollouts AND updates (see docstring)
     reference = None
-    if args.kl_coef > 0:  # the frozen KL reference: --init's weights, also when resuming
-        reference = load(args.init, device=device, seed=args.seed)[0]
-        reference.eval().requires_grad_(False)
+    if args.kl_coef > 0:
+        reference = load(args.init, device=device, seed=args.seed)[0].eval().requires_grad_(False)
     policy, model = fsdp.parallelize(policy, device, ddp, args.fsdp, args.bf16)  # model: the training forward's
     if args.fsdp and reference is not None:
         reference = fsdp.shard(reference, device, args.bf16)
@@ -350,8 +335,7 @@ def build_models(args, start, device, ddp):
 
 
 def main(argv=None):
-    """Under python or torchrun. The ranks are torn down once train() has returned and its DDP/FSDP modules are gone
-    (freed after destroy_process_group, one still holds the gloo group, whose destructor then hung or aborted)."""
+    """Under python or torchrun; the ranks are torn down once train()'s DDP/FSDP modules are gone (common.py)."""
     args = parse_args(argv)
     rank, world, device, ddp = setup_distributed(args.device)
     stop = train(args, rank, world, device, ddp)
@@ -454,15 +438,14 @@ def train(args, rank, world, device, ddp):
                     f"{1 - log['format_violation']:.2f} < {args.collapse_format} for {collapse_streak} steps "
                     f"(lower --lr, raise --entropy-coef or --kl-coef; --collapse-patience 0 disables this stop)")
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            with fsdp.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates
+            with fsdp.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates (greedy, real)
                 if master:
                     dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
                     eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-                    summary = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template,
+                    overall = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template,
                                        progress=False, max_new_tokens=args.max_new_tokens,
-                                       max_actions=args.max_actions, max_context=args.max_context)[0]  # greedy, real
-                    log.update(dev_em=summary["overall"]["em"], dev_f1=summary["overall"]["f1"],
-                               dev_actions=summary["overall"].get("num_actions"))
+                                       max_actions=args.max_actions, max_context=args.max_context)[0]["overall"]
+                    log.update(dev_em=overall["em"], dev_f1=overall["f1"], dev_actions=overall.get("num_actions"))
             if ddp:
                 dist.barrier()
         if master:

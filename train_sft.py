@@ -1,37 +1,28 @@
 """
 Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script, four stages.
 
-  base  plain language modelling on DIR/base.jsonl ({"text"}): every token trained, documents joined with eos and
-        packed into --max-len blocks (--no-pack: one row each). Not in the paper (it starts from R1-Distill, already a
-        reasoning model); here it turns the tiny random-init preset into a small "reasoning model" that knows the
-        world's known facts; on base_facts.jsonl with --no-pack it teaches SmolLM2 those facts alone (README, smollm2).
-  1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}).
-        P(x|c) = (1/|x|) sum_i log pi(x_i | c, x_<i) over the continuation's trained tokens,
-        L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)). No reference model.
+  base  plain language modelling on DIR/base.jsonl ({"text"}), documents joined with eos and packed into --max-len
+        blocks (--no-pack: one row each). Not in the paper (it starts from R1-Distill, a reasoning model): it makes
+        the tiny preset a small "reasoning model" that knows the world's known facts (SmolLM2: README, smollm2).
+  1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}):
+        L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)), P as mean_logprob. No reference model.
   2     CoT+CoA with observation mask (paper 3.2.3, *how* to act) on DIR/sft_mix.jsonl ({"question","segments"}):
         cross-entropy on the tokens the policy writes; observation tokens masked.
   3     CoT+CoA without observation mask (paper 3.2.4, internal world model): the same, observation tokens trained.
-        --wm-calls adds the teacher's real calls as one-action trajectories (query -> observation), so the policy
-        also learns what the tools return in the world it was trained on (not in the paper, whose trajectories come
-        from a 7B teacher on real data: on the tiny preset the renamed copies teach copying, not the world; README).
-Stages chain: base -> 1 -> 2 -> 3, each --init from the previous --out.
-
-Every training row is built from token ids, never by re-tokenising decoded text (SPEC section 3):
-model.encode_segments(tok, [prompt] + segments) tokenises each segment on its own and returns (ids, loss_mask,
-obs_mask); stage 3 passes train_obs=True. Both stage 2 and 3 log the observation-token loss ("obs_loss", no gradient
-in stage 2) so the world model's learning is visible.
+        --wm-calls adds the teacher's real calls as one-action trajectories (query -> observation): the policy learns
+        what the tools return in its world (not in the paper, whose teacher is a 7B on real data; on the tiny preset
+        the renamed copies teach copying, not the world: README).
+Stages chain: base -> 1 -> 2 -> 3, each --init from the previous --out. Rows: model.encode_segments (SPEC 3).
+Stages 2 and 3 log the observation-token loss ("obs_loss", no gradient in stage 2).
 
 How this departs from the paper / the original code (LLaMA-Factory), and why:
-- The loss of a step is sum(token losses) / (trained tokens in the whole GLOBAL batch), not a mean of per-device (or
-  per-micro-batch) means: every trained token weighs the same whatever the padding, the micro-batch or the number of
-  GPUs, so 1 process and N processes give the same loss curve. Stage 1 divides the per-pair losses by the pair count.
+- A step's loss is sum(token losses) / (trained tokens in the whole GLOBAL batch), not a mean of per-device means:
+  every trained token weighs the same whatever the padding, the micro-batch or the GPU count, so 1 process and N
+  processes give the same loss curve. Stage 1 divides the per-pair losses by the pair count.
 - Sequences longer than --max-len are dropped and counted, never cut (a cut could end a row mid-observation).
-- Rows are grouped by length (sorted within a shuffled buffer of --bucket-batches global batches) to keep padding low;
-  the log shows the share of pad tokens. When the data does not fill the last global batch of an epoch, it is filled
-  with the epoch's first examples, so every rank runs the same number of backward passes (DDP would hang otherwise).
-- --batch-size counts sequences (stage 1: pairs) per optimizer step across all ranks.
-- Defaults are sized for the tiny preset on CPU. The paper's settings for real models (R1-Distill-Qwen-7B):
-  stage 1 lr 5e-6, batch 16, 2 epochs; stages 2/3 lr 5e-5, batch 32, 2 epochs.
+- Rows are sorted by length within shuffled buffers of --bucket-batches global batches (less padding). An epoch's
+  last global batch is filled with its first examples: every rank runs as many backward passes (or DDP hangs).
+- Defaults are sized for the tiny preset on CPU; the paper's (R1-Distill-Qwen-7B) are in --lr, --batch-size, --epochs.
 
 Commands (DIR from `python data.py --out DIR`):
   python train_sft.py --stage base --init tiny --data DIR --out out/sft_base --max-len 256 --epochs 10 --batch-size 16
@@ -42,12 +33,7 @@ Commands (DIR from `python data.py --out DIR`):
   torchrun --standalone --nproc_per_node=8 train_sft.py --stage 2 --init smollm2 --data DIR --out out/sft2 \
       --lr 5e-5 --batch-size 32 --micro-batch 4 --bf16 --grad-checkpointing
   torchrun --standalone --nproc_per_node=8 train_sft.py ... --init QWEN_7B_DIR --bf16 --fsdp --grad-checkpointing
-      (the paper's 7B: FSDP2 shards weights, gradients and AdamW state; `python fsdp.py plan` shows the memory)
-Outputs and interrupted runs (common.py's one checkpoint format, as train_rl.py): OUT/ the final checkpoint,
-OUT/metrics.jsonl, OUT/resume/ (weights + trainer_state.pt: every --save-every steps and at the end). After a kill at
-any point, the final save included, rerun the same command with --resume: it continues from OUT/resume/ (a finished
-run only redoes its final save), drops the metrics rows of the steps it redoes, and ends with the same checkpoint and
-each step's row exactly once. Delete OUT/resume/ of a finished run to save disk (it holds the optimizer state).
+Outputs: common.py's checkpoint format (OUT/, OUT/metrics.jsonl, OUT/resume/); after a kill, rerun with --resume.
 """
 import argparse
 import json
@@ -63,14 +49,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fsdp
-from common import (CALL_FIELDS, collate, default_device, epoch_batches, load_resume_state, lr_factor,  # noqa: F401
+from common import (CALL_FIELDS, collate, default_device, epoch_batches, load_resume_state, lr_factor,
                     open_step_log, read_rows, resume_point, save_final, save_resume, setup_distributed,
                     teardown_distributed, token_logprobs)
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format
 from tools import action_close, action_open, format_observation
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
-# Default learning rates for the tiny random-init preset on CPU; the paper's for 7B models are in the docstring.
+# --lr defaults for the tiny preset on CPU (the paper's: --lr's help).
 STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
 # Arguments that fix the data order and the step count: --resume refuses a state saved with other values.
 RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches",
@@ -81,40 +67,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     # Model
     p.add_argument("--stage", required=True, choices=["base", "1", "2", "3"], help="SFT stage (see the docstring)")
-    p.add_argument("--init", default="tiny", help="'tiny' (random init; tokenizer from DIR/tokenizer), 'smollm2', "
-                   "or a checkpoint dir / HF model name")
+    p.add_argument("--init", default="tiny", help="tiny (random init; DIR/tokenizer), smollm2, a checkpoint or HF name")
     p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
                    "tokens to a pretrained tokenizer (resizes the embeddings; a new row starts at its first piece's)")
-    p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template for "
-                   "model.build_prompt (default: the one --init was trained with, else 'short'; 'autocoa' is the "
-                   "paper's long instruction). Prompts go through the tokenizer's chat template when it has one "
-                   "(SmolLM2's; the tiny tokenizer has none), then <think>: the run prints which")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                   help="--no-chat-template: drop the tokenizer's chat template, plain-text prompts (kept in the saved "
-                        "tokenizer, so every later stage and evaluate.py agree)")
+    p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template (default: the one "
+                   "--init was trained with, else 'short'; 'autocoa': the paper's long instruction)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="prompts through the "
+                   "tokenizer's chat template if any; --no-chat-template: plain text (saved, so later stages agree)")
     # Data
     p.add_argument("--data", default="out/world", help="data dir written by data.py (its default example: out/world)")
-    p.add_argument("--train-file", default=None, help="override the stage's file (default DIR/" + "{base,sft_pairs,"
-                   "sft_mix}.jsonl)")
-    p.add_argument("--train-copies", type=int, default=1, help="copies of the train file's rows (weights it against "
-                   "--wm-calls-copies)")
-    p.add_argument("--wm-calls", default=None, help="stage 3: also the world model's training calls (world_model.py "
-                   "collect, split train) as one-action trajectories: the policy learns the world's tool results")
+    p.add_argument("--train-file", default=None, help="the stage's file (default DIR/{base,sft_pairs,sft_mix}.jsonl)")
+    p.add_argument("--train-copies", type=int, default=1, help="copies of the train file's rows (vs --wm-calls-copies)")
+    p.add_argument("--wm-calls", default=None, help="stage 3: add world_model.py collect's train calls as trajectories")
     p.add_argument("--wm-calls-copies", type=int, default=1, help="copies of the --wm-calls rows")
     p.add_argument("--max-len", type=int, default=1024, help="longer rows are dropped and counted; base-stage block size")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="base stage: pack documents into --max-len blocks; --no-pack: one padded row per document "
-                        "(short fact documents over many passes: packed, a fixed block order lets the model recall a "
-                        "fact from the document before it instead of its own words: README, smollm2)")
-    p.add_argument("--bucket-batches", type=int, default=16,
-                   help="sort by length within shuffled buffers of this many global batches (less padding)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="base stage: documents packed "
+                   "into --max-len blocks; --no-pack: one row each (packed, facts are learnt from neighbours: README)")
+    p.add_argument("--bucket-batches", type=int, default=16, help="sort by length in shuffled sets of N global batches")
     # Optimization
     p.add_argument("--epochs", type=float, default=2, help="passes over the data (paper: 2)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in total (0: epochs)")
     p.add_argument("--batch-size", type=int, default=32, help="global batch: sequences (stage 1: pairs) per optimizer "
                    "step over all ranks (paper: 16 for stage 1, 32 for stages 2/3)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences (pairs) per forward pass on one rank; "
-                   "gradient accumulation makes up the rest")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences (pairs) per forward on one rank (accumulated)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per stage: " + str(STAGE_LR) +
                    "; paper: 5e-6 stage 1, 5e-5 stages 2/3)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup")
@@ -123,20 +98,16 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
     p.add_argument("--alpha", type=float, default=0.2, help="stage 1: weight of the auxiliary loss -P(chosen|c)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast; weights and optimizer stay float32 (GPU, or a "
-                   "CPU with AVX512-BF16/AMX: ~2x on the tiny preset)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU, or AVX512-BF16/AMX CPU); fp32 weights")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (GPU memory)")
-    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks "
-                   "(FSDP2 per decoder layer, torchrun; fsdp.shard): a 7B on 8 x 80 GB")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (torchrun): shard weights, gradients, AdamW over ranks")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the data order")
     p.add_argument("--device", default=default_device(), help="cpu or cuda (torchrun: one GPU per rank)")
     # Checkpointing
     p.add_argument("--out", required=True, help="output dir: save_pretrained checkpoint + run_args.json + metrics.jsonl")
     p.add_argument("--save-every", type=int, default=0, help="write OUT/resume/ every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (after a kill at any "
-                   "point; a finished run only redoes its final save); without it a run starts over")
-    p.add_argument("--max-steps-this-run", type=int, default=0,
-                   help="stop (after saving OUT/resume/) once this run has made N steps: simulates an interruption")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/ if it exists (else start over)")
+    p.add_argument("--max-steps-this-run", type=int, default=0, help="save OUT/resume/, stop after N steps (a kill)")
     args = p.parse_args(argv)
     args.lr = STAGE_LR[args.stage] if args.lr is None else args.lr
     args.template = checkpoint_template(args.init, args.template)  # the prompts the --init checkpoint was trained on
@@ -147,14 +118,18 @@ def parse_args(argv=None):
 # data: JSONL records -> rows of (ids, loss_mask, obs_mask), token ids in, token ids out
 
 def call_trajectories(path):
-    """The world model's training calls (world_model.py collect rows {"tool","args","observation","split"}) as
-    stage-3 records: the query is the question, the policy's one action, the real observation. Stage 3 on these makes
-    the policy a simulator of the world it was trained on (its internal world model); the calls are the teacher's,
-    held-out ones stay out (world_model.py eval measures the policy on them)."""
-    rows = [r for r in read_rows(path, CALL_FIELDS + ("split",)) if r["split"] == "train"]  # as world_model.py train
+    """The world model's training calls (world_model.py collect rows, split "train" as world_model.py train uses) as
+    stage-3 records: the query is the question, the policy's one action, the real observation (see --wm-calls)."""
+    rows = [r for r in read_rows(path, CALL_FIELDS + ("split",)) if r["split"] == "train"]
     return [{"question": r["args"], "segments": [
         {"kind": "policy", "text": f" {action_open(r['tool'])} {r['args']} {action_close(r['tool'])}"},
         {"kind": "obs", "text": format_observation(r["tool"], r["observation"])}]} for r in rows]
+
+
+def drop_long(examples, max_len):
+    """-> (the examples whose rows all fit in max_len tokens, how many did not)"""
+    kept = [ex for ex in examples if max(len(row[0]) for row in ex) <= max_len]
+    return kept, len(examples) - len(kept)
 
 
 def load_examples(tok, stage, path, max_len, template="short", pack=True):
@@ -163,54 +138,36 @@ def load_examples(tok, stage, path, max_len, template="short", pack=True):
     if stage == "base":
         docs = [tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 for r in read_rows(path, ("text",))]
-        if not pack:  # one row per document: a fact is then learnt from its own words, never from a fixed neighbour
-            kept = [d for d in docs if len(d) <= max_len]
-            return [[(d, [1] * len(d), [0] * len(d))] for d in kept], len(docs) - len(kept)
-        stream = [i for d in docs for i in d]
-        # documents are packed and attend across their eos boundaries, as in GPT pretraining: no padding, no waste
-        blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
-        return [[(b, [1] * len(b), [0] * len(b))] for b in blocks], 0
-
-    examples, dropped = [], 0
-    if stage == "1":
-        for r in read_rows(path, ("question", "prefix", "chosen", "rejected")):
-            prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
-            context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
-            rows = []
-            for continuation in (r["chosen"], r["rejected"]):
-                # a continuation cut short ("cut": true, teacher.decision_pairs) must not teach the answer to end there
-                ids, loss_mask, obs_mask = encode_segments(tok, continuation, add_eos=not r.get("cut", False))
-                # only the continuation counts in P(x|c): the shared context c gets mask 0
-                rows.append((context + ids, [0] * len(context) + loss_mask, context_obs + obs_mask))
-            if max(len(row[0]) for row in rows) > max_len:
-                dropped += 1
-            else:
-                examples.append(rows)
-        return examples, dropped
-
-    return encode_trajectories(tok, read_rows(path, ("question", "segments")), stage, max_len, template)
+        if pack:  # documents attend across their eos boundaries, as in GPT pretraining: no padding, no waste
+            stream = [i for d in docs for i in d]
+            docs = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
+        return drop_long([[(d, [1] * len(d), [0] * len(d))] for d in docs], max_len)
+    if stage != "1":
+        return encode_trajectories(tok, read_rows(path, ("question", "segments")), stage, max_len, template)
+    examples = []
+    for r in read_rows(path, ("question", "prefix", "chosen", "rejected")):
+        prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
+        context, _, context_obs = encode_segments(tok, [prompt] + r["prefix"])
+        # no eos after a continuation cut short ("cut", teacher.decision_pairs); the shared context c gets mask 0
+        rows = [encode_segments(tok, c, add_eos=not r.get("cut", False)) for c in (r["chosen"], r["rejected"])]
+        examples.append([(context + ids, [0] * len(context) + loss, context_obs + obs) for ids, loss, obs in rows])
+    return drop_long(examples, max_len)
 
 
 def encode_trajectories(tok, records, stage, max_len, template="short"):
-    """Stage 2/3 examples of {"question", "segments"} records (stage 3 trains the observation tokens too).
-    Returns (examples, number dropped for being over max_len)."""
-    examples, dropped = [], 0
+    """Stage 2/3 examples of {"question", "segments"} records (stage 3 trains observations) -> as load_examples."""
+    examples = []
     for r in records:
         prompt = {"kind": "prompt", "text": build_prompt(tok, r["question"], template)}
-        row = encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)
-        if len(row[0]) > max_len:
-            dropped += 1
-        else:
-            examples.append([row])
-    return examples, dropped
+        examples.append([encode_segments(tok, [prompt] + r["segments"], train_obs=(stage == "3"), add_eos=True)])
+    return drop_long(examples, max_len)
 
 
 # -----------------------------------------------------------------------------
 # losses (the next-token log-probs come from common.token_logprobs: the one shift)
 
 def mean_logprob(logp, mask):
-    """P(x|c) = 1/|x| sum_i log pi(x_i | c, x_<i) over the continuation x (mask = its trained tokens).
-    logp, mask: (R, T-1) -> (R,)"""
+    """P(x|c) = 1/|x| sum_i log pi(x_i | c, x_<i) over the continuation x (mask: its trained tokens). (R,T-1) -> (R,)"""
     return (logp * mask).sum(1) / mask.sum(1)
 
 
@@ -222,9 +179,8 @@ def contrastive_loss(P_chosen, P_rejected, alpha):
 
 
 def main(args):
-    """The same file runs under python and torchrun. The ranks are torn down after train() returns, when the DDP/FSDP
-    modules in its frame are gone: one freed after destroy_process_group still holds the gloo group, whose destructor
-    then hung or aborted."""
+    """Under python or torchrun. The ranks are torn down after train() returns, its DDP/FSDP modules gone: one freed
+    after destroy_process_group still holds the gloo group, whose destructor then hung or aborted."""
     rank, world_size, device, ddp = setup_distributed(args.device)
     train(args, rank, world_size, device, ddp)
     teardown_distributed()
@@ -273,9 +229,7 @@ def train(args, rank, world_size, device, ddp):
         f"--batch-size {B} must be a multiple of --micro-batch {m} x world size {world_size}"
     accum_steps = B // (m * world_size)   # micro-steps per rank per optimizer step
     steps_per_epoch = math.ceil(len(examples) / B)
-    total_steps = math.ceil(steps_per_epoch * args.epochs)
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = min(math.ceil(steps_per_epoch * args.epochs), args.max_steps or math.inf)
     warmup_steps = int(args.warmup_ratio * total_steps)
     unit = "pairs" if args.stage == "1" else "sequences"
     log(f"stage {args.stage} | {path}: {len(examples)} {unit}, {dropped} dropped as longer than --max-len "
@@ -287,8 +241,7 @@ def train(args, rank, world_size, device, ddp):
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     # -------------------------------------------------------------------------
-    # resume: optimizer, step and RNG (the weights came from OUT/resume above); the data order is a function of
-    # (seed, epoch, step), so the resumed run sees exactly the batches the interrupted one would have
+    # resume: optimizer, step and RNG (weights: loaded above); the data order is a function of (seed, epoch, step)
     step = 0
     if resume_dir:
         state = load_resume_state(resume_dir)
@@ -306,18 +259,16 @@ def train(args, rank, world_size, device, ddp):
         log(f"resumed from {resume_dir} at step {step}")
 
     def save_state():
-        # every rank calls it (under FSDP gathering the weights and the optimizer state is a collective); rank 0
-        # writes, with its own RNG only: ranks differ only if the model uses dropout (the presets do not)
+        # every rank calls it (FSDP: gathers are collectives); rank 0 writes its own RNG (ranks differ only by dropout)
         weights, optimizer_state = fsdp.full_state_dict(raw_model), fsdp.optimizer_state(raw_model, optimizer)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "cuda": torch.cuda.get_rng_state() if cuda else None}
         if master:
             state = {"optimizer": optimizer_state, "step": step, "rng": rng, "args": vars(args)}
-            save_resume(raw_model, tok, args.out, vars(args), state, weights)  # weights: FSDP's gathered, else None
+            save_resume(raw_model, tok, args.out, vars(args), state, weights)
 
     # -------------------------------------------------------------------------
     # training loop
-    # rows after the resume step are redone: dropped (all of them when the run starts over)
     metrics_file = open_step_log(os.path.join(args.out, "metrics.jsonl"), step > 0, step) if master else None
     start_step = step
     batches, batches_epoch = None, -1
@@ -336,16 +287,12 @@ def train(args, rank, world_size, device, ddp):
         # processes see the same micro-batches. The normaliser counts the whole global batch (known to every rank).
         micro_batches = [batch[k * m:(k + 1) * m] for k in range(rank, B // m, world_size)]
         shift = slice(1, None)  # masks are per token; a token is predicted from the one before it
-        if args.stage == "1":
-            normaliser = float(B)
-        else:
-            normaliser = float(sum(sum(ex[0][1][shift]) for ex in batch))
+        normaliser = float(B) if args.stage == "1" else float(sum(sum(ex[0][1][shift]) for ex in batch))
         obs_count = float(sum(sum(row[2][shift]) for ex in batch for row in ex))
         sums = torch.zeros(7, device=device)  # loss, obs nll, P_chosen, P_rejected, correct, pad tokens, all tokens
         for k, examples_k in enumerate(micro_batches):
-            wrapped = model is not raw_model  # DDP: all-reduce the gradients on the last micro-batch only
-            sync = nullcontext() if (not wrapped or k == len(micro_batches) - 1) else model.no_sync()
-            with sync:
+            # DDP (a wrapper): all-reduce the gradients on the last micro-batch only
+            with nullcontext() if model is raw_model or k == len(micro_batches) - 1 else model.no_sync():
                 # One padded tensor per row kind: stage 1 forwards its chosen rows, then its rejected rows (their
                 # lengths differ a lot, one tensor for both would be a third padding); one backward for both.
                 logps, masks = [], []
@@ -368,7 +315,7 @@ def train(args, rank, world_size, device, ddp):
                 # DDP averages gradients over ranks; our loss is already a share of the global sum, so undo the mean
                 (loss * world_size).backward()
             sums[0] += loss.detach()
-        grad_norm = fsdp.clip_grad_norm(raw_model.parameters(), args.grad_clip)  # global norm, FSDP shards too
+        grad_norm = fsdp.clip_grad_norm(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ddp:
@@ -388,9 +335,9 @@ def train(args, rank, world_size, device, ddp):
         if args.stage == "1":
             metrics.update(P_chosen=s[2] / B, P_rejected=s[3] / B, margin=(s[2] - s[3]) / B, pair_acc=s[4] / B)
         if master:
-            shown = [f"step {step}/{total_steps}"] + [f"{k} {metrics[k]:.4f}" for k in
-                                                      ("loss", "obs_loss", "P_chosen", "P_rejected", "margin",
-                                                       "pair_acc") if metrics.get(k) is not None]
+            keys = [k for k in ("loss", "obs_loss", "P_chosen", "P_rejected", "margin", "pair_acc")
+                    if metrics.get(k) is not None]
+            shown = [f"step {step}/{total_steps}"] + [f"{k} {metrics[k]:.4f}" for k in keys]
             shown += [f"lr {lr:.2e}", f"pad {metrics['pad']:.0%}", f"{metrics['tok_per_s']:.0f} tok/s"]
             print(" | ".join(shown), flush=True)
             metrics_file.write(json.dumps(metrics) + "\n")
@@ -410,7 +357,7 @@ def train(args, rank, world_size, device, ddp):
             save_state()
         weights = fsdp.full_state_dict(raw_model)  # every rank (FSDP: a collective), rank 0 writes
         if master:
-            save_final(raw_model, tok, args.out, vars(args), weights)  # into OUT, file by file: logs, resume/ stay
+            save_final(raw_model, tok, args.out, vars(args), weights)
             log(f"saved {args.out}")
 
 

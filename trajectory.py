@@ -1,13 +1,7 @@
 """
-The per-row rules of the agent rollout (paper 2.1, Algorithm 1), shared by the batched engine (engine.py) and its
-oracle (tests/oracle.py): the result (Rollout), one row's state and phases (_Row), budgets and the forced answer
-(_limits, _settle), the transition after each sampled token (_on_token), close tags found by decoding
-(_completed_tag), the environment step (_environment: one batched tool call; limit, disabled or simulated observations),
-sampling (_sample, per-row generators) and policy_text. They sit apart from engine.py so that the engine file holds only
-the batched execution (KV cache, forwards, the steps of the loop) and the oracle runs the very same rules without any of
-it: what the oracle checks is the batching, not a second copy of the rules. The oracle (naive_rollout) runs them with
-no cache, one row at a time, a full forward per token, and finds tags only by decoding (so it also checks the engine's
-one-token fast path).
+The per-row rules of the agent rollout (paper 2.1, Algorithm 1), as a state machine over one row. The batched engine
+(engine.py, which re-exports Rollout and policy_text) and its test oracle (tests/oracle.py) run these very rules, so
+what the oracle checks is the batching, not a second copy of the rules. No command of its own.
 
 The rules, where they depart from the paper / the original code, and why:
 - Forced answer at the budget (paper Algorithm 1, lines 24-27): `answer_tokens` (plus the few tokens of the forced tags)
@@ -18,9 +12,6 @@ The rules, where they depart from the paper / the original code, and why:
 - env="sim" (RL stage 1): the policy writes the observation itself after "\\n<NAME_result>\\n" until it writes
   </NAME_result> (at most sim_obs_tokens, then the close is forced); those tokens are obs (loss_mask 0 unless
   train_sim_obs) and no tool is called.
-
-Imports model.py and tools.py only. engine.py imports it and re-exports Rollout and policy_text (callers import them
-from engine). No command of its own.
 """
 from dataclasses import dataclass, field
 
@@ -39,19 +30,17 @@ class Rollout:
     response_ids: list
     loss_mask: list        # 1 = the policy sampled it and it is trained on (SPEC 3)
     obs_mask: list         # 1 = observation (real, disabled/limit text, or simulated by the policy)
-    logprobs: list         # log-prob of the sampled token under the distribution it was drawn from (logits / T,
-                           # renormalised over the top-p nucleus); 0.0 where injected
+    logprobs: list         # log-prob under the distribution it was sampled from (_sample); 0.0 where injected
     text: str              # decoded response (special tokens kept: the tags may be special tokens)
-    policy_text: str       # the response as the POLICY wrote it: each observation replaced by its empty result block,
-                           # so answer extraction and the format check never read tool output (OBSERVATION_STUB)
+    policy_text: str       # the response as the POLICY wrote it, observations emptied (policy_text())
     num_actions: dict      # tool name -> actions the row emitted (past max_actions too)
     real_calls: int        # tool requests this row sent to the ToolRegistry (its cache may still answer some)
     sim_obs: int           # observations the policy wrote itself (env="sim")
     stop_reason: str       # "eos" | "max_new_tokens" | "max_context" | "forced_answer"
 
 
-GEN, SIM, ANSWER, DONE = "gen", "sim", "answer", "done"  # row phases: thinking/acting, writing a sim observation,
-                                                          # writing the forced answer, finished
+# row phases: thinking/acting, writing a sim observation, writing the forced answer, finished
+GEN, SIM, ANSWER, DONE = "gen", "sim", "answer", "done"
 
 
 @dataclass
@@ -88,7 +77,6 @@ class _Setup:
     sim_real: tuple         # env="sim": tools called for real all the same (free and exact ones: the calculator)
     sim_greedy: bool        # env="sim": the simulated observations are the argmax (the policy's own tokens sampled)
     tags: dict              # close tag text -> ("action"|"result"|"think", tool name)
-    names: list
     think_ids: list         # "</think>\n", the forced-answer switch
     reserve: int            # context tokens kept free for the forced tags + answer
 
@@ -114,17 +102,15 @@ def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answ
     think_ids = enc(THINK_CLOSE + "\n")
     sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
     return _Setup(tokenizer, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-                  train_sim_obs, tuple(sim_real), sim_greedy, tags, names, think_ids,
+                  train_sim_obs, tuple(sim_real), sim_greedy, tags, think_ids,
                   answer_tokens + len(think_ids) + sim_tags)
 
 
 def _limits(row, s):
     """-> (max sampled tokens, max response length, max tokens in this phase) for the row's current phase."""
     big = 1 << 30
-    if row.phase == ANSWER:
-        return s.max_new_tokens, s.max_context - row.prompt_len, s.answer_tokens
-    if row.phase == GEN and row.thought_closed:  # writing its own answer: the reserve is its to use
-        return s.max_new_tokens, s.max_context - row.prompt_len, big
+    if row.phase == ANSWER or row.phase == GEN and row.thought_closed:  # answering: the reserve is its to use
+        return s.max_new_tokens, s.max_context - row.prompt_len, s.answer_tokens if row.phase == ANSWER else big
     cap = s.sim_obs_tokens if row.phase == SIM else big
     return s.max_new_tokens - s.answer_tokens, s.max_context - s.reserve - row.prompt_len, cap
 
@@ -132,8 +118,7 @@ def _limits(row, s):
 def _watched(row, s):
     """Close tags that end something for this row now."""
     if row.phase == GEN:
-        return [t for t, (kind, _) in s.tags.items()
-                if kind == "action" or (kind == "think" and not row.thought_closed)]
+        return [t for t, (kind, _) in s.tags.items() if kind == "action" or kind == "think" and not row.thought_closed]
     if row.phase == SIM:
         return [result_close(row.sim_name)]
     return []
@@ -211,8 +196,7 @@ def _environment(rows, segment_texts, tools, s):
             observe(row, name, LIMIT_MESSAGE)
         elif s.env == "none":
             observe(row, name, TOOLS_DISABLED)
-        elif s.env == "sim" and name not in s.sim_real:  # the policy writes the observation text itself, after
-            # the forced open tag (the reserve always has room for it)
+        elif s.env == "sim" and name not in s.sim_real:  # the policy writes it (the reserve fits this open tag)
             _queue(row, s.tokenizer.encode(f"\n{result_open(name)}\n", add_special_tokens=False), 0, 1)
             row.phase, row.sim_name, row.phase_count, row.sim_obs = SIM, name, 0, row.sim_obs + 1
             row.obs_names.append(name)
@@ -241,9 +225,8 @@ def _generators(seed, batch, device):
 
 def _sample(logits, temperature, top_p, greedy, generator):
     """logits (B, V) -> token (B,), logprob (B,) of the token under the distribution it was drawn from: softmax(z / T),
-    renormalised over the top-p nucleus when top_p < 1 (the RL trainer scores softmax(z / T) and, with --tis-cap,
-    corrects the difference with these). generator: None, one generator, or a list with one per row (None: that row
-    takes the argmax and draws nothing)."""
+    renormalised over the top-p nucleus when top_p < 1 (the RL trainer's --tis-cap corrects with these). generator:
+    None, one generator, or a list with one per row (None: that row takes the argmax and draws nothing)."""
     logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, V)
     if greedy:
         token = logp.argmax(-1)
@@ -265,10 +248,9 @@ def _sample(logits, temperature, top_p, greedy, generator):
 
 
 def policy_text(tokenizer, ids, obs_mask, obs_names):
-    """The text the policy wrote: ids decoded with each observation span (a run of obs_mask 1) replaced by the empty
-    result block of its tool, format_observation(name, ""). Tool output (or, in env="sim", the policy's own simulated
-    observation) can then never supply the answer, a </think> or a tag; a result tag the policy wrote itself stays
-    visible, and evaluate.format_ok rejects it (a fabricated observation)."""
+    """The text the policy wrote: ids decoded with each observation span (a run of obs_mask 1) replaced by its tool's
+    empty result block, so tool output (or the policy's own simulated observation) never supplies the answer, a
+    </think> or a tag; a result tag the policy wrote itself stays visible, and evaluate.format_ok rejects it."""
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     parts, start, names = [], 0, iter(obs_names)
     for i in range(len(ids) + 1):
@@ -280,8 +262,8 @@ def policy_text(tokenizer, ids, obs_mask, obs_names):
 
 
 def _result(tokenizer, prompt, row, ids, loss, obs, logp):
-    n = len(ids) - 1 if ids and ids[-1] == tokenizer.eos_token_id and row.stop_reason in ("eos", "forced_answer") \
-        else len(ids)
+    ended = ids and ids[-1] == tokenizer.eos_token_id and row.stop_reason in ("eos", "forced_answer")
+    n = len(ids) - 1 if ended else len(ids)  # the texts leave out the eos
     return Rollout(list(prompt), ids, loss, obs, logp,
                    tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False),
                    policy_text(tokenizer, ids[:n], obs[:n], row.obs_names),
@@ -289,13 +271,10 @@ def _result(tokenizer, prompt, row, ids, loss, obs, logp):
 
 
 def _rows(prompts, s):
-    rows = []
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"prompt {i} is empty")
-        row = _Row(len(prompt))
-        if _limits(row, s)[1] <= 0:
+        if _limits(_Row(len(prompt)), s)[1] <= 0:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens: no room left under max_context={s.max_context} "
                              f"(which keeps {s.reserve} tokens for the forced answer)")
-        rows.append(row)
-    return rows
+    return [_Row(len(prompt)) for prompt in prompts]

@@ -8,8 +8,7 @@ Subcommands:
            rollout logs) into one deduplicated JSONL with a train / held-out split; held-out calls are flagged
            entity_seen (their top-1 passage occurs in some training observation) or not.
   train    a causal LM on  <begin_search> QUERY </end_search>\\n<search_result>\\n  ->  OBS\\n</search_result>,
-           loss on the observation tokens only (model.encode_segments: the call is a "prompt" segment, the observation a
-           "policy" segment, so the one mask rule of SPEC 3 is reused).
+           loss on the observation tokens only (the one mask rule of SPEC 3, through model.encode_segments).
   serve    the world model behind the same HTTP API as `server.py` (FlashRAG and Search-R1 shapes).
   eval     fidelity on held-out calls: answer-bearing fact recall, token F1 to the real observation, and reward
            agreement (same policy, same dev questions, real tools vs simulated), split by seen / unseen entity.
@@ -35,9 +34,8 @@ How this departs from the paper, and why:
   - Only "search" is simulated. The calculator stays the real calculator: computation is cheap and exact, so simulating
     it would only add errors.
   - Generation is greedy by default (a deterministic simulator makes rewards comparable with the real tool's).
-  - "Seen" is measured, not declared: a held-out call's entity is seen when its real top-1 passage occurs in some
-    training observation. The report also prints a "ceiling": the recall a perfect memoriser of the training
-    observations would reach (a fact the world model was never shown can only be guessed, i.e. hallucinated).
+  - "Seen" is measured, not declared (collect). The report also prints a "ceiling": the recall a perfect memoriser of
+    the training observations would reach (a fact the world model was never shown can only be guessed, hallucinated).
 
 Measured (tiny preset, `python data.py` default world, 1241 training calls, 24 epochs, lr 1e-3: ~23 min on 2 shared
 CPU cores): held-out calls of seen entities fact recall 0.825 (ceiling 0.913, top-1 facts 0.922, token F1 0.935);
@@ -75,7 +73,7 @@ from server import serve_tool, split_results
 from tools import BM25Index, action_close, action_open, make_tools, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
-# The world model's input and training example
+# The world model's training example; a policy's context as its own world model
 
 
 def wm_example(tokenizer, call):
@@ -86,8 +84,16 @@ def wm_example(tokenizer, call):
     return M.encode_segments(tokenizer, segments)
 
 
+def policy_sim_segments(tokenizer, tool, args, template="short"):
+    """The minimal context in which a POLICY plays its own world model: its usual prompt with the query standing in for
+    the question, then the call and the opened result tag, exactly as the engine's env="sim" would leave it. Like
+    wm_prompt it takes only the call, so the policy gets no gold answer either."""
+    return [{"kind": "prompt", "text": M.build_prompt(tokenizer, args.strip(), template)},
+            {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
+
+
 # -----------------------------------------------------------------------------
-# Fidelity metrics (pure functions of strings; tested on hand cases; server.split_results splits an observation)
+# Fidelity metrics (pure functions of strings, tested on hand cases)
 
 
 def passage_title(passage):
@@ -134,18 +140,6 @@ def fact_recall(facts, simulated_observation):
 def token_f1(simulated_observation, real_observation):
     """SQuAD token F1 between the two observation texts (evaluate.f1, so normalisation is the project's one)."""
     return f1(simulated_observation, [real_observation])
-
-
-# -----------------------------------------------------------------------------
-# Simulating observations: batched greedy generation that stops at the result's closing tag
-
-
-def policy_sim_segments(tokenizer, tool, args, template="short"):
-    """The minimal context in which a POLICY plays its own world model: its usual prompt with the query standing in for
-    the question, then the call and the opened result tag, exactly as the engine's env="sim" would leave it. Like
-    wm_prompt it takes only the call, so the policy gets no gold answer either."""
-    return [{"kind": "prompt", "text": M.build_prompt(tokenizer, args.strip(), template)},
-            {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
 
 
 # -----------------------------------------------------------------------------
@@ -220,11 +214,9 @@ def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, see
 
 def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e-3, warmup_ratio=0.05, max_len=512,
                       seed=0, log_every=10, bucket_batches=8):
-    """Teacher-forced cross-entropy on the observation tokens of wm_example(call), AdamW, warmup then cosine, on
-    common.py's batches, padding and log-probs (SFT stage 2's loss). Every input goes through wm_example, i.e.
-    wm_prompt(tool, args): the only way into the model."""
+    """Teacher-forced cross-entropy on the observation tokens of wm_example(call) (SFT stage 2's loss), AdamW, warmup
+    then cosine, on common.py's batches, padding and log-probs."""
     examples = [wm_example(tokenizer, c) for c in calls]  # (ids, loss_mask, obs_mask) rows
-    dropped = sum(len(ex[0]) > max_len for ex in examples)
     examples = [ex for ex in examples if len(ex[0]) <= max_len]  # never cut: a cut would end mid-observation
     assert examples, f"no call fits in --max-len {max_len}"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -232,8 +224,8 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
     total = math.ceil(epochs * steps_per_epoch)
-    print(f"train: {len(examples)} calls ({dropped} dropped as longer than {max_len} tokens) | batch {batch_size} | "
-          f"{steps_per_epoch} steps/epoch, {total} steps | lr {lr:g}", flush=True)
+    print(f"train: {len(examples)} calls ({len(calls) - len(examples)} dropped as longer than {max_len} tokens) | "
+          f"batch {batch_size} | {steps_per_epoch} steps/epoch, {total} steps | lr {lr:g}", flush=True)
     lengths = [len(ex[0]) for ex in examples]
     losses, t0 = [], time.time()
     model.train()
@@ -266,9 +258,8 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
 
 
 def fidelity_rows(calls, simulated, simulator, train_text=None):
-    """Per held-out call: its answer-bearing facts, their recall in the simulated observation, token F1 to the real.
-    train_text {entity: its training passages, joined}: "ceiling" is the recall of a perfect memoriser of the training
-    observations (a fact never shown in training cannot be recalled, only guessed)."""
+    """Per held-out call: its answer-bearing facts, their recall in the simulated observation, token F1 to the real,
+    and the "ceiling": their recall in train_text {entity: its training passages, joined}."""
     rows = []
     for call, sim in zip(calls, simulated):
         facts = answer_facts(call["args"], call["observation"])
@@ -305,9 +296,8 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
     """Greedy rollouts of one policy on the same questions with the real tools and with each simulator
     {name: (tools, env)}: fraction of questions whose EM reward is the same. A question counts as "seen" when every
     search of its REAL rollout has its top-1 passage among the world model's training observations."""
-    prompts = [M.encode_segments(tokenizer, [{"kind": "prompt", "text": M.build_prompt(tokenizer, q["question"],
-                                                                                       template)}])[0]
-               for q in questions]
+    texts = [M.build_prompt(tokenizer, q["question"], template) for q in questions]
+    prompts = [M.encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0] for t in texts]
 
     def rewards(tools, env):
         runs = engine.rollout(policy, tokenizer, prompts, tools, env=env, greedy=True,
@@ -372,8 +362,7 @@ def parse_args(argv=None):
     p_train.add_argument("--batch-size", type=int, default=16, help="calls per step")
     p_train.add_argument("--lr", type=float, default=1e-3,
                          help="peak learning rate (1e-3 suits the tiny preset; ~5e-5 a pretrained model)")
-    p_train.add_argument("--max-len", type=int, default=384,
-                         help="longest call + observation in tokens (longer: dropped)")
+    p_train.add_argument("--max-len", type=int, default=384, help="max tokens of call + observation (longer: dropped)")
     p_train.add_argument("--seed", type=int, default=0, help="init and data-order seed")
     p_train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p_train.add_argument("--fsdp", action="store_true", help="shard the model over torchrun's ranks (FSDP2; "
@@ -427,9 +416,7 @@ def main(args):
             raise ValueError(args.calls + (": no rows with split == train" if rows else
                                            ": no calls (the file is empty)"))
         torch.manual_seed(args.seed)
-        if args.init == "tiny":
-            assert args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
-        # --fsdp (torchrun): the model sharded for memory only; every rank trains on the same batches, rank 0 logs
+        assert args.init != "tiny" or args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
         rank, world, device, _ = common.setup_distributed(args.device) if args.fsdp else (0, 1, args.device, False)
         if rank:
             sys.stdout = open(os.devnull, "w")
@@ -448,8 +435,8 @@ def main(args):
         common.teardown_distributed()
 
     elif args.command == "serve":
-        serve_tool(load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size), args.host,
-                   args.port)
+        tools = load_world_model_tools(args.ckpt, args.max_obs_tokens, args.device, args.batch_size)
+        serve_tool(tools, args.host, args.port)
 
     elif args.command == "eval":
         assert args.wm or args.policy, "eval needs --wm and/or --policy"
