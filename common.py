@@ -1,17 +1,13 @@
 """
-What train_sft.py, train_rl.py and world_model.py share: ranks, padding, next-token log-probs (the ONE place targets
-are shifted) and RL's scoring forward, the LR schedule, typed JSONL input, the step log, checkpoints that survive a
-kill at any point, the separate world model as a tool. No command of its own; sharding (--fsdp) is fsdp.py's.
+What train_sft.py, train_rl.py and world_model.py share (README's table); sharding (--fsdp) is fsdp.py's.
 
-One checkpoint format for every stage:
-    OUT/                 the final checkpoint: a save_pretrained dir (+ run_args.json), loadable by plain transformers
-    OUT/metrics.jsonl    one row per step ("step" field), appended as the run goes
-    OUT/resume/          weights (model.save) + trainer_state.pt (step, optimizer, RNG, whatever the stage adds),
-                         written with save_resume every --save-every steps and once at the end
-A kill at any point loses nothing: resume/ is swapped in as a whole (resume_point also finds it half-way through the
-swap), the final checkpoint is moved INTO OUT file by file (the logs and resume/ never move), and since resume/
-already holds the last step when the final save starts, a rerun with --resume only redoes that save. On --resume the
-step log drops the rows of steps after the resume point, so every step's row is there exactly once.
+One checkpoint format for every stage (README "Checkpoints, resume"): OUT/ the final checkpoint, a save_pretrained dir
+(+ run_args.json); OUT/metrics.jsonl a row per step ("step" field); OUT/resume/ weights (model.save) + trainer_state.pt
+(step, optimizer, RNG, what the stage adds), written by save_resume every --save-every steps and once at the end.
+A kill at any point loses nothing: resume/ is built beside itself and swapped in whole, trainer_state.pt last
+(resume_point also finds it half-way through the swap); the final checkpoint is moved INTO OUT file by file (the
+logs and resume/ never move); since resume/ holds the last step when the final save starts, a rerun with --resume
+only redoes that save. On --resume the step log drops the rows after the resume point: every row exactly once.
 """
 import gc
 import json
@@ -64,19 +60,9 @@ def all_sum(x):
     return y.to(x.device)
 
 
-def all_gather_objects(obj):
-    """[rank 0's obj, rank 1's, ...] (pickled, any size); [obj] in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def all_sum_dict(d):
     """{name: number} summed over ranks."""
-    values = all_sum(torch.tensor([float(v) for v in d.values()], dtype=torch.float64))
-    return dict(zip(d, values.tolist()))
+    return dict(zip(d, all_sum(torch.tensor([float(v) for v in d.values()], dtype=torch.float64)).tolist()))
 
 
 # -----------------------------------------------------------------------------
@@ -84,8 +70,7 @@ def all_sum_dict(d):
 
 
 def collate(rows, pad_id, device):
-    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention mask, then each further column
-    padded with 0 (float32 if it holds floats, as RL's engine log-probs)."""
+    """rows of (ids, mask, ...) lists -> right-padded (R, T) tensors: ids, attention, each further column 0-padded."""
     T = max(len(r[0]) for r in rows)
 
     def pad(seqs, value):
@@ -103,8 +88,7 @@ def token_logprobs(logits, ids):
 
 
 def policy_forward(model, value_head, ids, attention, temperature=1.0, need_entropy=True):
-    """RL's forward under softmax(logits / temperature), the engine's sampling distribution -> per-target log-prob,
-    entropy (or None) and value (None without a value_head), each (B, T-1), aligned as token_logprobs'."""
+    """RL's forward under softmax(logits / temperature), as the engine samples -> logp, entropy, values (B, T-1)."""
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None)
     scaled = out.logits.float() / temperature                            # (B, T, V)
     logp = token_logprobs(scaled, ids)
@@ -115,8 +99,7 @@ def policy_forward(model, value_head, ids, attention, temperature=1.0, need_entr
 
 
 def epoch_batches(lengths, batch_size, bucket_batches, seed, epoch):
-    """Global batches (lists of example indices) for one epoch, identical on every rank: shuffle, fill the last batch
-    with the epoch's first examples, sort by length within buffers of bucket_batches batches, shuffle the batches."""
+    """One epoch's batches of example indices, the same on every rank: the last filled with the first examples."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     n = len(lengths)
     order = torch.randperm(n, generator=g).tolist()
@@ -139,7 +122,7 @@ def lr_factor(step, total_steps, warmup_steps, schedule, min_ratio):
 
 
 # -----------------------------------------------------------------------------
-# Input files: typed JSONL rows, errors that name file:line and the field
+# Input files: typed JSONL rows, errors that name file:line
 
 
 # The type of every field a reader may require: a wrong type fails at the line that has it, not later ("args": null
@@ -157,7 +140,7 @@ def json_type(value):
 
 
 def check_fields(row, fields, where, what="field"):
-    """Every field present and of its FIELD_TYPES type, else ValueError naming where (file:line) and the field."""
+    """-> row if every field is there with its FIELD_TYPES type, else ValueError naming where and the field."""
     for field in fields:
         if field not in row:
             raise ValueError(f"{where}: missing {what} '{field}'")
@@ -168,15 +151,12 @@ def check_fields(row, fields, where, what="field"):
             if not (isinstance(seg, dict) and seg.get("kind") in ("policy", "obs")
                     and isinstance(seg.get("text"), str)):
                 raise ValueError(f"{where}: {what} '{field}[{i}]' must be " '{"kind": "policy"|"obs", "text": str}')
+    return row
 
 
 def read_rows(path, fields=()):
     """Rows of a JSONL file, each with "_where" (file:line) added and its fields checked (check_fields)."""
-    rows = []
-    for where, row in read_jsonl(path):
-        check_fields(row, fields, where)
-        rows.append({**row, "_where": where})
-    return rows
+    return [{**check_fields(row, fields, where), "_where": where} for where, row in read_jsonl(path)]
 
 
 # -----------------------------------------------------------------------------
@@ -184,8 +164,7 @@ def read_rows(path, fields=()):
 
 
 def open_step_log(path, resume, start_step):
-    """A JSONL log of rows with a "step", opened for appending: on resume without the rows after start_step (redone)
-    and a last line cut short by a kill; else empty."""
+    """The step log, opened to append: on resume without rows after start_step or cut short by a kill; else empty."""
     kept = []
     if resume and os.path.exists(path):
         with open(path) as f:
@@ -212,8 +191,7 @@ def replace_dir(src, dst):
 
 
 def save_resume(model, tokenizer, out, args, state, state_dict=None):
-    """OUT/resume = weights (model.save) + trainer state, built beside it and swapped in as a whole. The state is
-    written last, so a dir holding trainer_state.pt is complete. state_dict: FSDP's gathered weights, else None."""
+    """OUT/resume (the top of this file). state_dict: FSDP's gathered weights or None."""
     tmp = os.path.join(out, ".resume.tmp")
     save(model, tokenizer, tmp, args, state_dict)
     torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
@@ -221,7 +199,7 @@ def save_resume(model, tokenizer, out, args, state, state_dict=None):
     replace_dir(tmp, os.path.join(out, "resume"))
 
 
-RESUME_DIRS = ("resume", ".resume.tmp", "resume.old")  # the state, its next version being built, the one moved aside
+RESUME_DIRS = (".resume.tmp", "resume", "resume.old")  # newest first; with trainer_state.pt (written last): complete
 
 
 def drop_leftovers(path, keep=False):
@@ -240,21 +218,17 @@ def resume_point(out, resume, master, ddp):
     resume_dir = os.path.join(out, "resume")
     if master:
         os.makedirs(out, exist_ok=True)
-        if resume:
-            for name in RESUME_DIRS:  # newest first: the newest complete one becomes OUT/resume
-                if os.path.exists(os.path.join(out, name, "trainer_state.pt")):
-                    if name != "resume":
-                        replace_dir(os.path.join(out, name), resume_dir)
-                    break
+        newest = next((n for n in RESUME_DIRS if os.path.exists(os.path.join(out, n, "trainer_state.pt"))), "resume")
+        if resume and newest != "resume":
+            replace_dir(os.path.join(out, newest), resume_dir)
         for name in RESUME_DIRS:  # what an interrupted save left behind (starting over: everything)
             drop_leftovers(os.path.join(out, name), keep=resume and name == "resume")
     if ddp:
         dist.barrier()
-    if resume and not os.path.exists(os.path.join(resume_dir, "trainer_state.pt")):
-        if master:
-            print(f"--resume: nothing saved in {resume_dir} yet, starting from scratch", flush=True)
-        return None
-    return resume_dir if resume else None
+    found = resume and os.path.exists(os.path.join(resume_dir, "trainer_state.pt"))
+    if resume and not found and master:
+        print(f"--resume: nothing saved in {resume_dir} yet, starting from scratch", flush=True)
+    return resume_dir if found else None
 
 
 def load_resume_state(resume_dir):
@@ -262,8 +236,7 @@ def load_resume_state(resume_dir):
 
 
 def save_final(model, tokenizer, out, args, state_dict=None):
-    """The final checkpoint INTO OUT, file by file (model.save builds it beside OUT first), so OUT's logs and resume/
-    never move. state_dict: FSDP's gathered weights, else None."""
+    """The final checkpoint, INTO OUT (the top of this file). state_dict: FSDP's gathered weights or None."""
     tmp = out.rstrip("/") + ".final.tmp"
     drop_leftovers(tmp)  # of a save a kill interrupted
     save(model, tokenizer, tmp, args, state_dict)
@@ -277,7 +250,7 @@ def save_final(model, tokenizer, out, args, state_dict=None):
 
 
 # -----------------------------------------------------------------------------
-# The separate world model (world_model.py) as a tool: its prompt, its generation, its registry
+# The separate world model (world_model.py) as a tool
 
 
 def wm_prompt(tool, args):

@@ -12,14 +12,10 @@ pool: "known" (its facts go into base.jsonl, the pretrained model's knowledge) o
 ONLY in the corpus). Relations leave a pool only towards the known pool, so no test question names what a training
 question named, and no training trajectory (SFT stage 3 trains on its observations) shows a test-pool fact.
 
-The corpus (FlashRAG JSONL, contents = '"Title"\\ntext'): each fact in one or two phrasings, some passages combining two
-facts, and distractors: shared first and family names, shared company stems ("Velmor Works", "Velmor Labs"), bands
-echoing company stems, "mention" passages without any asked fact. So BM25 top-3 for a natural query is usually right
-but not always, and a query about the wrong entity really fails.
-
-Questions: 1- to 4-hop (2Wiki-style noun phrases), comparison ("Who was born first, X or Y?") and arithmetic ("How many
-years after X was born was Y founded?"), each with golden_answers, type, hops and known (every needed fact is known);
-teacher.py answers them, which makes the SFT and world-model data.
+The corpus (FlashRAG JSONL, contents = '"Title"\\ntext') states each fact once or twice among similar names and
+"mention" passages: BM25 top-3 for a natural query is usually right but not always, and a query about the wrong entity
+really fails. Questions (teacher.make_question): 1- to 4-hop (2Wiki-style noun phrases), comparison and arithmetic,
+each with golden_answers, type, hops and known (every needed fact is known); teacher.py answers them.
 
 Departures from the paper (why): a generated world instead of Wikipedia + a 2021 dump (CPU budget, see above); BM25
 instead of e5 dense retrieval (no download); the teacher is a script, not a prompted large model (determinism, and its
@@ -43,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from functools import partial
 
 import teacher
 import tools
@@ -96,9 +93,12 @@ def get_args(argv=None):
     return args
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Names (teacher.make_word: a fictional word from a small syllable set, so the BPE vocabulary stays small)
+# Names (teacher.make_word), pools and question types (what each type asks: teacher.CHAINS and teacher.make_question)
 
 JOBS = ["painter", "chemist", "pilot", "teacher", "baker", "engineer", "writer", "singer", "farmer", "doctor"]
+POOLS = ["known", "train", "dev", "test"]
+QTYPES = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
+TYPE_SHARE = {"1hop": 0.22, "2hop": 0.24, "3hop": 0.16, "4hop": 0.1, "comparison": 0.14, "arithmetic": 0.14}
 
 
 def unique_words(rng, n, syllables, taken):
@@ -111,19 +111,12 @@ def unique_words(rng, n, syllables, taken):
     return out
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pools and question types (what each question type asks: teacher.CHAINS and teacher.make_question)
-
-POOLS = ["known", "train", "dev", "test"]
-QTYPES = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
-TYPE_SHARE = {"1hop": 0.22, "2hop": 0.24, "3hop": 0.16, "4hop": 0.1, "comparison": 0.14, "arithmetic": 0.14}
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The world
 
 
-def pick_in_pool(world, by_type, kind, pool, rng):
-    """A random entity of this kind that a `pool` entity may point to: its own pool or the known pool (see docstring),
-    so nothing about a test entity ever appears next to a train entity, in a fact or in a distractor."""
+def pick_in_pool(world, by_type, kind, subject, rng):
+    """A random entity of this kind that `subject` may point to: its own pool or the known pool (module docstring)."""
+    pool = world[subject]["pool"]
     allowed = ("known",) if pool == "known" else (pool, "known")
     cands = [n for n in by_type[kind] if world[n]["pool"] in allowed]
     if pool != "known" and rng.random() < 0.75:  # mostly same-pool, so unknown chains stay mostly unknown
@@ -142,14 +135,12 @@ def make_world(args, rng):
 
     taken, world = set(), {}
     by_type = {kind: [] for kind in ("country", "city", "person", "company", "band")}
-    for c in unique_words(rng, args.countries, [2, 3], taken):
-        world[c] = {"type": "country", "pool": "known"}
-        by_type["country"].append(c)
+    by_type["country"] = unique_words(rng, args.countries, [2, 3], taken)
+    world.update({c: {"type": "country", "pool": "known"} for c in by_type["country"]})
     sizes = {kind: pool_sizes(n) for kind, n in
              (("city", args.cities), ("person", args.people), ("company", args.companies), ("band", args.bands))}
     for pool in POOLS:
-        # Own name parts per pool: a query about a train entity cannot retrieve a test passage by a shared name word.
-        # In a pool, few first names and family names and company stems shared by 2-3 are the similar-name distractors.
+        # Name parts per pool (no train query finds a test passage by a shared word); shared in a pool: the distractors
         n_people, n_companies = sizes["person"][pool], sizes["company"][pool]
         firsts = unique_words(rng, max(3, n_people // 12), [2], taken)
         families = unique_words(rng, max(3, n_people // 2), [2, 3], taken)
@@ -172,25 +163,23 @@ def make_world(args, rng):
                     by_type[kind].append(name)
                     made += 1
 
-    def pick(kind, pool):
-        return pick_in_pool(world, by_type, kind, pool, rng)
-
+    pick = partial(pick_in_pool, world, by_type, rng=rng)
     for c in by_type["city"]:
         world[c]["located_in"] = rng.choice(by_type["country"])
     for p in by_type["person"]:
         e = world[p]
-        e["born_in"], e["birth_year"] = pick("city", e["pool"]), str(rng.randint(1900, 1979))
+        e["born_in"], e["birth_year"] = pick("city", p), str(rng.randint(1900, 1979))
         e["job"] = rng.choice(JOBS)
     for p in by_type["person"]:  # after all people exist
-        world[p]["employer"] = pick("company", world[p]["pool"])
+        world[p]["employer"] = pick("company", p)
     for c in by_type["company"]:
         e = world[c]
-        e["founded_by"], e["headquartered_in"] = pick("person", e["pool"]), pick("city", e["pool"])
+        e["founded_by"], e["headquartered_in"] = pick("person", c), pick("city", c)
         # founded 20-60 years after the founder's birth: arithmetic answers are positive and plausible
         e["founded_year"] = str(int(world[e["founded_by"]]["birth_year"]) + rng.randint(20, 60))
     for b in by_type["band"]:
         e = world[b]
-        e["signed_to"], e["formed_in"] = pick("company", e["pool"]), pick("city", e["pool"])
+        e["signed_to"], e["formed_in"] = pick("company", b), pick("city", b)
     return world, by_type
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,9 +202,7 @@ def make_corpus(world, by_type, rng):
                                   [(s, "born_in"), (s, "birth_year")]))
                 texts.append((s, f"{s} worked as a {e['job']}.", []))
     # Mention passages: an entity appears, no asked fact about it does (the title is the other entity).
-    def pick(kind, subject):
-        return pick_in_pool(world, by_type, kind, world[subject]["pool"], rng)
-
+    pick = partial(pick_in_pool, world, by_type, rng=rng)
     for p in by_type["person"]:
         if rng.random() < 0.5:
             texts.append((p, f"{p} once visited {pick('city', p)} on a long trip.", []))
@@ -228,10 +215,9 @@ def make_corpus(world, by_type, rng):
     rng.shuffle(texts)
     passages, stating = [], defaultdict(list)
     for i, (title, text, facts) in enumerate(texts):
-        pid = str(i)
-        passages.append({"id": pid, "contents": f'"{title}"\n{text}'})
+        passages.append({"id": str(i), "contents": f'"{title}"\n{text}'})
         for f in facts:
-            stating[f].append(pid)
+            stating[f].append(str(i))
     return passages, stating
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,33 +225,28 @@ def make_corpus(world, by_type, rng):
 
 
 def make_split(world, heads_of, split, n, known_share, seen_questions, rng):
-    """n questions for one split; unknown ones name only entities of this split's pool, known ones the known pool.
-    Known questions are few per type (4-hop needs a fully known band chain): dev and test are built first and must
-    get their quota; train makes up the known ones it cannot get with unknown ones."""
+    """n questions for one split. Known questions are few per type (4-hop needs a fully known band chain): dev and
+    test are built first and must get their quota; train makes up the known ones it cannot get with unknown ones."""
     out, shortfall = [], 0
     for qtype in QTYPES:
         n_type = round(n * TYPE_SHARE[qtype]) if qtype != QTYPES[-1] else n - len(out)
         n_known = round(n_type * known_share)
         for want_known, count in ((True, n_known), (False, n_type - n_known)):
             pool = "known" if want_known else split
-            count += shortfall if not want_known else 0
+            count += shortfall  # the known questions train could not make, else 0
             made, tries = 0, 0
-            while made < count:
+            while made < count and tries < 50 * count + 500:
                 tries += 1
-                if tries > 50 * count + 500:
-                    if split == "train" and want_known:
-                        shortfall = count - made
-                        break
-                    raise SystemExit(f"could not make {count} {qtype} questions (known={want_known}) for {split}: "
-                                     "world too small, raise --people/--companies/--bands")
-                q = teacher.make_question(world, heads_of, qtype, pool, want_known, rng)
+                q = teacher.make_question(world, heads_of[pool], qtype, pool, want_known, rng)
                 # known questions may repeat across splits only if the question text differs
-                if q is None or q["question"] in seen_questions:
-                    continue
-                seen_questions.add(q["question"])
-                out.append(q)
-                made += 1
-        shortfall = 0
+                if q is not None and q["question"] not in seen_questions:
+                    seen_questions.add(q["question"])
+                    out.append(q)
+                    made += 1
+            if made < count and not (split == "train" and want_known):
+                raise SystemExit(f"could not make {count} {qtype} questions (known={want_known}) for {split}: "
+                                 "world too small, raise --people/--companies/--bands")
+            shortfall = count - made
     rng.shuffle(out)
     for i, q in enumerate(out):
         q["id"] = f"{split}_{i}"
@@ -280,14 +261,11 @@ YEARS = range(1800, 2100)  # single tokens; world years are 1900-2039, renamed c
 def train_tokenizer(texts, vocab_size):
     """Byte-level BPE, action tags as single tokens, every year 1800-2099 one token, other digits split one by one.
 
-    Why a small vocabulary (--vocab-size, 1000 by default): with a large one whole names become tokens, and a test
-    entity's name is made of tokens no training text contains, which a small model cannot copy from a result.
-    Test-answer tokens never seen in sft_mix+base (default world): 1.3% at 1000, 5% at 1500, 60% at 3000; 0.2% at
-    600, but with 21% more tokens per trajectory.
-
-    Why whole years: the tiny model must COPY a year from a result into its reasoning (with four digit tokens it
-    wrote a likely one: 3 of 33 copied on dev after stage 2). They alone did not fix it (1 of 41; dev EM 11.7% vs
-    13.3% with digits); stage 3 on the renamed copies did (README), and digits were not re-measured with it."""
+    Why a small vocabulary (--vocab-size): with a large one whole names become tokens, and a test entity's name is
+    made of tokens no training text contains, which a small model cannot copy from a result. Test-answer tokens never
+    seen in sft_mix+base (default world): 1.3% at 1000, 5% at 1500, 60% at 3000; 0.2% at 600, with 21% more tokens
+    per trajectory. Why whole years: the model must COPY a year from a result; alone they made no measurable
+    difference, stage 3 on the renamed copies did (README "What the 3.5M-parameter model needed")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<eos>"] + tools.special_tokens()
@@ -322,9 +300,8 @@ def build(argv=None):
            "calc": tools.calculator, "stating": stating, "args": args}
 
     # --- questions: every question text unique across splits
-    heads_of = defaultdict(list)
-    for name, e in world.items():
-        heads_of[(e["type"], e["pool"])].append(name)
+    heads_of = {pool: {kind: [n for n in names if world[n]["pool"] == pool] for kind, names in by_type.items()}
+                for pool in POOLS}  # heads_of[pool][kind]: the entities a question of that pool may name
     seen = set()
     test = make_split(world, heads_of, "test", args.test, 1 / 3, seen, rng)
     dev = make_split(world, heads_of, "dev", args.dev, 1 / 3, seen, rng)
@@ -339,13 +316,9 @@ def build(argv=None):
     # --- base text: known facts in prose (several phrasings) + pure-CoT QA on known train questions
     base_facts = []
     for kind in ("city", "person", "company", "band"):
-        for s in by_type[kind]:
-            if world[s]["pool"] != "known":
-                continue
-            rels = [r for r, v in RELATIONS.items() if v[0] == kind]
-            for rep in range(args.base_fact_repeats):
-                base_facts.append(" ".join(RELATIONS[r][4][rep % len(RELATIONS[r][4])].format(s=s, o=world[s][r])
-                                           for r in rels))
+        rels = [r for r, v in RELATIONS.items() if v[0] == kind]
+        base_facts += [" ".join(RELATIONS[r][4][rep % len(RELATIONS[r][4])].format(s=s, o=world[s][r]) for r in rels)
+                       for s in by_type[kind] if world[s]["pool"] == "known" for rep in range(args.base_fact_repeats)]
     # The tokenizer sees only train-side text, as a real one never saw tomorrow's entities (see train_tokenizer)
     train_side = [p["contents"] for p in passages if world[p["contents"].split("\n")[0].strip('"')]["pool"]
                   in ("known", "train")]
@@ -358,10 +331,9 @@ def build(argv=None):
     base += [{"text": prompt_of(row["question"]) + "".join(s["text"] for s in row["segments"])} for row in cot]
     random.Random(args.seed + 4).shuffle(base)
 
-    # --- --test-extra, drawn last from their own RNG: every other file is the same bytes with or without them
+    # --- --test-extra, then --rl: drawn last from their own RNGs, so every other file is the same bytes (see --help)
     extra = make_split(world, heads_of, "test", args.test_extra, 1 / 3, seen, random.Random(args.seed + 5))
     splits["test"] = splits["test"] + [{**q, "id": f"test_{i}"} for i, q in enumerate(extra, len(splits["test"]))]
-    # --- RL's own questions (--rl), after those: entities SFT trajectories named, questions SFT never trained on
     rl = make_split(world, heads_of, "train", args.rl, args.known_questions, seen, random.Random(args.seed + 6))
     if rl:
         splits["rl"] = [{**q, "id": f"rl_{i}"} for i, q in enumerate(rl)]

@@ -1,8 +1,6 @@
 """
-The agent rollout engine (paper 2.1, Algorithm 1): multi-turn trajectories, batched over one KV cache, that stop
-exactly at an action; the observation is prefilled into the same cache while the other rows keep decoding. Token ids
-in, token ids and masks out (SPEC 3, as model.encode_segments). It runs trajectory.py's per-row rules batched, as the
-numbered steps of rollout()'s loop (tests/oracle.py runs them with no cache, one row at a time).
+The agent rollout engine (paper 2.1, Algorithm 1): trajectory.py's per-row rules batched over one KV cache, as the
+numbered steps of rollout()'s loop (distributed scripts call it on the unwrapped model, on every rank).
 
     from engine import rollout  # model, tok and prompt as in model.py's docstring
     rollouts = rollout(model, tok, [prompt] * 8, make_tools(corpus="data/corpus.jsonl"), env="real", temperature=0.6)
@@ -14,14 +12,13 @@ attention gets an additive float mask, "sdpa" a boolean one; other kernels misre
 How this departs from the original code (verl + vLLM), and why:
 - It generated each turn to EOS or 2048 tokens, cut the text at the first action and re-encoded the whole context every
   turn. Here a row stops at the token that completes `</end_NAME>` (zero tokens past it), the prefix is never
-  re-encoded, and masks come from token ids, never from re-tokenised text (SPEC 3).
+  re-encoded, and masks come from token ids, never from re-tokenised text (SPEC 3, as model.encode_segments).
 - A close tag of several text tokens is found on the decoded tail of the segment, a one-token tag by id. A BPE token
   that merges the tag's last ">" with more characters (">\\n") stops the row after it: still zero tokens past the tag.
-- Tool calls are batched over the rows that paused at the same step (often one): nobody idles, at the price of
-  smaller batches for a retrieval server's batch API.
-
-No command of its own: scripts import it. (Distributed scripts call rollout() on the unwrapped model on every rank.)
+- Tool calls are batched over the rows that paused at the same step (often one), their observations prefilled into the
+  cache while the other rows keep decoding: nobody idles, at the price of smaller batches for a retrieval server.
 """
+import contextlib
 import inspect
 from collections import namedtuple
 
@@ -39,12 +36,10 @@ _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 # What the engine needs from a model (module docstring), checked once per rollout()
 
 FORWARD_ARGS = ("input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep")
-MASK_FORMS = {"eager": "additive", "sdpa": "boolean", None: "boolean"}  # attention implementation -> 4-D mask form
 
 
 def _attention(model):
-    """The attention implementation: the one read of a private field (transformers has no public getter)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)  # private: no public getter
 
 
 def check_model(model):
@@ -52,8 +47,7 @@ def check_model(model):
     missing = []
     if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
         missing.append("a torch.nn.Module with parameters (the engine runs on their device)")
-    embeddings = getattr(model, "get_output_embeddings", lambda: None)()
-    if getattr(embeddings, "weight", None) is None:
+    if getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None) is None:
         missing.append("get_output_embeddings() returning the output layer (its rows are the vocabulary)")
     try:
         params = inspect.signature(model.forward).parameters
@@ -63,9 +57,8 @@ def check_model(model):
     if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params.values()):  # a wrapper's **kwargs: ok
         absent = [a for a in FORWARD_ARGS if a not in params]
         absent += [] if "cache" in params or "past_key_values" in params else ["cache (or past_key_values)"]
-        if absent:
-            missing.append(f"forward() arguments {', '.join(absent)}")
-    if _attention(model) not in MASK_FORMS:
+        missing += [f"forward() arguments {', '.join(absent)}"] if absent else []
+    if _attention(model) not in ("eager", "sdpa", None):
         missing.append(f"an attention implementation that takes a 4-D mask, 'eager' or 'sdpa' (this one is "
                        f"{_attention(model)!r}: load it with attn_implementation='sdpa' or call "
                        f"model.set_attn_implementation('sdpa'))")
@@ -78,37 +71,29 @@ def check_model(model):
 
 class _SlotCache(Cache):
     """KV cache where each row writes its new tokens into its OWN next free slots, so a forward may cover a subset of
-    the rows and a row that feeds nothing costs no slot. Buffers are preallocated and doubled when full. A retired
-    row's buffer row takes the last live row, so the live rows stay the first buffer rows, read as a view. A Cache
-    subclass (transformers 5 deprecates other objects); `kwarg`: "cache" (transformers 5) or "past_key_values"."""
+    the rows and a row that feeds nothing costs no slot; the live rows stay the first buffer rows (retire): a view."""
 
     def __init__(self, batch, device, model=None):
-        try:
+        with contextlib.suppress(TypeError):  # transformers 5 wants a Cache; its storage is unused
             super().__init__(layers=[])
-        except TypeError:  # signatures differ across transformers versions; its storage is unused
-            pass
         params = inspect.signature(model.forward).parameters if model is not None else {}
-        new_name = "cache" in params or ("past_key_values" not in params and _TRANSFORMERS_MAJOR >= 5)  # a wrapper's
-        self.kwarg = "cache" if new_name else "past_key_values"                                       # **kwargs
+        new_name = "cache" in params or ("past_key_values" not in params and _TRANSFORMERS_MAJOR >= 5)
+        self.kwarg = "cache" if new_name else "past_key_values"  # a wrapper's **kwargs: by version
         self.keys, self.values = [], []  # per layer: (B, H, capacity, D), indexed by buffer row
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # slots holding a real token
         self.free = [0] * batch          # next free slot per buffer row (host: sizes are known without a sync)
         self.where = list(range(batch))  # engine row -> buffer row
         self.order = list(range(batch))  # buffer row -> engine row; the first `live` are not retired
         self.live = batch
-        self.arange = torch.arange(batch, device=device)
-        self.index = self.slots = None
-        self.count = self.length = 0
-        self.additive = MASK_FORMS.get(_attention(model)) == "additive"  # the mask form (check_model)
+        self.additive = _attention(model) == "eager"  # the mask form (check_model)
 
     def retire(self, row):
         """Engine row `row` will never feed again: move the last live row into its buffer row."""
         a, b = self.where[row], self.live - 1
         self.live -= 1
         if a != b:
-            for buffers in (self.keys, self.values):
-                for buffer in buffers:
-                    buffer[a] = buffer[b]
+            for buffer in self.keys + self.values:
+                buffer[a] = buffer[b]
             self.valid[a] = self.valid[b]
             self.free[a] = self.free[b]
             moved = self.order[b]
@@ -116,13 +101,12 @@ class _SlotCache(Cache):
         self.where[row] = None
 
     def prepare(self, n, width, rows):
-        """Next forward: engine rows `rows` (list), inputs (len(rows), width) right-aligned, the last n[r] of row r real
-        (n: list). -> 4-D attention mask."""
+        """Next forward: engine rows `rows`, inputs (R, width) right-aligned, row r's last n[r] real -> 4-D mask."""
         device = self.valid.device
         buffer_rows = [self.where[i] for i in rows]
         self.count = len(buffer_rows)
         self.view = buffer_rows == list(range(self.count))  # the live rows in order: read as a view, else a copy
-        self.index = self.arange[:self.count] if self.view else torch.tensor(buffer_rows, device=device)
+        self.index = torch.arange(self.count, device=device) if self.view else torch.tensor(buffer_rows, device=device)
         free = [self.free[i] for i in buffer_rows]
         need = max(free) + width
         if need > self.valid.shape[1]:
@@ -161,32 +145,39 @@ class _SlotCache(Cache):
 
 
 def _forward(model, ids, n, position_ids, cache, rows):
-    """One cached forward of right-aligned inputs (the last n[r] slots of row r real) for engine rows `rows` (list) ->
-    next-token logits (R, V) at the last slot of each row (meaningful where n > 0)."""
     mask = cache.prepare(n, ids.shape[1], rows)  # no autocast of its own: the caller's (train_rl --bf16) applies
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
                 **{cache.kwarg: cache})
-    return out.logits[:, -1].float()
+    return out.logits[:, -1].float()  # (R, V) next-token logits, meaningful where n > 0
 
 
-# The one device->host copy of a step, a list per field with one entry per row: event (eos, a close tag or a candidate
-# one, a budget), eos, tag (index in _Batch.single of the watched one-token close tag it sampled, else -1), the
-# row's counters after the step (_Row.gen, .length, .phase_count), the token.
+# The one device->host copy of a step, a list per field (tag: the index in _Batch.single of a watched tag, else -1)
 _Events = namedtuple("_Events", "event eos tag gen length phase_count token")
 
 
 class _Batch:
-    """One rollout() call: the host rows (_Row), their device mirror, the KV cache, and the loop's steps as methods."""
+    """One rollout() call: host rows (_Row), their device mirror, the KV cache, and the loop's steps 1-7 as methods."""
 
     def __init__(self, model, tokenizer, prompts, rows, tools, s, seed):
         self.model, self.tok, self.prompts, self.rows, self.tools, self.s = model, tokenizer, prompts, rows, tools, s
         device = self.device = next(model.parameters()).device
-        B = len(prompts)
+        B, V = len(prompts), model.get_output_embeddings().weight.shape[0]
         self.generator = _generators(seed, B, device)
         self.arange = torch.arange(B, device=device)
-        self._tag_lookup(model.get_output_embeddings().weight.shape[0])
-        # Budgets and watched tags mirror the host rows (pushed at events only). The response buffers have one spare
-        # last column where rows that do not sample this step write (cheaper than a masked write).
+        # close tags: one token by id (tag_of_token), longer ones decoded if the new token holds a last character
+        ids = {tag: tokenizer.encode(tag, add_special_tokens=False) for tag in s.tags}
+        self.single = [(tag, x[0]) for tag, x in ids.items() if len(x) == 1]  # [(tag, its id)]
+        self.text_tags = [tag for tag, x in ids.items() if len(x) != 1]
+        self.tail = max((len(t) for t in self.text_tags), default=0) + 1
+        tag_of_token = torch.full((V,), -1, dtype=torch.long)
+        tag_of_token[[token_id for _, token_id in self.single]] = torch.arange(len(self.single))
+        could_end = torch.zeros(V, dtype=torch.bool)
+        if self.text_tags:
+            last_chars = {t[-1] for t in self.text_tags}
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            could_end[:len(pieces)] = torch.tensor([any(c in (p or "") for c in last_chars) for p in pieces])
+        self.tag_of_token, self.could_end = tag_of_token.to(device), could_end.to(device)
+        # device mirrors of the host rows, pushed at events; rows that do not sample write to a spare last column
         self.prompt_len = torch.tensor([len(p) for p in prompts], device=device)
         self.cap = cap = s.max_context - min(len(p) for p in prompts) + 1
         self.resp_ids = torch.full((B, cap + 1), tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -195,27 +186,12 @@ class _Batch:
         self.counters = torch.zeros(3, B, dtype=torch.long, device=device)  # gen, length, phase_count
         self.limits = torch.zeros(3, B, dtype=torch.long, device=device)    # their budgets (_limits)
         self.watch = torch.zeros(B, max(len(self.single), 1), dtype=torch.bool, device=device)
-        self.text_watch = torch.zeros(B, dtype=torch.bool, device=device)
+        self.text_watch, self.running = torch.zeros(2, B, dtype=torch.bool, device=device)
         self.sample_loss, self.sample_obs = torch.zeros(2, B, dtype=torch.long, device=device)  # its next token's masks
-        self.running = torch.zeros(B, dtype=torch.bool, device=device)
         self.is_running = [False] * B  # host copy of `running` (no sync to know whether anyone samples)
-
-    def _tag_lookup(self, V):
-        """Close tags that are one token are matched by id on the device (tag_of_token); the rest by decoding the tail
-        of the segment, only for rows whose new token contains a tag's last character (could_end)."""
-        ids = {tag: self.tok.encode(tag, add_special_tokens=False) for tag in self.s.tags}
-        self.single = [(tag, x[0]) for tag, x in ids.items() if len(x) == 1]  # [(tag, its id)]
-        self.text_tags = [tag for tag, x in ids.items() if len(x) != 1]
-        tag_of_token = torch.full((V,), -1, dtype=torch.long)
-        for i, (_, token_id) in enumerate(self.single):
-            tag_of_token[token_id] = i
-        could_end = torch.zeros(V, dtype=torch.bool)
-        if self.text_tags:
-            last_chars = {t[-1] for t in self.text_tags}
-            pieces = self.tok.convert_ids_to_tokens(list(range(len(self.tok))))
-            could_end[:len(pieces)] = torch.tensor([any(c in (p or "") for c in last_chars) for p in pieces])
-        self.tag_of_token, self.could_end = tag_of_token.to(self.device), could_end.to(self.device)
-        self.tail = max((len(t) for t in self.text_tags), default=0) + 1
+        self.cache = _SlotCache(B, device, model)  # prefill the prompts
+        self.next_logits = self.feed_chunks(list(range(B)), prompts, [0] * B)
+        self.push(list(range(B)))
 
     def push(self, indices):
         """Copy the host state of rows `indices` to the device (one small copy per tensor)."""
@@ -235,26 +211,15 @@ class _Batch:
         self.running[idx] = torch.tensor([self.is_running[i] for i in indices], device=device)
 
     def feed_chunks(self, rows, chunks, starts):
-        """One forward of token lists `chunks` for engine rows `rows`, right-aligned (left padding, at position 0 and
-        never attended to), chunk r's first token at position starts[r]. -> next-token logits (R, V)."""
+        """One forward of token lists `chunks` for engine rows `rows`, left-padded, chunk r from position starts[r]."""
         n = [len(c) for c in chunks]
         width = max(n)
-        ids = torch.full((len(chunks), width), self.tok.pad_token_id, dtype=torch.long)
-        for r, c in enumerate(chunks):
-            ids[r, width - n[r]:] = torch.tensor(c)
+        ids = torch.tensor([[self.tok.pad_token_id] * (width - len(c)) + list(c) for c in chunks])
         position = (torch.tensor(starts) - width + torch.tensor(n))[:, None] + torch.arange(width)
         return _forward(self.model, ids.to(self.device), n, position.clamp(min=0).to(self.device), self.cache, rows)
 
-    def prefill(self):
-        """Prefill the prompts into a new cache."""
-        self.cache = _SlotCache(len(self.prompts), self.device, self.model)
-        everyone = list(range(len(self.prompts)))
-        self.next_logits = self.feed_chunks(everyone, self.prompts, [0] * len(self.prompts))
-        self.push(everyone)
-
     def sample_and_record(self, temperature, top_p, greedy):
-        """Step 1: sample one token per row and write it to the response buffers (rows that do not sample write to the
-        spare column and draw nothing). s.sim_greedy: a simulated observation takes the argmax, logp 0. -> token (B,)"""
+        """Step 1: sample a token per row into the response buffers (s.sim_greedy: argmax, logp 0 if simulated)."""
         generator = ([g if r else None for g, r in zip(self.generator, self.is_running)]
                      if isinstance(self.generator, list) else self.generator)
         token, logp = _sample(self.next_logits, temperature, top_p, greedy, generator)
@@ -270,7 +235,6 @@ class _Batch:
         return token
 
     def stop_checks(self, token):
-        """Step 2: which rows have an event (eos, a watched close tag or a candidate, a budget), on the device."""
         eos = token == self.tok.eos_token_id
         tag = self.tag_of_token[token]
         tag_hit = (tag >= 0) & self.watch.gather(1, tag.clamp(min=0)[:, None])[:, 0]
@@ -280,7 +244,6 @@ class _Batch:
                                      token]).tolist())
 
     def on_events(self, ev):
-        """Step 3: the state machine (_on_token) for the rows with an event, on the host. -> those rows."""
         touched = [i for i, e in enumerate(ev.event) if e]
         for i in touched:
             row = self.rows[i]
@@ -293,7 +256,6 @@ class _Batch:
         return touched
 
     def call_tools(self, touched):
-        """Step 4: the rows that paused on an action THIS step get one batched tool call now; nobody waits."""
         paused = [i for i in touched if self.rows[i].action is not None]
         texts = [self.tok.decode(self.resp_ids[i, self.rows[i].seg_start:self.rows[i].length].tolist(),
                                  skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in paused]
@@ -318,8 +280,7 @@ class _Batch:
 
     def feed_cache(self, token, chunks):
         """Step 6: update next_logits: decoding rows feed their token over the live rows, injecting rows their chunks in
-        a second forward over those rows only (one forward over all B rows, padded to the widest chunk, processed 3x the
-        tokens and ran ~2x slower on the tiny CPU bench, batch 32)."""
+        a second forward over those rows only (one padded forward over all rows: 3x the tokens, ~2x slower on CPU)."""
         live = self.cache.order[:self.cache.live]  # not retired, in buffer order (read as a view)
         n = [int(self.is_running[i] and i not in chunks and self.rows[i].phase != DONE) for i in live]
         if any(n):
@@ -334,35 +295,26 @@ class _Batch:
             self.next_logits[torch.tensor(list(chunks), device=self.device)] = logits
 
     def retire_and_push(self, touched):
-        """Step 7: finished rows leave the cache; the touched rows' state goes to the device."""
         for i in touched:
             if self.rows[i].phase == DONE:
                 self.cache.retire(i)
         self.push(touched)
-
-    def results(self):
-        lists = [t.tolist() for t in (self.resp_ids, self.resp_loss, self.resp_obs, self.resp_logp)]
-        return [_result(self.tok, self.prompts[i], row, *(x[i][:row.length] for x in lists))
-                for i, row in enumerate(self.rows)]
 
 
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
             sim_obs_tokens=256, sim_greedy=False, sim_real_tools=()):
-    """Generate one trajectory per prompt (list of token ids). tools: a ToolRegistry ((name, arg) list -> texts).
-    env: "real" calls the tools, "sim" lets the policy write the observations, "none" answers "tools are disabled";
-    sim_greedy: the simulated observations are written greedily while the policy's own tokens are sampled;
-    sim_real_tools: names of tools that env="sim" still calls for real (a calculator costs nothing and is exact).
-    seed: an int, or one int per prompt (per-row generators). -> list[Rollout], in prompt order."""
+    """One trajectory per prompt (token ids) -> list[Rollout], in prompt order. tools: a ToolRegistry. env: "real" calls
+    the tools, "sim" lets the policy write the observations (greedily if sim_greedy; sim_real_tools: the tools it still
+    calls for real), "none" answers "tools are disabled". seed: an int, or one int per prompt (per-row generators)."""
     check_model(model)
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
                train_sim_obs, sim_real_tools, sim_greedy)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()
-    batch = _Batch(model, tokenizer, prompts, rows, tools, s, seed)
-    batch.prefill()
+    batch = _Batch(model, tokenizer, prompts, rows, tools, s, seed)  # 0. prefill the prompts
     while any(batch.is_running):
         token = batch.sample_and_record(temperature, top_p, greedy)  # 1. one token per running row, recorded
         events = batch.stop_checks(token)                             # 2. eos / tags / budgets; the one sync
@@ -372,4 +324,5 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
         batch.feed_cache(token, chunks)                               # 6. decode forward + injection forward
         batch.retire_and_push(touched)                                # 7. finished rows leave; state to device
     model.train(was_training)
-    return batch.results()
+    lists = [t.tolist() for t in (batch.resp_ids, batch.resp_loss, batch.resp_obs, batch.resp_logp)]
+    return [_result(tokenizer, prompts[i], row, *(x[i][:row.length] for x in lists)) for i, row in enumerate(rows)]

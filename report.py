@@ -1,16 +1,8 @@
 """
-From prediction records to the paper's numbers, tables and figures. evaluate.py scores each question; this file
-aggregates the scores: a run's summary (results.json: EM / F1 / cover-EM / LLM judge per dataset and averaged, success
-rate by number of actions, stop reasons), its results.md and by_actions.png (evaluate.py's CLI writes them with
-write_outputs), and Table 1 of a run.sh run.
-
-Table 1 on the embedded world (run.sh's last step) reads OUT/eval/LABEL/{results.json,predictions.jsonl} per row: EM
-per question type on unknown-entity questions (the model must act), EM on known-fact questions, their mean (avg), EM
-on unknown multi-hop, the share of known questions answered without acting, and the real tool calls RL spent. Under
-it, additions the paper does not print: each cell's 95% percentile-bootstrap interval (1000 resamples of the cell's
-questions, seed 0; avg resamples each of its columns), each RL row minus its starting checkpoint (RL_START) on the
-same questions with a paired bootstrap interval (on a test split this small, a few EM points can be noise), and
-Figure 3 (EM by 0-4+ actions, agent rows).
+From prediction records to the paper's numbers, tables and figures: evaluate.py scores each question, this file
+aggregates the scores into a run's summary (results.json), results.md and by_actions.png, and Table 1 of a run.sh run
+from OUT/eval/LABEL/{results.json,predictions.jsonl} per row: the cells world_table's note defines, under them the
+additions README's "The main job" lists (bootstrap intervals; on a test split this small, a few EM points can be noise).
 
 Usage (no model, no torch; run.sh's last step):
   python report.py --run out/tiny --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real \\
@@ -39,28 +31,24 @@ NO_ACTION_MODES = ("no-action", "workflow")
 
 
 def success_by_actions(predictions, buckets=FIG3_BUCKETS):
-    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, ... actions; the last bucket ("4+",
-    or "5+" of ACTION_BUCKETS) takes every larger count."""
+    """Figure 3: per sample, the share answered right (EM) among those with 0, 1, ... actions (last bucket: more)."""
     b = {k: {"n": 0, "correct": 0} for k in buckets}
-    for r in predictions:
-        for s in r.get("samples", [r]):
-            k = buckets[min(s["num_actions"], len(buckets) - 1)]
-            b[k]["n"] += 1
-            b[k]["correct"] += s["em"]
+    for s in (s for r in predictions for s in r.get("samples", [r])):
+        k = buckets[min(s["num_actions"], len(buckets) - 1)]
+        b[k]["n"] += 1
+        b[k]["correct"] += s["em"]
     return {k: {**v, "success_rate": v["correct"] / v["n"] if v["n"] else None} for k, v in b.items()}
 
 
 def _metrics(records, with_judge):
     """Mean metrics over prediction records (each already averaged over its samples)."""
-    n = len(records)
     keys = ["em", "f1", "cover_em", "mention", "format_ok", "answered", "num_actions"]
     keys += ["judge"] if with_judge else []
-    return {"n": n, **{k: sum(r[k] for r in records) / max(n, 1) for k in keys}}
+    return {"n": len(records), **{k: sum(r[k] for r in records) / max(len(records), 1) for k in keys}}
 
 
 def summarize(predictions, with_judge=False):
-    """Numbers for results.json from prediction records: overall, per dataset, per type, macro average (the paper's
-    Avg = mean over datasets), success by number of actions (Figure 3, counted per sample), stop reasons."""
+    """results.json's numbers: overall, per dataset and type, their mean (the paper's Avg), Figure 3, stop reasons."""
     summary = {"overall": _metrics(predictions, with_judge)}
     for field in ("dataset", "type"):
         groups = defaultdict(list)
@@ -92,8 +80,7 @@ def _md_table(head, rows):
 
 
 def format_table(rows, metric="em"):
-    """Table-1-like markdown: one row per run, one column per dataset (or type) and Avg.
-    rows: [(label, summary)]. Cells: `metric` x 100, "/ judge" appended when the run has a judge."""
+    """Table-1-like markdown of rows [(label, summary)]: `metric` % (" / judge" if any) per dataset (or type), Avg."""
     per = [s.get("by_dataset") or s.get("by_type") or {} for _, s in rows]
     groups = list(dict.fromkeys(g for p in per for g in p))  # in order of first appearance
 
@@ -136,15 +123,14 @@ def _plot(path, draw, figsize, ncols=1, **savefig):
         return False
     fig, axes = plt.subplots(1, ncols, figsize=figsize)
     draw(fig, axes)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, **savefig)
+    fig.savefig(path + ".tmp.png", **savefig)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.replace(path + ".tmp.png", path)
     return True
 
 
-def plot_by_actions(summary, path):
-    """Figure 3 of one run (counts, success rates) as a PNG -> whether written."""
+def write_outputs(out_dir, summary, predictions, label="run"):
+    """results.json, results.md, predictions.jsonl, by_actions.png (the run's Figure 3), each written atomically."""
     def draw(fig, axes):
         (ax1, ax2), b = axes, summary["by_actions"]
         ax1.bar(ACTION_BUCKETS, [b[k]["correct"] for k in ACTION_BUCKETS])
@@ -152,16 +138,11 @@ def plot_by_actions(summary, path):
         ax2.bar(ACTION_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in ACTION_BUCKETS])
         ax2.set(xlabel="#actions", ylabel="EM (%)", title="(b) success rate by #actions")
         fig.tight_layout()
-    return _plot(path, draw, (9, 3.5), ncols=2)
-
-
-def write_outputs(out_dir, summary, predictions, label="run"):
-    """results.json, results.md, predictions.jsonl (+ by_actions.png), each written atomically."""
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(os.path.join(out_dir, "predictions.jsonl"),
                  "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
     write_atomic(os.path.join(out_dir, "results.md"), format_results_md(summary, label))
-    plot_by_actions(summary, os.path.join(out_dir, "by_actions.png"))
+    _plot(os.path.join(out_dir, "by_actions.png"), draw, (9, 3.5), ncols=2)
     write_atomic(os.path.join(out_dir, "results.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -180,27 +161,23 @@ def world_cells(predictions):
         return {(r.get("dataset"), r["id"]): float(r["em"]) for r in rows}
     unknown = [r for r in predictions if not r.get("known")]
     known = [r for r in predictions if r.get("known")]
-    return {**{t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS},
-            "known": scores(known),
+    return {**{t: scores([r for r in unknown if r.get("type") == t]) for t in WORLD_COLUMNS}, "known": scores(known),
             "unknown_multihop": scores([r for r in unknown if r.get("type") in ("2hop", "3hop", "4hop")]),
             "known_no_action": scores([{**r, "em": r["num_actions"] == 0} for r in known])}  # 1 = answered w/o acting
 
 
 def bootstrap_ci(groups, n_boot=1000, seed=0):
-    """95% percentile bootstrap of mean-over-groups(mean of group): questions resampled with replacement within each
-    group (one group = one cell; AVG_OF = the avg cell; per-question differences = a paired difference of means)."""
+    """95% percentile bootstrap of mean-over-groups(mean of group), questions resampled within each group (cell_ci)."""
     rng = np.random.default_rng(seed)
     groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
     if not groups:
         return None, None
     stats = np.mean([g[rng.integers(0, len(g), (n_boot, len(g)))].mean(1) for g in groups], axis=0)  # (n_boot,)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(lo), float(hi)
+    return tuple(float(x) for x in np.percentile(stats, [2.5, 97.5]))
 
 
 def cell_ci(cells, cell, base_cells=None):
-    """A Table 1 cell with its bootstrap 95% interval -> {value, lo, hi, n questions}; with base_cells (another row),
-    the paired difference cell - base cell on the questions both rows answered (matched by dataset and id)."""
+    """A Table 1 cell -> {value, lo, hi, n}, bootstrap 95%; with base_cells: cell - base on questions both answered."""
     diffs = []
     for c in AVG_OF if cell == "avg" else [cell]:
         g, b = cells[c], base_cells[c] if base_cells else {}
@@ -209,16 +186,6 @@ def cell_ci(cells, cell, base_cells=None):
             diffs.append(d)
     return {"value": sum(sum(d) / len(d) for d in diffs) / len(diffs) if diffs else None,
             **dict(zip(("lo", "hi"), bootstrap_ci(diffs))), "n": sum(map(len, diffs))}
-
-
-def plot_fig3(fig3, path):
-    """Figure 3 of the run, a line per agent row, as a PNG -> whether written."""
-    def draw(fig, ax):
-        for label, b in fig3.items():
-            ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
-        ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
-        ax.legend(fontsize=7)
-    return _plot(path, draw, (6, 4), bbox_inches="tight")
 
 
 def world_row(predictions, model_dir):
@@ -277,17 +244,14 @@ def world_table(run_dir, labels, wall_seconds=None):
     md += ["", "## Figure 3: success rate (EM %, per sample) by number of actions, agent rows (n in brackets)", ""]
     md += _md_table(["row", *FIG3_BUCKETS], [[label] + [f"{_pct(b[k]['success_rate'])} ({b[k]['n']})"
                                                         for k in FIG3_BUCKETS] for label, b in fig3.items()])
-    extras = {"intervals": intervals, "paired": paired, "fig3": fig3}
-    return "\n".join(lines) + "\n" + note + "\n" + "\n".join(md) + "\n", rows, extras
+    return "\n".join(lines + [note] + md) + "\n", rows, {"intervals": intervals, "paired": paired, "fig3": fig3}
 
 
 # -----------------------------------------------------------------------------
 # RL over seeds (run.sh --rl-seed N) and the real-fraction curve (run.sh --curve)
 
-
 def rl_rows(run_dir, entries):
-    """entries {label: (eval dir, start label)} -> {label: avg and unknown-multihop EM with intervals, the paired
-    difference to run_dir/eval/START on the same questions, the real tool calls RL spent}."""
+    """{label: (eval dir, START)} -> {label: avg and unknown-multihop EM, paired gain over eval/START, real calls}."""
     out, starts = {}, {}
     for label, (eval_dir, start) in entries.items():
         args, predictions = read_eval(eval_dir)
@@ -301,8 +265,7 @@ def rl_rows(run_dir, entries):
 
 
 def seeds_report(run_dir):
-    """The RL rows of the main run (seed 0) and of every OUT/seedN: per seed, and the mean and sample std over seeds of
-    avg EM, its gain over the starting checkpoint, and the real calls spent."""
+    """The RL rows of seed 0 (the main run) and every OUT/seedN: per seed, then mean and sd of avg, gain, real calls."""
     def done(root):  # every RL row evaluated (a seed still running, or never run, is left out)
         return all(os.path.exists(os.path.join(root, "eval", label, "results.json")) for label in RL_START)
     seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir)
@@ -336,8 +299,7 @@ CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-
 
 
 def curve_report(run_dir):
-    """Final test EM against the share of RL steps on the real tool (k/6; k = 1 is the main run's rl-sim-real), from
-    SFT-1&2&3 at equal total steps, with intervals and the paired gain over SFT-1&2&3; a PNG with matplotlib."""
+    """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run)."""
     rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 1 else "curve", "eval", label), "sft-123")
                              for k, label in CURVE.items()})
     md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", ""]
@@ -362,10 +324,8 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
     p.add_argument("--rows", nargs="+", help="row labels, in table order (eval/LABEL must exist)")
     p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
-    p.add_argument("--seeds", action="store_true", help="instead: the RL rows over seed 0 and every OUT/seedN "
-                   "(run.sh --rl-seed N), mean and sd -> OUT/rl_seeds.{md,json}")
-    p.add_argument("--curve", action="store_true", help="instead: EM vs the share of real RL steps (run.sh --curve) "
-                   "-> OUT/curve.{md,json}, curve.png with matplotlib")
+    p.add_argument("--seeds", action="store_true", help="instead: RL rows over seed 0 and every OUT/seedN, mean and sd")
+    p.add_argument("--curve", action="store_true", help="instead: EM vs the share of real RL steps (run.sh --curve)")
     args = p.parse_args(argv)
     for flag, name, build in (("seeds", "rl_seeds", seeds_report), ("curve", "curve", curve_report)):
         if getattr(args, flag):
@@ -380,7 +340,13 @@ def main(argv=None):
     write_atomic(os.path.join(args.run, "results.md"), md)
     write_atomic(os.path.join(args.run, "results.json"),
                  json.dumps({"rows": rows, "wall_seconds": args.wall_seconds, **extras}, indent=2) + "\n")
-    png = plot_fig3(extras["fig3"], os.path.join(args.run, "results_fig3.png"))
+
+    def draw(fig, ax):  # Figure 3 of the run, a line per agent row
+        for label, b in extras["fig3"].items():
+            ax.plot(FIG3_BUCKETS, [100 * (b[k]["success_rate"] or 0) for k in FIG3_BUCKETS], marker="o", label=label)
+        ax.set(xlabel="#actions", ylabel="EM (%)", title="Success rate by number of actions (Figure 3)")
+        ax.legend(fontsize=7)
+    png = _plot(os.path.join(args.run, "results_fig3.png"), draw, (6, 4), bbox_inches="tight")
     print(md)
     print(f"wrote {args.run}/results.md and results.json" + (" and results_fig3.png" if png else ""))
 

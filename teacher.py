@@ -1,27 +1,19 @@
 """
 The embedded world's scripted teacher, the stand-in for the paper's R1-32B teacher: a library module data.py calls, no
-command of its own (synthesize.py is the same stage for real questions and a real teacher model).
+command of its own (synthesize.py is the same stage for real questions and a real teacher model). The world's
+language lives here too (names, relations, questions), so the world, its questions and the teacher share it.
 
 The scripted teacher answers with the REAL tools (BM25 over the corpus data.py writes, the calculator): a one-line
 plan of the facts the question needs ("Plan: label, then founder, then birth year."), then each fact recalled if its
 subject is known, else searched and, when not in the top-3, searched again (natural question -> name + relation
-words -> name alone, the title form). Its trajectories are the SFT data:
-    sft_cot.jsonl    pure CoT (no tools) on known questions
-    sft_coa.jsonl    CoA (tools) on the other questions
-    sft_mix.jsonl    1 CoT : 5 CoA (paper 3.2.1)
-    sft_mix_renamed.jsonl  sft_mix + renamed copies of its CoA rows (tiny preset, stages 2 and 3; "Renamed copies")
-    sft_pairs.jsonl  CoT+A contrastive pairs: the prefix stops where the reasoning meets the first knowledge gap.
-                     unknown: chosen = act and end right, rejected = guess without acting and end wrong.
-                     known:   chosen = answer from memory (right), rejected = an unnecessary search (also right),
-                     not a wrong guess: the pair should differ only in the decision to act, which is what stage 1
-                     teaches; a wrong guess would teach "be right", which the unknown pairs already do.
-    sft_pairs_decision.jsonl  250 + 250 of them cut after the decision token (decision_pairs)
-and its real calls on train and dev questions are the world model's data (tool_calls.jsonl).
-Segments hold the RESPONSE only: the prompt (model.build_prompt) ends with "<think>".
+words -> name alone, the title form). Its trajectories are the SFT data (CONTRACT.md "data.py": CoT on known
+questions, CoA on the others, their mix, its renamed copies, the pairs) and its real calls on train and dev questions
+the world model's (tool_calls.jsonl). A CoT+A pair's prefix stops where the reasoning meets the first knowledge gap:
+    unknown: chosen = act and end right, rejected = guess without acting and end wrong.
+    known:   chosen = answer from memory (right), rejected = an unnecessary search (also right), not a wrong guess:
+             the pair should differ only in the decision to act, which is what stage 1 teaches; a wrong guess
+             would teach "be right", which the unknown pairs already do.
 Departure from the paper: a script, not a prompted large model (why: data.py's docstring).
-
-The world's language lives here too, so the world, its questions and the teacher share it: the name maker, the
-relation table, the question chains and make_question, which writes each question's plan (the teacher's script).
 
 The teacher takes `env`, the world as it sees it (data.py builds it):
     world, by_type    the entities {name: {"type","pool",relation: value}} and the names per type
@@ -104,34 +96,23 @@ CHAINS = {
 # Questions and their plans: make_question writes the plan, the teacher follows it
 
 
-def noun_phrase(head, chain):
-    """'the founder of the label of The Morvans' for chain [signed_to, founded_by] (all but the last relation)."""
-    np = head
-    for r in chain:
-        np = f"the {RELATIONS[r][2]} of {np}"
-    return np
-
-
-def make_question(world, heads_of, qtype, pool, want_known, rng):
+def make_question(world, heads, qtype, pool, want_known, rng):
     """One question dict (with the internal fields "plan" and "named") or None if this draw does not fit.
-    heads_of[(kind, pool)]: the entities a question of this pool may name."""
-    def heads(kind):
-        return heads_of[(kind, pool)]
-
+    heads[kind]: the entities of this kind a question of this pool may name."""
     if qtype in CHAINS:
         chain = rng.choice(CHAINS[qtype])
-        head = rng.choice(heads(RELATIONS[chain[0]][0]))
-        steps, s = [], head  # (subject, relation, object) along the chain
+        head = rng.choice(heads[RELATIONS[chain[0]][0]])
+        steps, s, np = [], head, head  # steps: (subject, relation, object)
         for r in chain:
             steps.append((s, r, world[s][r]))
-            s = world[s][r]
-        question = RELATIONS[chain[-1]][3].format(s=noun_phrase(head, chain[:-1]))
+            question = RELATIONS[r][3].format(s=np)  # the last one stays: "Who founded the label of The Morvans?"
+            s, np = world[s][r], f"the {RELATIONS[r][2]} of {np}"
         answers = [steps[-1][2]]
         named = [head]
         plan = {"kind": "chain", "steps": steps}
     elif qtype == "comparison":
         kind, rel, verb = rng.choice([("person", "birth_year", "was born"), ("company", "founded_year", "was founded")])
-        a, b = rng.sample(heads(kind), 2)
+        a, b = rng.sample(heads[kind], 2)
         ya, yb = int(world[a][rel]), int(world[b][rel])
         if ya == yb:
             return None
@@ -140,8 +121,8 @@ def make_question(world, heads_of, qtype, pool, want_known, rng):
         named = [a, b]
         plan = {"kind": "comparison", "steps": [(a, rel, world[a][rel]), (b, rel, world[b][rel])], "verb": verb}
     else:  # arithmetic: a person and a company (its founder or not) of the same pool
-        c = rng.choice(heads("company"))
-        p = world[c]["founded_by"] if rng.random() < 0.5 else rng.choice(heads("person"))
+        c = rng.choice(heads["company"])
+        p = world[c]["founded_by"] if rng.random() < 0.5 else rng.choice(heads["person"])
         yp, yc = int(world[p]["birth_year"]), int(world[c]["founded_year"])
         if yc <= yp or world[p]["pool"] != pool:
             return None
@@ -160,26 +141,24 @@ def make_question(world, heads_of, qtype, pool, want_known, rng):
 
 
 def solve(q, env, act=True, rng=None, world=None):
-    """Solve one question: the segments (response only), the answer, the tool calls and per-step info.
-    act=True: recall known facts, search the others (reformulating when a result lacks the fact), use the calculator.
-    act=False: never act; an unknown fact is guessed with a random entity of the right type (rng), i.e. chance.
-    env: the module docstring's; world overrides env["world"] (known pairs). "gap": the policy text up to the first
-    unknown fact, where a CoT+A pair's prefix stops; "plan_text": the opening plan line."""
+    """One question's segments (response only), answer, tool calls and first-query hits; act=False guesses every
+    unknown fact (rng) instead. "gap": the policy text up to the first unknown fact, where a CoT+A pair's prefix stops.
+    env: the module docstring's; world overrides env["world"] (known pairs)."""
     world = world or env["world"]
     args, stating = env["args"], env["stating"]
-    segments, text, calls, first_hits, gap = [], "", [], [], None
+    segments, calls, first_hits, gap = [], [], [], None
     plan = q["plan"]
 
     # The plan line: after each fact the model reads its next step (or "." : answer now) here instead of re-parsing the
     # question; without it the tiny model ran on past a 1-hop answer into a 2-hop chain (README: dev EM 11.7% -> 30%).
     nouns = [RELATIONS[rel][2] for _, rel, _ in plan["steps"]]
     if plan["kind"] == "chain":
-        text = " Plan: " + ", then ".join(nouns) + "."
+        plan_text = " Plan: " + ", then ".join(nouns) + "."
     else:
         (a, _, _), (b, _, _) = plan["steps"]
         last = "compare" if plan["kind"] == "comparison" else "subtract"
-        text = f" Plan: {nouns[0]} of {a}, then {nouns[1]} of {b}, then {last}."
-    plan_text = text
+        plan_text = f" Plan: {nouns[0]} of {a}, then {nouns[1]} of {b}, then {last}."
+    text = plan_text
 
     def flush_policy():
         nonlocal text
@@ -232,22 +211,17 @@ def solve(q, env, act=True, rng=None, world=None):
             if s is None:
                 break
         answer = s
-    elif plan["kind"] == "comparison":
-        (a, rel, _), (b, _, _) = plan["steps"]
-        ya, yb = get_fact(a, rel), get_fact(b, rel)
+    else:  # comparison, or arithmetic (b's year minus a's)
+        (a, rel_a, _), (b, rel_b, _) = plan["steps"]
+        ya, yb = get_fact(a, rel_a), get_fact(b, rel_b)
         if ya is None or yb is None:
             answer = None
-        else:
+        elif plan["kind"] == "comparison":
             answer = a if int(ya) < int(yb) else b
-            early, late = (ya, yb) if int(ya) < int(yb) else (yb, ya)
+            early, late = sorted((ya, yb), key=int)
             text += f" {early} is before {late}, so {answer} {plan['verb']} first."
-    else:  # arithmetic
-        (p, _, _), (c, _, _) = plan["steps"]
-        yp, yc = get_fact(p, "birth_year"), get_fact(c, "founded_year")
-        if yp is None or yc is None:
-            answer = None
         elif act and not q["known"]:
-            expr = f"{yc} - {yp}"
+            expr = f"{yb} - {ya}"
             text += f" I need {expr}. {action_open('calculator')} {expr} {action_close('calculator')}"
             flush_policy()
             obs = env["calc"]([expr])[0]
@@ -256,8 +230,8 @@ def solve(q, env, act=True, rng=None, world=None):
             answer = obs.strip()
             text += f"So the difference is {answer}."
         else:  # from memory, the reasoning model does the subtraction itself
-            answer = str(int(yc) - int(yp))
-            text += f" {yc} - {yp} = {answer}."
+            answer = str(int(yb) - int(ya))
+            text += f" {yb} - {ya} = {answer}."
     answer = answer if answer is not None else "unknown"
     text += f" {THINK_CLOSE}\nThe answer is \\boxed{{{answer}}}"
     flush_policy()
@@ -270,34 +244,28 @@ def solve(q, env, act=True, rng=None, world=None):
 
 
 def run_all(splits, env):
-    """The teacher on every question (real tools), and the guessing teacher on the unknown ones (chance level).
-    Returns the runs by question id (the guess under "guess"), and summary.json's "teacher" and
-    "no_tool_accuracy_unknown_by_type" entries."""
-    stats, runs = {s: Counter() for s in splits}, {}
-    guess_rng, guess_by_type = random.Random(env["args"].seed + 1), defaultdict(list)
+    """The teacher on every question and the guessing one on the unknown ones: the runs by question id (the guess under
+    "guess"), and summary.json's "teacher" and "no_tool_accuracy_unknown_by_type" entries."""
+    runs, accuracy, guess_by_type = {}, {}, defaultdict(list)
+    guess_rng = random.Random(env["args"].seed + 1)
     for split, qs in splits.items():
+        st, guesses = Counter(), []
         for q in qs:
             runs[q["id"]] = r = solve(q, env)
-            st = stats[split]
-            st["n"] += 1
             st["correct"] += r["answer"] in q["golden_answers"]
             st["first_query"] += len(r["first_hits"])
             st["first_hit"] += sum(r["first_hits"])
             st["searches"] += sum(c["tool"] == "search" for c in r["calls"])
             if not q["known"]:
-                g = solve(q, env, act=False, rng=guess_rng)
-                st["unknown"] += 1
-                st["guess_correct"] += g["answer"] in q["golden_answers"]
-                guess_by_type[q["type"]].append(g["answer"] in q["golden_answers"])
-                runs[q["id"]]["guess"] = g
-    accuracy = {s: {"accuracy": round(st["correct"] / st["n"], 4),
-                    "first_query_top3_hit": round(st["first_hit"] / max(1, st["first_query"]), 4),
-                    "searches_per_question": round(st["searches"] / st["n"], 3),
-                    "no_tool_accuracy_unknown": round(st["guess_correct"] / max(1, st["unknown"]), 4)}
-                for s, st in stats.items()}
-    # all splits; chance is 1/2 for comparisons and about 1/(entities of the answer's type in reach) otherwise
-    guess_accuracy = {t: round(sum(v) / len(v), 4) for t, v in sorted(guess_by_type.items())}
-    return runs, accuracy, guess_accuracy
+                r["guess"] = solve(q, env, act=False, rng=guess_rng)
+                guesses.append(r["guess"]["answer"] in q["golden_answers"])
+                guess_by_type[q["type"]].append(guesses[-1])
+        accuracy[split] = {"accuracy": round(st["correct"] / len(qs), 4),
+                           "first_query_top3_hit": round(st["first_hit"] / max(1, st["first_query"]), 4),
+                           "searches_per_question": round(st["searches"] / len(qs), 3),
+                           "no_tool_accuracy_unknown": round(sum(guesses) / max(1, len(guesses)), 4)}
+    # guesses by type, all splits: chance is 1/2 for comparisons, about 1/(entities of the type in reach) otherwise
+    return runs, accuracy, {t: round(sum(v) / len(v), 4) for t, v in sorted(guess_by_type.items())}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # SFT data and tool calls from the runs
@@ -318,8 +286,7 @@ def sft_data(train, runs, env):
         meta = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "type": q["type"]}
         (cot if q["known"] else coa).append({**meta, "segments": r["segments"]})
         if q["known"]:
-            # chosen = answer from memory; rejected = the same chain, but searching the first fact needlessly (its
-            # subject passes for unknown only to script the search)
+            # rejected: the same chain searching its first fact (whose subject passes for unknown only to script it)
             subject, rel, _ = q["plan"]["steps"][0]
             rejected = solve(q, env, world={**world, subject: dict(world[subject], pool="train")})
             if rejected["answer"] not in q["golden_answers"]:
@@ -356,9 +323,8 @@ def cut_pair(pair, at="word"):
 
 
 def decision_pairs(pairs, n=250, n_held=50, at="word"):
-    """n known + n unknown pairs cut at the decision (a stage-1 train file), and the next n_held + n_held as a held-out
-    set (bench/decision_pairs.py make writes both). Cut at the first word, the whole contrast is on the decision token:
-    cut after a sentence, SmolLM2 won it on the words after " I" (README "Latest run (smollm2 preset)")."""
+    """n known + n unknown pairs cut at the decision (stage 1's file) and the next n_held + n_held held out
+    (bench/decision_pairs.py); at the first word, all the contrast is on the decision token (README, smollm2 run)."""
     rows = list(pairs)
     random.Random(0).shuffle(rows)
     known, unknown = [r for r in rows if r["known"]], [r for r in rows if not r["known"]]
@@ -378,42 +344,36 @@ def tool_calls(splits, runs):
 # ----------------------------------------------------------------------------------------------------------------------
 # Renamed copies: the tiny model's stand-in for a pretrained model's skill of copying unseen names
 #
-# A pretrained LLM copies a name it has never seen from the question into its query; a 3.5M-parameter model trained
-# from scratch memorises the train entities and writes a TRAIN name into its query on a test question (README). So
-# sft_mix_renamed.jsonl adds, per CoA trajectory, copies in which every unknown-pool name word is replaced by a fresh
-# word (one to one within the copy, never a word of any pool) and every year read from an observation is shifted by
-# one random offset (so differences, orders and calculator results stay true): the same trajectory in a consistently
-# renamed world. Names and years of known-pool entities stay (the base model's knowledge); CoT rows are repeated.
+# A 3.5M-parameter model trained from scratch memorises the train entities and writes a TRAIN name into its query on a
+# test question (README). In a copy every unknown-pool name word becomes a fresh word (one to one, never a word of any
+# pool) and every year read from an observation moves by one random offset (differences, orders and calculator results
+# stay true). Names and years of known-pool entities stay (the base model's knowledge).
 
 NAME_WORD = re.compile(r"\b[A-Z][a-z]+\b")
 YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")  # world years are 1900-2039; a copy shifts them by at most 30
 
 
-class Renamer:
-    def __init__(self, world, rng):
-        fixed = {"The", *COMPANY_SUFFIXES}
-        words = defaultdict(set)
-        for name, e in world.items():
-            words[e["pool"]].update(w for w in name.split() if w not in fixed)
-        self.taken = set().union(*words.values())
-        # every unknown name word: train ones, and the rare other-pool one a reformulated query surfaced (summary.json)
-        self.renamed = self.taken - words["known"]
-        self.band_words = {name.split()[1] for name, e in world.items() if e["type"] == "band"}
-        self.rng = rng
+def renamed_mix(mix, world, copies, seed):
+    """mix + `copies` renamed copies of each CoA row (CoT rows: exact repeats), shuffled."""
+    rng, fixed, words = random.Random(seed), {"The", *COMPANY_SUFFIXES}, defaultdict(set)
+    for name, e in world.items():
+        words[e["pool"]].update(w for w in name.split() if w not in fixed)
+    taken = set().union(*words.values())
+    # every unknown name word: train ones, and the rare other-pool one a reformulated query surfaced (summary.json)
+    renamed = taken - words["known"]
+    band_words = {name.split()[1] for name, e in world.items() if e["type"] == "band"}
 
-    def __call__(self, row):
-        """A renamed copy of a CoA row ({"question","golden_answers","segments",...}); other fields are kept."""
-        rng, fresh = self.rng, {}
+    def rename(row):  # a renamed copy of a CoA row
+        fresh = {}
 
         def word(m):
             w = m.group(0)
-            if w not in self.renamed:
+            if w not in renamed:
                 return w
             while w not in fresh:
                 new = make_word(rng, rng.choice([2, 3]))
-                if new not in self.taken and new + "s" not in self.taken and len(new) <= 9 \
-                        and new not in fresh.values():
-                    fresh[w] = new + ("s" if w in self.band_words else "")
+                if new not in taken and new + "s" not in taken and len(new) <= 9 and new not in fresh.values():
+                    fresh[w] = new + ("s" if w in band_words else "")
             return fresh[w]
 
         # shift only years seen in observations and never recalled ("I know X was born in 1931."): known facts stay
@@ -431,12 +391,9 @@ class Renamer:
                     golden_answers=[text(a) for a in row["golden_answers"]],
                     segments=[dict(s, text=text(s["text"])) for s in segs])
 
-
-def renamed_mix(mix, world, copies, seed):
-    """mix + `copies` renamed copies of each CoA row (CoT rows: exact repeats), shuffled."""
-    renamer, out = Renamer(world, random.Random(seed)), []
+    out = []
     for row in mix:
         acts = any(s["kind"] == "obs" for s in row["segments"])
-        out += [row] + [dict(renamer(row), id=f"{row['id']}_renamed{i}") if acts else row for i in range(copies)]
+        out += [row] + [dict(rename(row), id=f"{row['id']}_renamed{i}") if acts else row for i in range(copies)]
     random.Random(seed + 1).shuffle(out)
     return out

@@ -66,10 +66,8 @@ def result_close(name):
 
 def special_tokens(names=TOOL_NAMES):
     """Think tags + every tool's four tags, in a fixed order (token ids depend on it)."""
-    tags = [THINK_OPEN, THINK_CLOSE]
-    for name in names:
-        tags += [action_open(name), action_close(name), result_open(name), result_close(name)]
-    return tags
+    per_tool = (action_open, action_close, result_open, result_close)
+    return [THINK_OPEN, THINK_CLOSE] + [tag(name) for name in names for tag in per_tool]
 
 
 def format_observation(name, text):
@@ -217,15 +215,6 @@ class RetrievalClient:
         self.url = url if url.endswith("/retrieve") else url + "/retrieve"
         self.api, self.timeout_s, self.retries, self.max_reply_bytes = api, timeout_s, retries, max_reply_bytes
 
-    def _read_reply(self, response):
-        length = response.headers.get("Content-Length", "").strip()
-        too_big = length.isdigit() and int(length) > self.max_reply_bytes
-        data = b"" if too_big else response.read(self.max_reply_bytes + 1)
-        if too_big or len(data) > self.max_reply_bytes:
-            raise ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
-                            "not read further")
-        return data
-
     def search(self, queries, k=3):
         q_field, k_field, s_field = API_FIELDS[self.api]
         data = json.dumps({q_field: list(queries), k_field: k, s_field: True}).encode()
@@ -236,7 +225,13 @@ class RetrievalClient:
             request = urllib.request.Request(self.url, data=data, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    body = json.loads(self._read_reply(response))  # a ToolError here is not retried: same reply again
+                    length = response.headers.get("Content-Length", "").strip()
+                    too_big = length.isdigit() and int(length) > self.max_reply_bytes
+                    reply = b"" if too_big else response.read(self.max_reply_bytes + 1)
+                if too_big or len(reply) > self.max_reply_bytes:  # a ToolError is not retried: the same reply again
+                    raise ToolError(f"{self.url}: reply larger than max_reply_bytes ({self.max_reply_bytes} bytes); "
+                                    "not read further")
+                body = json.loads(reply)
                 break
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}: {e.read(200).decode(errors='replace')}"  # only what the message shows
@@ -325,9 +320,7 @@ TRUNCATED = "... [truncated]"  # ends every clipped observation: the model (and 
 
 def clip_observation(text, max_chars):
     """text cut to max_chars + TRUNCATED when longer (None: no limit); idempotent, so a cached one can pass again."""
-    if max_chars is None or len(text) <= max_chars:
-        return text
-    return text[:max_chars] + TRUNCATED
+    return text if max_chars is None or len(text) <= max_chars else text[:max_chars] + TRUNCATED
 
 
 class ToolRegistry:
@@ -469,9 +462,9 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.url:
         backend = RetrievalClient(args.url, api=args.api)
+    elif not args.corpus:
+        parser.error("--corpus is required (or --url)")
     else:
-        if not args.corpus:
-            parser.error("--corpus is required (or --url)")
         t0 = time.time()
         backend = BM25Index.from_jsonl(args.corpus, k1=args.k1, b=args.b)
         print(f"indexed {len(backend.passages)} passages, {len(backend.vocab)} terms in {time.time() - t0:.1f} s",

@@ -1,9 +1,9 @@
 """
-RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's) or PPO over multi-turn rollouts in which the policy
-acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own observations:
-the internal world model of SFT stage 3), RL-stage 2 against the real tool; the paper's best schedule is
-`--sim-steps 80 --real-steps 16`. A step, one function per box: collect (engine.rollout, rewards) -> score (old and
-reference log-probs) -> ADVANTAGES[--algo] -> update (--ppo-epochs x --minibatches clipped updates).
+RL for agent models (AutoCoA paper 3.3, SPEC 5): GRPO (the paper's) or PPO (ppo.py) over multi-turn rollouts in which
+the policy acts inside its chain of thought. RL-stage 1 runs in a simulated environment (the policy writes its own
+observations, SFT stage 3's internal world model; --world-model CKPT: world_model.py's separate model, counted as
+simulated), RL-stage 2 against the real tool. A step, one function per box: collect (engine.rollout, rewards) -> score
+(old and reference log-probs) -> ADVANTAGES[--algo] -> update (--ppo-epochs x --minibatches clipped updates).
 
 Departures from the paper / the authors' verl code, and why:
   - EVERY loss term (surrogate, k3 KL, entropy, value) is masked by loss_mask and divided by the masked-in tokens of
@@ -15,14 +15,12 @@ Departures from the paper / the authors' verl code, and why:
     (the original checked prompt+response, so it could never fail): a passage holding "</think>" or "\\boxed{X}" does
     not change the score; a result block the policy wrote itself breaks the format.
   - GRPO divides by the group std (--grpo-std-norm, as verl/DeepSeekMath; the paper's formula only mean-centers).
-    PPO (--algo ppo, not in the paper): ppo.py, a value head and GAE over the policy's own tokens.
   - Tokens are scored under the distribution that sampled them, logits / --temperature (as verl): scoring at T=1 while
     sampling at 0.6 updates a policy that did not act (a path to entropy collapse). Top-p is not in the scored policy
     (verl neither). `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested);
     --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
-  - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls and
-    error observations are counted apart; the in-loop dev evaluation has its own registry, never counted.
-  - --world-model CKPT: the simulated steps ask world_model.py's separate model instead (counted as simulated).
+  - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls, error
+    observations apart; the in-loop dev evaluation has its own registry, never counted.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
@@ -32,11 +30,10 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
   python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
       --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (fsdp.shard)
-Defaults are the paper's (48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the tiny CPU model needs a
-larger --lr and fewer, shorter rollouts (run.sh). After a kill at any point: the same command plus --resume.
-Outputs (common.py's checkpoint format): OUT/ final checkpoint, OUT/metrics.jsonl (a row per step), OUT/resume/,
-OUT/real_calls.jsonl (step, tool, args, observation of every real call: world_model.py collect --rollout-logs; rank
-r > 0: real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's RL-stage-1 row).
+Defaults are the paper's (80 sim + 16 real steps, 48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the
+tiny CPU model needs a larger --lr and fewer, shorter rollouts (run.sh). After a kill: the same command plus --resume.
+Outputs: common.py's checkpoint format, OUT/real_calls.jsonl (every real call, world_model.py collect --rollout-logs;
+rank r > 0: real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's RL-stage-1 row).
 """
 import argparse
 import json
@@ -61,15 +58,14 @@ from model import build_prompt, checkpoint_template, encode_segments, load, prom
 from tools import make_tools
 
 # -----------------------------------------------------------------------------
-# Reward, advantages and losses: the math of the method, each a plain function (tests/test_rl.py checks them by hand)
+# The math of the method, each a plain function (tests/test_rl.py checks them by hand)
 
 
 def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
     """SPEC 5: EM (or token F1) of the answer if the response keeps the format (format_ok), else format_penalty."""
     if not format_ok(response_text)[0]:
         return format_penalty
-    score = {"em": exact_match, "f1": f1}[kind]
-    return score(extract_answer(response_text), golden_answers)
+    return {"em": exact_match, "f1": f1}[kind](extract_answer(response_text), golden_answers)
 
 
 def group_advantages(rewards, std_norm=True):
@@ -85,9 +81,8 @@ def group_advantages(rewards, std_norm=True):
 
 def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
                 entropy_coef=0.0, tis_weight=None):
-    """Clipped surrogate (x tis_weight, min(pi_old / pi_engine, C) per token, unless None) + k3 KL to the reference +
-    entropy bonus, ALL masked and divided by num_tokens (of the minibatch over ranks and micro-batches). -> (loss,
-    stats): each stat a masked sum / num_tokens, so its sum over micro-batches and ranks is the minibatch mean."""
+    """Clipped surrogate (x tis_weight unless None) + k3 KL to the reference + entropy bonus, ALL masked, / num_tokens
+    -> (loss, stats): each stat a masked sum / num_tokens, so its sum over micro-batches and ranks is the mean."""
     # logp, old_logp, ref_logp, advantages, entropy, mask, tis_weight: (B, T); masked positions may hold anything
     m = mask.bool()
     log_ratio = (logp - old_logp).masked_fill(~m, 0.0)                   # masked before exp: no inf, no NaN gradient
@@ -109,18 +104,16 @@ def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens,
 
 def prompt_index(seed, step, j, num_prompts, num_questions):
     """Question index of the j-th prompt of a step: epochs over a seeded permutation (resume-safe, rank-independent)."""
-    epoch, offset = divmod(step * num_prompts + j, num_questions)  # the position in the stream of prompts
+    epoch, offset = divmod(step * num_prompts + j, num_questions)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return int(torch.randperm(num_questions, generator=generator)[offset])
 
 # -----------------------------------------------------------------------------
-# Advantages per algorithm, same signature (batches, args) -> extra metrics; each sets b["advantages"] (B, T-1) on
-# every micro-batch b (batches[minibatch][micro], from score()). A new algorithm is a function here (PPO's: ppo.py).
+# Advantages per algorithm: (score()'s micro-batches, args) -> extra metrics, setting b["advantages"] (B, T-1) on each
 
 
-def grpo_advantages(batches, args):
-    """GRPO (paper 3.3.2): A_i = (r_i - mean(r)) (/ std(r)) in each prompt's group of K; all of i's tokens get A_i."""
-    micro = [b for minibatch in batches for b in minibatch]
+def grpo_advantages(micro, args):
+    """group_advantages of the step's rewards; every token of trajectory i gets A_i."""
     rewards = torch.tensor([s["reward"] for b in micro for s in b["seqs"]]).view(-1, args.group_size)  # (P, K)
     A = group_advantages(rewards, args.grpo_std_norm).flatten().split([len(b["seqs"]) for b in micro])
     for b, a in zip(micro, A):
@@ -131,7 +124,7 @@ def grpo_advantages(batches, args):
 ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo.advantages}
 
 # -----------------------------------------------------------------------------
-# One step: collect (rollouts + rewards) -> score (old/ref log-probs) -> ADVANTAGES -> update
+# The boxes of one step (the top of this file)
 
 
 def collate(seqs, pad_id, device):
@@ -141,7 +134,7 @@ def collate(seqs, pad_id, device):
     return ids, attention, mask[:, 1:], engine_logp[:, 1:]
 
 
-def tool_usage(registry):  # real_calls: the paper's cost (see the top of this file)
+def tool_usage(registry):
     return {"real_calls": registry.paid_calls, "calculator_calls": registry.real_counts.get("calculator", 0),
             "cache_hits": registry.cache_hits, "tool_errors": registry.errors}
 
@@ -150,13 +143,11 @@ COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_erro
 
 
 def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp, args, rank, world):
-    """This rank's rollouts of the step (prompt j -> rank j % world, all in one engine call) and their rewards ->
-    (seqs, log: the step's metrics over all ranks, response tokens over all ranks)."""
+    """This rank's rollouts (prompt j -> rank j % world) and rewards -> (seqs, metrics, response tokens of all ranks)"""
     js = list(range(rank, args.prompts_per_step, world))
     qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
-    texts = [build_prompt(tokenizer, q["question"], template) for q in qs]
-    prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0]
-               for t in texts for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
+    texts = [build_prompt(tokenizer, q["question"], template) for q in qs for _ in range(args.group_size)]  # K copies
+    prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0] for t in texts]  # group-contiguous
     seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
     before = tool_usage(real_tools)
     with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
@@ -164,30 +155,27 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
                         sim_greedy=args.sim_greedy and not args.train_sim_obs, sim_real_tools=args.sim_real_tools)
-    seqs = []
-    sums = dict.fromkeys(["n", "reward", "em", "format_violation", "actions", "sim_obs", "tokens", "tool_requests"], 0.)
+    seqs, sums = [], {}
     for i, r in enumerate(rolls):
         golds = qs[i // args.group_size]["golden_answers"]
         R = reward(r.policy_text, golds, args.reward, args.format_penalty)  # the policy's own text, no passage
         seqs.append({"ids": list(r.prompt_ids) + list(r.response_ids), "reward": R,
                      "mask": [0] * len(r.prompt_ids) + list(r.loss_mask),
                      "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs)})
-        # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-        for k, v in (("n", 1), ("reward", R), ("em", exact_match(extract_answer(r.policy_text), golds)),
-                     ("format_violation", 1 - format_ok(r.policy_text)[0]), ("actions", sum(r.num_actions.values())),
-                     ("sim_obs", r.sim_obs + (r.real_calls if env_name == "world-model" else 0)),
-                     ("tokens", len(r.response_ids)), ("tool_requests", r.real_calls)):
-            sums[k] += v
-    after = tool_usage(real_tools)
-    sums = all_sum_dict({**sums, **{k: after[k] - before[k] for k in after}})
+        row = {"n": 1, "reward": R, "em": exact_match(extract_answer(r.policy_text), golds),
+               "format_violation": 1 - format_ok(r.policy_text)[0], "actions": sum(r.num_actions.values()),
+               # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
+               "sim_obs": r.sim_obs + (r.real_calls if env_name == "world-model" else 0),
+               "tokens": len(r.response_ids), "tool_requests": r.real_calls}
+        sums = {k: sums.get(k, 0.) + v for k, v in row.items()}
+    sums = all_sum_dict({**sums, **{k: v - before[k] for k, v in tool_usage(real_tools).items()}})
     means = {k: sums[k] / sums["n"] for k in ("reward", "em", "format_violation", "actions")}
     log = {"step": step + 1, "env": env_name, **means, **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
     return seqs, log, sums["tokens"]
 
 
 def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
-    """Old and reference log-probs (and old values) under logits / T, no grad, in minibatches of whole prompt groups
-    -> (batches[minibatch][micro] dicts, logp_gap: mean |engine - trainer| log-prob of sampled tokens, all ranks)"""
+    """Old and reference log-probs (old values) at logits / T in minibatches of whole groups -> (batches, logp_gap)"""
     per_minibatch = len(seqs) // args.minibatches
     batches, gap = [], torch.zeros(2, dtype=torch.float64)
     with torch.no_grad(), amp():
@@ -210,9 +198,8 @@ def score(policy, reference, value_head, seqs, pad_id, device, amp, args):
     return batches, (gap[0] / gap[1].clamp(min=1)).item()
 
 
-def update(model, value_head, params, optimizer, batches, amp, args, wrapped, world):
-    """--ppo-epochs passes, an optimizer step per minibatch (every rank the same number of backward passes); wrapped:
-    model is fsdp.parallelize's DDP wrapper. -> (mean stats over the updates, a stop reason or None)"""
+def update(model, value_head, optimizer, batches, amp, args, wrapped, world):
+    """--ppo-epochs x --minibatches optimizer steps (wrapped: model is DDP's) -> (mean stats, a stop reason or None)"""
     names = ["loss", "kl", "entropy", "clipfrac", "approx_kl"] + ["value_loss"] * (value_head is not None)
     stats = dict.fromkeys(names, 0.0)
     for epoch in range(args.ppo_epochs):
@@ -235,8 +222,8 @@ def update(model, value_head, params, optimizer, batches, amp, args, wrapped, wo
                 micro["loss"] = loss.item()
                 for k, v in micro.items():
                     stats[k] += v / (args.ppo_epochs * args.minibatches)
-            grad_norm = fsdp.clip_grad_norm(params, args.grad_clip)  # the global norm, of FSDP shards too
-            if not torch.isfinite(grad_norm):  # gradients are already synchronised: every rank sees the same norm
+            grad_norm = fsdp.clip_grad_norm(optimizer.param_groups[0]["params"], args.grad_clip)
+            if not torch.isfinite(grad_norm):  # the global norm (of FSDP shards too): the same on every rank
                 return all_sum_dict(stats), f"gradient is not finite (grad norm {grad_norm.item()})"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -265,8 +252,7 @@ def parse_args(argv=None):
     g.add_argument("--fsdp", action="store_true", help="shard policy and reference over the ranks (FSDP2, torchrun)")
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl), shared format")
-    g.add_argument("--questions", default="train.jsonl", help="RL's prompts, a file in --data (rl.jsonl of data.py "
-                   "--rl: questions SFT never trained on, as the paper's RL problems)")
+    g.add_argument("--questions", default="train.jsonl", help="prompts in --data (data.py --rl: rl.jsonl, new to SFT)")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
                    help="prompt template (default: --init's, its run_args.json); chat template: --init's tokenizer's")
     g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
@@ -285,8 +271,7 @@ def parse_args(argv=None):
     g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
     g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
-    g.add_argument("--sim-greedy", action="store_true", help="sim steps: the policy writes observations greedily, a "
-                   "deterministic tool as world_model.py's (not with --train-sim-obs); default: sampled at T")
+    g.add_argument("--sim-greedy", action="store_true", help="greedy sim observations (not with --train-sim-obs)")
     g.add_argument("--sim-real-tools", nargs="*", default=[], help="tools still called for real in sim steps")
     g = p.add_argument_group("reward")
     g.add_argument("--reward", default="em", choices=["em", "f1"], help="answer score (paper: EM)")
@@ -335,10 +320,8 @@ def build_models(args, start, device, ddp):
 
 
 def main(argv=None):
-    """Under python or torchrun; the ranks are torn down once train()'s DDP/FSDP modules are gone (common.py)."""
     args = parse_args(argv)
-    rank, world, device, ddp = setup_distributed(args.device)
-    stop = train(args, rank, world, device, ddp)
+    stop = train(args, *setup_distributed(args.device))  # -> rank, world, device, ddp
     teardown_distributed()
     if stop:
         raise SystemExit(1)
@@ -364,9 +347,7 @@ def train(args, rank, world, device, ddp):
     fsdp.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
                       bf16=args.bf16, reference=reference is not None,
                       rollout_batch=prompts_per_rank * args.group_size)  # None: no --grad-checkpointing here
-    value_head = policy.value_head
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
     template = args.template = checkpoint_template(args.init, args.template)
@@ -376,7 +357,7 @@ def train(args, rank, world, device, ddp):
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-    eval_tools = None  # the dev evaluation's own registry (cache, counters): never mixed with the rollouts' calls
+    eval_tools = None  # the dev evaluation's own registry: never mixed with the rollouts' calls
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
@@ -391,14 +372,15 @@ def train(args, rank, world, device, ddp):
             print(f"resumed from {resume_dir} at step {start_step} ({totals['real_calls']} real tool calls so far)")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     metrics_file = open_step_log(metrics_path, resume_dir is not None, start_step) if master else None
-    # every real call (tool, args, observation) of this rank's rollouts: world_model.py collect --rollout-logs reads it
     calls_file = open_step_log(os.path.join(args.out, "real_calls.jsonl" if rank == 0 else
                                             f"real_calls.rank{rank}.jsonl"), resume_dir is not None, start_step)
     real_tools.log = []
 
     def save_state(done_steps):
         """OUT/resume: weights, optimizer, RNG, totals and every rank's tool cache (collective: all ranks call it)."""
-        caches = common.all_gather_objects([[t, a, o] for (t, a), o in real_tools.cache.items()])
+        caches = [[[t, a, o] for (t, a), o in real_tools.cache.items()]] * world  # every rank's, for rank 0
+        if ddp:
+            dist.all_gather_object(caches, caches[rank])
         weights, optimizer_state = fsdp.full_state_dict(policy), fsdp.optimizer_state(policy, optimizer)
         if master:
             save_resume(policy, tokenizer, args.out, vars(args), {
@@ -407,11 +389,9 @@ def train(args, rank, world, device, ddp):
 
     stop = None
     for step in range(start_step, total_steps):
-        # RL stage 2 (real tool) after stage 1: the policy writes its own observations, or the world model answers
         env_name, step_tools = (("real", real_tools) if step >= args.sim_steps else
                                 ("world-model", world_model_tools) if world_model_tools else ("sim", real_tools))
         t0 = time.time()
-        policy.eval()
         seqs, log, tokens = collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp,
                                     args, rank, world)
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
@@ -422,15 +402,14 @@ def train(args, rank, world, device, ddp):
         log.update({f"{k}_total": v for k, v in totals.items()}, tokens_per_s=tokens / rollout_s)
 
         t0 = time.time()
-        batches, log["logp_gap"] = score(policy, reference, value_head, seqs, pad_id, device, amp, args)
-        log.update(ADVANTAGES[args.algo](batches, args))
-        stats, stop = update(model, value_head, params, optimizer, batches, amp, args, model is not policy, world)
+        batches, log["logp_gap"] = score(policy, reference, policy.value_head, seqs, pad_id, device, amp, args)
+        log.update(ADVANTAGES[args.algo]([b for minibatch in batches for b in minibatch], args))
+        stats, stop = update(model, policy.value_head, optimizer, batches, amp, args, model is not policy, world)
         log.update(stats, rollout_s=rollout_s, update_s=time.time() - t0)
 
         # --- stopping rules, evaluation, logging, checkpoints
+        stop = stop or (None if math.isfinite(log["loss"]) else "loss is not finite")
         stop = stop and f"{stop} at step {step + 1}"
-        if not stop and not math.isfinite(log["loss"]):
-            stop = f"loss is not finite at step {step + 1}"
         collapsed = log["entropy"] < args.collapse_entropy and 1 - log["format_violation"] < args.collapse_format
         collapse_streak = collapse_streak + 1 if collapsed else 0
         if not stop and args.collapse_patience and collapse_streak >= args.collapse_patience:
@@ -459,8 +438,8 @@ def train(args, rank, world, device, ddp):
                 print(f"stopping: {stop}; {last}", flush=True)
             break
         if step + 1 == args.sim_steps and args.real_steps > 0:
-            weights = fsdp.full_state_dict(policy)  # every rank (FSDP: a collective), rank 0 writes
-            if master:  # the model after the simulated stage alone: Table 1's "SFT-1&2&3 + RL-stage 1" row
+            weights = fsdp.full_state_dict(policy)
+            if master:
                 save(policy, tokenizer, os.path.join(args.out, "sim_end"), vars(args), weights)
                 shutil.copy(metrics_path, os.path.join(args.out, "sim_end", "metrics.jsonl"))  # its real-call count
         if args.save_every and (step + 1) % args.save_every == 0:

@@ -7,13 +7,11 @@ Supervised fine-tuning of an agent model, AutoCoA paper section 3.2: one script,
   1     CoT+A (paper 3.2.2, *when* to act) on DIR/sft_pairs.jsonl ({"question","prefix","chosen","rejected"}):
         L = -log sigmoid(P(chosen|c) - P(rejected|c)) + alpha * (-P(chosen|c)), P as mean_logprob. No reference model.
   2     CoT+CoA with observation mask (paper 3.2.3, *how* to act) on DIR/sft_mix.jsonl ({"question","segments"}):
-        cross-entropy on the tokens the policy writes; observation tokens masked.
+        cross-entropy on the tokens the policy writes; observation tokens masked. Rows: model.encode_segments (SPEC 3).
   3     CoT+CoA without observation mask (paper 3.2.4, internal world model): the same, observation tokens trained.
         --wm-calls adds the teacher's real calls as one-action trajectories (query -> observation): the policy learns
         what the tools return in its world (not in the paper, whose teacher is a 7B on real data; on the tiny preset
         the renamed copies teach copying, not the world: README).
-Stages chain: base -> 1 -> 2 -> 3, each --init from the previous --out. Rows: model.encode_segments (SPEC 3).
-Stages 2 and 3 log the observation-token loss ("obs_loss", no gradient in stage 2).
 
 How this departs from the paper / the original code (LLaMA-Factory), and why:
 - A step's loss is sum(token losses) / (trained tokens in the whole GLOBAL batch), not a mean of per-device means:
@@ -56,7 +54,6 @@ from model import build_prompt, checkpoint_template, encode_segments, load, prom
 from tools import action_close, action_open, format_observation
 
 STAGE_FILES = {"base": "base.jsonl", "1": "sft_pairs.jsonl", "2": "sft_mix.jsonl", "3": "sft_mix.jsonl"}
-# --lr defaults for the tiny preset on CPU (the paper's: --lr's help).
 STAGE_LR = {"base": 1e-3, "1": 1e-4, "2": 1e-3, "3": 1e-3}
 # Arguments that fix the data order and the step count: --resume refuses a state saved with other values.
 RESUME_KEYS = ("stage", "batch_size", "seed", "epochs", "max_steps", "train_file", "max_len", "bucket_batches",
@@ -68,8 +65,7 @@ def parse_args(argv=None):
     # Model
     p.add_argument("--stage", required=True, choices=["base", "1", "2", "3"], help="SFT stage (see the docstring)")
     p.add_argument("--init", default="tiny", help="tiny (random init; DIR/tokenizer), smollm2, a checkpoint or HF name")
-    p.add_argument("--add-action-tokens", action="store_true", help="add the think/action/result tags as special "
-                   "tokens to a pretrained tokenizer (resizes the embeddings; a new row starts at its first piece's)")
+    p.add_argument("--add-action-tokens", action="store_true", help="add think/action/result tags as special tokens")
     p.add_argument("--template", default=None, choices=["short", "autocoa"], help="prompt template (default: the one "
                    "--init was trained with, else 'short'; 'autocoa': the paper's long instruction)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="prompts through the "
@@ -81,8 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--wm-calls", default=None, help="stage 3: add world_model.py collect's train calls as trajectories")
     p.add_argument("--wm-calls-copies", type=int, default=1, help="copies of the --wm-calls rows")
     p.add_argument("--max-len", type=int, default=1024, help="longer rows are dropped and counted; base-stage block size")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="base stage: documents packed "
-                   "into --max-len blocks; --no-pack: one row each (packed, facts are learnt from neighbours: README)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="base: pack into --max-len rows")
     p.add_argument("--bucket-batches", type=int, default=16, help="sort by length in shuffled sets of N global batches")
     # Optimization
     p.add_argument("--epochs", type=float, default=2, help="passes over the data (paper: 2)")
@@ -118,8 +113,7 @@ def parse_args(argv=None):
 # data: JSONL records -> rows of (ids, loss_mask, obs_mask), token ids in, token ids out
 
 def call_trajectories(path):
-    """The world model's training calls (world_model.py collect rows, split "train" as world_model.py train uses) as
-    stage-3 records: the query is the question, the policy's one action, the real observation (see --wm-calls)."""
+    """world_model.py collect's "train" rows as stage-3 records: query as question, one action, its real observation."""
     rows = [r for r in read_rows(path, CALL_FIELDS + ("split",)) if r["split"] == "train"]
     return [{"question": r["args"], "segments": [
         {"kind": "policy", "text": f" {action_open(r['tool'])} {r['args']} {action_close(r['tool'])}"},
@@ -231,10 +225,9 @@ def train(args, rank, world_size, device, ddp):
     steps_per_epoch = math.ceil(len(examples) / B)
     total_steps = min(math.ceil(steps_per_epoch * args.epochs), args.max_steps or math.inf)
     warmup_steps = int(args.warmup_ratio * total_steps)
-    unit = "pairs" if args.stage == "1" else "sequences"
-    log(f"stage {args.stage} | {path}: {len(examples)} {unit}, {dropped} dropped as longer than --max-len "
-        f"{args.max_len} | world {world_size} x micro {m} x accum {accum_steps} = batch {B} | "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps} | lr {args.lr:g}")
+    log(f"stage {args.stage} | {path}: {len(examples)} {'pairs' if args.stage == '1' else 'sequences'}, {dropped} "
+        f"dropped as longer than --max-len {args.max_len} | world {world_size} x micro {m} x accum {accum_steps} = "
+        f"batch {B} | {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps} | lr {args.lr:g}")
     fsdp.check_memory(raw_model.config, device, master, world_size, m, args.max_len, args.fsdp,
                       args.grad_checkpointing, bf16=args.bf16, rows_per_item=2 if args.stage == "1" else 1)
 
@@ -271,13 +264,12 @@ def train(args, rank, world_size, device, ddp):
     # training loop
     metrics_file = open_step_log(os.path.join(args.out, "metrics.jsonl"), step > 0, step) if master else None
     start_step = step
-    batches, batches_epoch = None, -1
+    batches = None
     steps_this_run, run_tokens, run_pad = 0, 0.0, 0.0
     while step < total_steps:
         t0 = time.time()
-        epoch = step // steps_per_epoch
-        if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(lengths, B, args.bucket_batches, args.seed, epoch), epoch
+        if batches is None or step % steps_per_epoch == 0:  # a new epoch, or a resumed run's first step
+            batches = epoch_batches(lengths, B, args.bucket_batches, args.seed, step // steps_per_epoch)
         batch = [examples[i] for i in batches[step % steps_per_epoch]]
         lr = args.lr * lr_factor(step, total_steps, warmup_steps, args.schedule, args.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -330,7 +322,7 @@ def train(args, rank, world_size, device, ddp):
         run_tokens, run_pad = run_tokens + s[6], run_pad + s[5]
         metrics = {"step": step, "loss": s[0], "lr": lr, "grad_norm": grad_norm.item(), "pad": s[5] / s[6],
                    "tok_per_s": (s[6] - s[5]) / dt}
-        if args.stage in ("2", "3"):  # null on a step whose batch holds no observation (all pure CoT)
+        if args.stage in ("2", "3"):  # the observation loss (no gradient in stage 2); null if all pure CoT
             metrics["obs_loss"] = s[1] / obs_count if obs_count else None
         if args.stage == "1":
             metrics.update(P_chosen=s[2] / B, P_rejected=s[3] / B, margin=(s[2] - s[3]) / B, pair_acc=s[4] / B)
@@ -340,8 +332,7 @@ def train(args, rank, world_size, device, ddp):
             shown = [f"step {step}/{total_steps}"] + [f"{k} {metrics[k]:.4f}" for k in keys]
             shown += [f"lr {lr:.2e}", f"pad {metrics['pad']:.0%}", f"{metrics['tok_per_s']:.0f} tok/s"]
             print(" | ".join(shown), flush=True)
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
+            print(json.dumps(metrics), file=metrics_file, flush=True)
         stop_early = args.max_steps_this_run and steps_this_run >= args.max_steps_this_run and step < total_steps
         if (args.save_every and step % args.save_every == 0) or stop_early:
             save_state()

@@ -1,14 +1,13 @@
 """
-The per-row rules of the agent rollout (paper 2.1, Algorithm 1), as a state machine over one row. The batched engine
-(engine.py, which re-exports Rollout and policy_text) and its test oracle (tests/oracle.py) run these very rules, so
-what the oracle checks is the batching, not a second copy of the rules. No command of its own.
+The per-row rules of the agent rollout (paper 2.1, Algorithm 1), as a state machine over one row. engine.py runs them
+batched, its test oracle (tests/oracle.py) one row at a time: the oracle checks the batching, not a copy of the rules.
 
 The rules, where they depart from the paper / the original code, and why:
 - Forced answer at the budget (paper Algorithm 1, lines 24-27): `answer_tokens` (plus the few tokens of the forced tags)
   are reserved inside max_new_tokens / max_context; when a row still thinking runs out, "</think>\\n" is appended
   (loss_mask 0) and it writes at most answer_tokens more. A row that closed </think> itself may use the reserve.
-- seed may be one int per prompt: each row then samples from its own generator, so its trajectory does not depend on
-  the other rows of the batch (N-process RL == 1-process RL).
+- seed may be one int per prompt: each row then draws from its own generator (only when it samples), so its trajectory
+  does not depend on the other rows of the batch (N-process RL == 1-process RL).
 - env="sim" (RL stage 1): the policy writes the observation itself after "\\n<NAME_result>\\n" until it writes
   </NAME_result> (at most sim_obs_tokens, then the close is forced); those tokens are obs (loss_mask 0 unless
   train_sim_obs) and no tool is called.
@@ -96,8 +95,7 @@ def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answ
     names = list(dict.fromkeys([*TOOL_NAMES, *getattr(tools, "names", ())]))
     tags = {THINK_CLOSE: ("think", None)}
     for name in names:
-        tags[action_close(name)] = ("action", name)
-        tags[result_close(name)] = ("result", name)
+        tags.update({action_close(name): ("action", name), result_close(name): ("result", name)})
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     think_ids = enc(THINK_CLOSE + "\n")
     sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
@@ -119,14 +117,11 @@ def _watched(row, s):
     """Close tags that end something for this row now."""
     if row.phase == GEN:
         return [t for t, (kind, _) in s.tags.items() if kind == "action" or kind == "think" and not row.thought_closed]
-    if row.phase == SIM:
-        return [result_close(row.sim_name)]
-    return []
+    return [result_close(row.sim_name)] if row.phase == SIM else []
 
 
 def _completed_tag(tokenizer, tail_ids, tags):
-    """The tag in `tags` whose text the LAST token of tail_ids completes, else None. tail_ids must hold at least as
-    many tokens as the longest tag has characters (+1), so the whole tag is inside the decoded window."""
+    """The tag in `tags` the LAST token of tail_ids completes, else None (tail_ids: more tokens than tag characters)."""
     text = tokenizer.decode(tail_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     before = tokenizer.decode(tail_ids[:-1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return next((t for t in tags if t in text and t not in before), None)
@@ -138,8 +133,7 @@ def _queue(row, ids, loss, obs):
 
 
 def _settle(row, s):
-    """Apply the budget rules until the row may sample again (or is done): close a sim observation that ran out, force
-    the answer for a row still thinking (Algorithm 1, lines 24-27), stop a row that is answering."""
+    """While a budget (_limits) is spent: close a sim observation, force the answer (Algorithm 1, 24-27), or stop."""
     while row.phase != DONE and any(count >= limit for count, limit in
                                     zip((row.gen, row.length, row.phase_count), _limits(row, s))):
         if row.phase == SIM:
@@ -149,16 +143,14 @@ def _settle(row, s):
             _queue(row, s.think_ids, 0, 0)
             row.phase, row.thought_closed, row.phase_count, row.seg_start = ANSWER, True, 0, row.length
         else:
-            row.stop_reason = ("forced_answer" if row.phase == ANSWER else
-                               "max_new_tokens" if row.gen >= s.max_new_tokens else "max_context")
-            row.phase = DONE
+            row.phase, row.stop_reason = DONE, ("forced_answer" if row.phase == ANSWER else
+                                                "max_new_tokens" if row.gen >= s.max_new_tokens else "max_context")
 
 
 def _on_token(row, s, eos, tag):
     """Transition after the row sampled a token (counters already updated). tag: the close tag it completed, or None."""
     if eos:
-        row.stop_reason = "forced_answer" if row.phase == ANSWER else "eos"
-        row.phase = DONE
+        row.phase, row.stop_reason = DONE, "forced_answer" if row.phase == ANSWER else "eos"
         return
     kind, name = s.tags[tag] if tag else (None, None)
     if kind == "action":
@@ -174,16 +166,14 @@ def _on_token(row, s, eos, tag):
 
 
 def _action_argument(text, name):
-    """The argument of the action that `text` (the current segment) ends with: between the last <begin_NAME> and the
-    last </end_NAME>. No open tag -> "" (the registry answers with an error observation)."""
+    """Between the last <begin_NAME> and </end_NAME> of `text` (the segment); no open tag: "" (an error observation)."""
     end = text.rfind(action_close(name))
     start = text.rfind(action_open(name), 0, end)
     return text[start + len(action_open(name)):end].strip() if start >= 0 else ""
 
 
 def _environment(rows, segment_texts, tools, s):
-    """Answer every paused row's action: ONE batched tool call for the real ones. Queues the observation ids; an
-    observation longer than the row's context budget is cut to it (_settle then forces the answer)."""
+    """Answer the paused rows' actions, ONE tool call for the real ones; an observation past the budget is cut."""
     def observe(row, name, text):
         room = _limits(row, s)[1] - row.length
         _queue(row, encode_observation(s.tokenizer, format_observation(name, text))[:max(room, 0)], 0, 1)
@@ -212,8 +202,7 @@ def _environment(rows, segment_texts, tools, s):
 
 
 def _generators(seed, batch, device):
-    """seed: None, one int (one generator for the whole batch: the fast path) or one int per prompt (each row draws from
-    its own generator only when it samples, so its trajectory does not depend on which rows share its batch)."""
+    """seed: None, one int (one generator for the batch: the fast path) or one int per prompt (module docstring)."""
     if seed is None:
         return None
     if isinstance(seed, int):
@@ -224,9 +213,8 @@ def _generators(seed, batch, device):
 
 
 def _sample(logits, temperature, top_p, greedy, generator):
-    """logits (B, V) -> token (B,), logprob (B,) of the token under the distribution it was drawn from: softmax(z / T),
-    renormalised over the top-p nucleus when top_p < 1 (the RL trainer's --tis-cap corrects with these). generator:
-    None, one generator, or a list with one per row (None: that row takes the argmax and draws nothing)."""
+    """logits (B, V) -> token (B,), its logprob (B,) under the distribution it was drawn from: softmax(z / T), over the
+    top-p nucleus if top_p < 1 (for --tis-cap). generator: None, one, or one per row (None: argmax, no draw)."""
     logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)  # (B, V)
     if greedy:
         token = logp.argmax(-1)
@@ -248,9 +236,8 @@ def _sample(logits, temperature, top_p, greedy, generator):
 
 
 def policy_text(tokenizer, ids, obs_mask, obs_names):
-    """The text the policy wrote: ids decoded with each observation span (a run of obs_mask 1) replaced by its tool's
-    empty result block, so tool output (or the policy's own simulated observation) never supplies the answer, a
-    </think> or a tag; a result tag the policy wrote itself stays visible, and evaluate.format_ok rejects it."""
+    """The text the policy wrote: each observation span (obs_mask 1) is its tool's empty result block, so no observation
+    supplies the answer, a </think> or a tag; a result tag the policy wrote stays visible (format_ok rejects it)."""
     decode = lambda x: tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     parts, start, names = [], 0, iter(obs_names)
     for i in range(len(ids) + 1):

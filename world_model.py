@@ -1,17 +1,9 @@
 """
 A world model of the tools: a small causal LM fine-tuned on logged real tool calls (query -> observation) that stands in
 for the search tool anywhere a tool is accepted, and a fidelity report for every simulator we use (this separate world
-model, and a policy used as its own world model as in the paper's SFT stage 3 / RL stage 1).
-
-Subcommands:
-  collect  gather (tool, args, observation) from real calls (the teacher's DIR/tool_calls.jsonl and, optionally, RL
-           rollout logs) into one deduplicated JSONL with a train / held-out split; held-out calls are flagged
-           entity_seen (their top-1 passage occurs in some training observation) or not.
-  train    a causal LM on  <begin_search> QUERY </end_search>\\n<search_result>\\n  ->  OBS\\n</search_result>,
-           loss on the observation tokens only (the one mask rule of SPEC 3, through model.encode_segments).
-  serve    the world model behind the same HTTP API as `server.py` (FlashRAG and Search-R1 shapes).
-  eval     fidelity on held-out calls: answer-bearing fact recall, token F1 to the real observation, and reward
-           agreement (same policy, same dev questions, real tools vs simulated), split by seen / unseen entity.
+model, and a policy used as its own world model as in the paper's SFT stage 3 / RL stage 1). Subcommands: collect the
+real calls (deduplicated, split train / held-out), train, serve (server.py's HTTP API), eval (fact recall, token F1 and
+reward agreement on held-out calls, by seen / unseen entity).
 
 The world model never sees a question or a gold answer, by construction: wm_prompt(tool, args) is the ONLY builder of
 its input and takes nothing else (ZeroSearch's simulator prompt carries the gold answer; a simulator that knows the
@@ -23,33 +15,29 @@ top-1 passage (BM25's best match; in the embedded world every query names its en
 values in the bodies of the real top-3 passages about that entity: maximal runs of capitalised words (names, places)
 and numbers (years), minus the entity's own name and anything the query already spells (restating the query is not
 knowledge). "when was Dinarn Parner born" -> result 1 "was born in Fenkrorth", result 2 "was born in 1970" ->
-facts {fenkrorth, 1970}: the answer (1970) and the other values the real tool returned about the same entity. A
-simulated observation recalls a fact when the fact's normalised text occurs, as whole words, in its normalised text
-(SQuAD normalisation). The metric is per call (recalled / facts), averaged; "all_facts" is the share of calls with
-every fact recalled; "top1_recall" counts only the facts of the real top-1 passage (the tool's best answer).
+facts {fenkrorth, 1970}: the answer (1970) and the other values the real tool returned about the same entity. Fact
+recall: per call, the share of facts found as whole words in the simulated observation (fact_recall), averaged;
+"all_facts": the share of calls with every fact recalled; "top1_recall": only the real top-1 passage's facts.
 
 How this departs from the paper, and why:
   - The paper has no separate world model: the policy is its own (SFT stage 3). This file adds a small one, like
     ZeroSearch's simulator but without the answer in its prompt, and measures both on the same held-out calls.
-  - Only "search" is simulated. The calculator stays the real calculator: computation is cheap and exact, so simulating
-    it would only add errors.
+  - Only "search" is simulated: the calculator stays real (computation is cheap and exact; simulating it adds errors).
   - Generation is greedy by default (a deterministic simulator makes rewards comparable with the real tool's).
   - "Seen" is measured, not declared (collect). The report also prints a "ceiling": the recall a perfect memoriser of
     the training observations would reach (a fact the world model was never shown can only be guessed, hallucinated).
 
-Measured (tiny preset, `python data.py` default world, 1241 training calls, 24 epochs, lr 1e-3: ~23 min on 2 shared
-CPU cores): held-out calls of seen entities fact recall 0.825 (ceiling 0.913, top-1 facts 0.922, token F1 0.935);
-unseen entities 0.047 (ceiling 0.071): it writes fluent, well-formed, wrong passages, i.e. it hallucinates, as it must.
-With 10 epochs (lr 2e-3) seen recall is only 0.309: a world model has to memorise, so it needs many passes.
+Measured (tiny preset, `python data.py` world, 1241 training calls, 24 epochs, lr 1e-3: ~23 min on 2 shared CPU cores):
+held-out calls of seen entities fact recall 0.825 (ceiling 0.913, top-1 0.922, token F1 0.935); unseen 0.047 (ceiling
+0.071): fluent, well-formed, wrong passages (hallucinated, as they must be). 10 epochs (lr 2e-3): seen recall 0.309.
 
 Commands:
   python world_model.py collect --data DIR --out DIR/wm_calls.jsonl [--rollout-logs runs/rl/real_calls.jsonl ...]
   python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
   python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
   python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
-A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda. A model too big for one GPU: torchrun
---nproc_per_node=N world_model.py train ... --fsdp (sharded for memory, the same batches on every rank).
-In-process (train_rl.py --world-model): tools = common.load_world_model_tools("runs/wm", max_obs_tokens=192)
+A pretrained init: train ... --init smollm2 --lr 5e-5 --device cuda; too big for one GPU: torchrun --nproc_per_node=N
+world_model.py train ... --fsdp. In-process (train_rl.py --world-model): common.load_world_model_tools("runs/wm")
 """
 import argparse
 import json
@@ -75,26 +63,23 @@ from tools import BM25Index, action_close, action_open, make_tools, result_close
 # -----------------------------------------------------------------------------
 # The world model's training example; a policy's context as its own world model
 
-
 def wm_example(tokenizer, call):
-    """call {"tool", "args", "observation"} -> (ids, loss_mask, obs_mask) of model.encode_segments: the call is prompt
-    (mask 0), the observation and its closing tag are what the world model writes (mask 1)."""
+    """call {"tool", "args", "observation"} -> (ids, loss_mask, obs_mask) of model.encode_segments (the one mask rule):
+    <begin_search> QUERY </end_search>\\n<search_result>\\n (mask 0, wm_prompt) OBS\\n</search_result> (mask 1)."""
     segments = [{"kind": "prompt", "text": wm_prompt(call["tool"], call["args"])},
                 {"kind": "policy", "text": f"{call['observation']}\n{result_close(call['tool'])}"}]
     return M.encode_segments(tokenizer, segments)
 
 
 def policy_sim_segments(tokenizer, tool, args, template="short"):
-    """The minimal context in which a POLICY plays its own world model: its usual prompt with the query standing in for
-    the question, then the call and the opened result tag, exactly as the engine's env="sim" would leave it. Like
-    wm_prompt it takes only the call, so the policy gets no gold answer either."""
+    """The minimal context in which a POLICY plays its own world model, from the call alone (no gold answer either):
+    its usual prompt with the query as the question, then the call and the opened result tag, as env="sim" leaves it."""
     return [{"kind": "prompt", "text": M.build_prompt(tokenizer, args.strip(), template)},
             {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
 
 
 # -----------------------------------------------------------------------------
 # Fidelity metrics (pure functions of strings, tested on hand cases)
-
 
 def passage_title(passage):
     """'"Title"\\ntext' -> 'Title' (FlashRAG contents); the first line when it is not quoted."""
@@ -103,11 +88,13 @@ def passage_title(passage):
 
 
 FACT = re.compile(r"\b(?:[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*|\d[\d,.]*\d|\d)\b")
+# capitalised sentence openers ("He", "In") are not values
+SENTENCE_OPENERS = frozenset("he she it they his her its their in on at after before during this that these those "
+                             "there when while as by from with for".split())
 
 
 def answer_facts(query, real_observation, top_k=3):
-    """The answer-bearing facts of a real search observation for this query (definition in the module docstring):
-    attribute values in the bodies of the top_k passages about the queried entity, minus its name and the query."""
+    """The answer-bearing facts (module docstring) of a real search observation for this query, in its top_k."""
     passages = split_results(real_observation)
     if not passages:
         return []
@@ -119,14 +106,9 @@ def answer_facts(query, real_observation, top_k=3):
             continue
         for m in FACT.finditer(passage.split("\n", 1)[1]):
             words = [w for w in normalize_answer(m.group()).split() if w not in skip]
-            # a capitalised sentence opener ("He", "In") is not a value
             if words and not (len(words) == 1 and words[0] in SENTENCE_OPENERS):
                 facts.append(" ".join(words))
     return list(dict.fromkeys(facts))
-
-
-SENTENCE_OPENERS = frozenset("he she it they his her its their in on at after before during this that these those "
-                             "there when while as by from with for".split())
 
 
 def fact_recall(facts, simulated_observation):
@@ -145,11 +127,9 @@ def token_f1(simulated_observation, real_observation):
 # -----------------------------------------------------------------------------
 # collect: real calls -> deduplicated JSONL with a train / held-out split
 
-
 def read_calls(tool_calls, rollout_logs=()):
-    """Real (tool, args, observation) rows from the teacher's tool_calls.jsonl and from RL rollout logs. A log row is a
-    call itself or holds a list of them under "calls"; rows marked "simulated": true are skipped (a simulator's output
-    is not the world)."""
+    """Real calls from the teacher's tool_calls.jsonl and RL rollout logs (a log row is a call or holds a list of them
+    under "calls"). Rows marked "simulated": true are skipped: a simulator's output is not the world."""
     rows = read_rows(tool_calls, fields=CALL_FIELDS)
     if not rows:  # the teacher always calls tools: an empty file is a wrong path or a failed run upstream
         raise ValueError(f"{tool_calls}: no calls (the file is empty)")
@@ -211,7 +191,6 @@ def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, see
 # -----------------------------------------------------------------------------
 # train: a causal LM on  call -> observation, loss on the observation only
 
-
 def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e-3, warmup_ratio=0.05, max_len=512,
                       seed=0, log_every=10, bucket_batches=8):
     """Teacher-forced cross-entropy on the observation tokens of wm_example(call) (SFT stage 2's loss), AdamW, warmup
@@ -255,7 +234,6 @@ def train_world_model(model, tokenizer, calls, *, epochs=3, batch_size=16, lr=1e
 
 # -----------------------------------------------------------------------------
 # eval: fidelity of a simulator on held-out calls, and reward agreement of one policy under real vs simulated tools
-
 
 def fidelity_rows(calls, simulated, simulator, train_text=None):
     """Per held-out call: its answer-bearing facts, their recall in the simulated observation, token F1 to the real,
@@ -326,58 +304,53 @@ def reward_agreement(policy, tokenizer, questions, real_tools, simulators, index
 # -----------------------------------------------------------------------------
 # CLI
 
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="World model of the tools: collect, train, serve, eval")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_collect = sub.add_parser("collect", help="real calls -> deduplicated JSONL with a train / held-out split")
-    p_train = sub.add_parser("train", help="fine-tune a causal LM on call -> observation")
-    p_serve = sub.add_parser("serve", help="serve the world model behind server.py's HTTP retrieval API")
-    p_eval = sub.add_parser("eval", help="fidelity of the world model and of a policy as its own world model")
-    # Data
-    for p in (p_collect, p_eval):
-        p.add_argument("--data", help="data.py output dir (tool_calls.jsonl; eval: also dev.jsonl, corpus.jsonl)")
-    p_collect.add_argument("--rollout-logs", nargs="*", default=[], help="JSONL logs of real calls from RL rollouts")
-    p_collect.add_argument("--tools", nargs="+", default=["search"], help="tools to model (the calculator stays real)")
-    p_collect.add_argument("--heldout-frac", type=float, default=0.1,
-                           help="share of training-question calls held out (seen entities)")
-    p_collect.add_argument("--unseen-frac", type=float, default=0.05, help="share of entities held out whole (unseen)")
-    p_collect.add_argument("--seed", type=int, default=0, help="split seed")
-    p_collect.add_argument("--out", required=True, help="output JSONL of calls")
-    p_train.add_argument("--calls", required=True, help="output of `collect` (rows with split == train are used)")
-    p_eval.add_argument("--calls", help="output of `collect`; default: the --calls the world model was trained on")
-    # Model
-    p_train.add_argument("--init", default="tiny", help="tiny | smollm2 | HF dir or name")
-    p_train.add_argument("--tokenizer", help="tokenizer dir (required for --init tiny: data.py's DIR/tokenizer)")
-    p_train.add_argument("--out", required=True, help="checkpoint dir (written atomically by model.save)")
-    p_serve.add_argument("--ckpt", required=True, help="world model checkpoint")
-    p_eval.add_argument("--wm", help="world model checkpoint")
-    p_eval.add_argument("--policy", help="policy checkpoint, evaluated as its own world model and for reward agreement")
-    p_eval.add_argument("--template", default=None, choices=["short", "autocoa"],
-                        help="the policy's prompt (default: the one --policy was trained with, its run_args.json)")
-    for p in (p_train, p_serve, p_eval):
-        p.add_argument("--device", default=common.default_device(), help="cpu or cuda (default: cuda if there is one)")
-    # Optimization
-    p_train.add_argument("--epochs", type=float, default=24, help="passes over the calls (memorising takes many)")
-    p_train.add_argument("--batch-size", type=int, default=16, help="calls per step")
-    p_train.add_argument("--lr", type=float, default=1e-3,
-                         help="peak learning rate (1e-3 suits the tiny preset; ~5e-5 a pretrained model)")
-    p_train.add_argument("--max-len", type=int, default=384, help="max tokens of call + observation (longer: dropped)")
-    p_train.add_argument("--seed", type=int, default=0, help="init and data-order seed")
-    p_train.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p_train.add_argument("--fsdp", action="store_true", help="shard the model over torchrun's ranks (FSDP2; "
-                         "fsdp.shard): for memory only, every rank trains on the same batches")
-    # Generation
-    for p in (p_serve, p_eval):
-        p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
-        p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
-    p_serve.add_argument("--host", default="127.0.0.1", help="bind address")
-    p_serve.add_argument("--port", type=int, default=8081, help="port (0 = a free one)")
-    # Evaluation
-    p_eval.add_argument("--max-calls", type=int, default=200, help="held-out calls per bucket (seen / unseen)")
-    p_eval.add_argument("--questions", type=int, default=32, help="dev questions for reward agreement (0 = skip)")
-    p_eval.add_argument("--max-new-tokens", type=int, default=256, help="rollout length for reward agreement")
-    p_eval.add_argument("--out", required=True, help="output dir: fidelity.json, fidelity_calls.jsonl")
+    data = dict(help="data.py output dir (tool_calls.jsonl; eval: also dev.jsonl, corpus.jsonl)")
+    device = dict(default=common.default_device(), help="cpu or cuda (default: cuda if there is one)")
+    p = sub.add_parser("collect", help="real calls -> deduplicated JSONL with a train / held-out split")
+    p.add_argument("--data", **data)
+    p.add_argument("--rollout-logs", nargs="*", default=[], help="JSONL logs of real calls from RL rollouts")
+    p.add_argument("--tools", nargs="+", default=["search"], help="tools to model (the calculator stays real)")
+    p.add_argument("--heldout-frac", type=float, default=0.1, help="share of training-question calls held out (seen)")
+    p.add_argument("--unseen-frac", type=float, default=0.05, help="share of entities held out whole (unseen)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--out", required=True, help="output JSONL of calls")
+    p = sub.add_parser("train", help="fine-tune a causal LM on call -> observation")
+    p.add_argument("--calls", required=True, help="output of `collect` (rows with split == train are used)")
+    p.add_argument("--init", default="tiny", help="tiny | smollm2 | HF dir or name")
+    p.add_argument("--tokenizer", help="tokenizer dir (required for --init tiny: data.py's DIR/tokenizer)")
+    p.add_argument("--out", required=True, help="checkpoint dir (written atomically by model.save)")
+    p.add_argument("--device", **device)
+    p.add_argument("--epochs", type=float, default=24, help="passes over the calls (memorising takes many)")
+    p.add_argument("--batch-size", type=int, default=16, help="calls per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tiny preset; pretrained model: ~5e-5)")
+    p.add_argument("--max-len", type=int, default=384, help="max tokens of call + observation (longer: dropped)")
+    p.add_argument("--seed", type=int, default=0, help="init and data-order seed")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--fsdp", action="store_true", help="shard over torchrun's ranks (FSDP2): memory only, same batches")
+    p = sub.add_parser("serve", help="serve the world model behind server.py's HTTP retrieval API")
+    p.add_argument("--ckpt", required=True, help="world model checkpoint")
+    p.add_argument("--device", **device)
+    p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
+    p.add_argument("--host", default="127.0.0.1", help="bind address")
+    p.add_argument("--port", type=int, default=8081, help="port (0 = a free one)")
+    p = sub.add_parser("eval", help="fidelity of the world model and of a policy as its own world model")
+    p.add_argument("--data", **data)
+    p.add_argument("--calls", help="output of `collect`; default: the --calls the world model was trained on")
+    p.add_argument("--wm", help="world model checkpoint")
+    p.add_argument("--policy", help="policy checkpoint, evaluated as its own world model and for reward agreement")
+    p.add_argument("--template", default=None, choices=["short", "autocoa"],
+                   help="the policy's prompt (default: the one --policy was trained with, its run_args.json)")
+    p.add_argument("--device", **device)
+    p.add_argument("--max-obs-tokens", type=int, default=192, help="longest simulated observation in tokens")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per generate call")
+    p.add_argument("--max-calls", type=int, default=200, help="held-out calls per bucket (seen / unseen)")
+    p.add_argument("--questions", type=int, default=32, help="dev questions for reward agreement (0 = skip)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout length for reward agreement")
+    p.add_argument("--out", required=True, help="output dir: fidelity.json, fidelity_calls.jsonl")
     return parser.parse_args(argv)
 
 
@@ -389,8 +362,7 @@ def print_table(report):
         for bucket, m in buckets.items():
             print(f"{name:<14} {bucket:<7} {m['n']:>5} {fmt(m['fact_recall']):>11} {fmt(m['ceiling']):>8} "
                   f"{fmt(m['all_facts']):>9} {fmt(m['top1_recall']):>11} {fmt(m['f1']):>8}")
-    if report.get("reward_agreement"):
-        ra = report["reward_agreement"]
+    if ra := report.get("reward_agreement"):
         print(f"reward agreement on {ra['n']} dev questions (real-tool EM {fmt(ra['real_em'])}):")
         for name, m in ((k, v) for k, v in ra.items() if isinstance(v, dict)):
             print(f"  {name:<14} EM {fmt(m['em'])} | same reward {fmt(m['agreement'])} | " + " | ".join(
@@ -400,12 +372,12 @@ def print_table(report):
 def main(args):
     if args.command == "collect":
         assert args.data, "collect needs --data DIR (its tool_calls.jsonl)"
-        rows = read_calls(os.path.join(args.data, "tool_calls.jsonl"), args.rollout_logs)
+        path = os.path.join(args.data, "tool_calls.jsonl")
+        rows = read_calls(path, args.rollout_logs)
         calls = split_calls(rows, tuple(args.tools), args.heldout_frac, args.unseen_frac, args.seed)
         if not calls:  # an empty output would only fail later, in train, far from its cause
-            raise ValueError(f"{os.path.join(args.data, 'tool_calls.jsonl')}"
-                             f"{''.join(', ' + p for p in args.rollout_logs)}: none of the {len(rows)} calls is a "
-                             f"usable {'/'.join(args.tools)} call (all failed, empty or another tool); nothing written")
+            raise ValueError(f"{', '.join([path, *args.rollout_logs])}: none of the {len(rows)} calls is a usable "
+                             f"{'/'.join(args.tools)} call (all failed, empty or another tool); nothing written")
         write_atomic(args.out, "".join(json.dumps(c) + "\n" for c in calls))
         print(f"wrote {args.out}")
 
@@ -413,8 +385,8 @@ def main(args):
         rows = read_rows(args.calls, CALL_FIELDS + ("split",))
         calls = [c for c in rows if c["split"] == "train"]
         if not calls:
-            raise ValueError(args.calls + (": no rows with split == train" if rows else
-                                           ": no calls (the file is empty)"))
+            why = "no rows with split == train" if rows else "no calls (the file is empty)"
+            raise ValueError(f"{args.calls}: {why}")
         torch.manual_seed(args.seed)
         assert args.init != "tiny" or args.tokenizer, "--init tiny needs --tokenizer DIR (data.py's DIR/tokenizer)"
         rank, world, device, _ = common.setup_distributed(args.device) if args.fsdp else (0, 1, args.device, False)
@@ -423,8 +395,7 @@ def main(args):
         model, tokenizer = M.load(args.init, tokenizer=args.tokenizer, device=device, add_action_tokens=True,
                                   seed=args.seed)
         fsdp.check_memory(model.config, device, rank == 0, world, args.batch_size, args.max_len, args.fsdp, None)
-        if args.fsdp:
-            model = fsdp.shard(model, device)
+        model = fsdp.shard(model, device) if args.fsdp else model
         train_world_model(model, tokenizer, calls, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_len=args.max_len, seed=args.seed, log_every=args.log_every)
         weights = fsdp.full_state_dict(model)  # FSDP: gathered to rank 0 (every rank calls it), else None
@@ -450,33 +421,32 @@ def main(args):
         heldout = [c for c in calls if c["split"] == "heldout"]
         heldout = ([c for c in heldout if c["entity_seen"]][:args.max_calls]
                    + [c for c in heldout if not c["entity_seen"]][:args.max_calls])
-        report, details, wm_tools = {"calls": calls_path, "fidelity": {}, "args": vars(args)}, [], None
+        simulated, wm_tools = {}, None  # simulator name -> its observation of each held-out call
         if args.wm:
             wm_tools = load_world_model_tools(args.wm, args.max_obs_tokens, args.device, args.batch_size)
-            rows = fidelity_rows(heldout, wm_tools([(c["tool"], c["args"]) for c in heldout]), "world_model",
-                                 train_text)
-            report["fidelity"]["world_model"] = summarize_fidelity(rows)
-            details += rows
+            simulated["world_model"] = wm_tools([(c["tool"], c["args"]) for c in heldout])
         if args.policy:
             policy, tokenizer = M.load(args.policy, device=args.device, add_action_tokens=True)
             args.template = M.checkpoint_template(args.policy, args.template)
             prompts = [M.encode_segments(tokenizer, policy_sim_segments(tokenizer, c["tool"], c["args"],
                                                                         args.template))[0] for c in heldout]
-            rows = fidelity_rows(heldout, simulate(policy, tokenizer, prompts, "search", args.max_obs_tokens,
-                                                   args.batch_size), "policy_as_wm", train_text)
-            report["fidelity"]["policy_as_wm"] = summarize_fidelity(rows)
+            simulated["policy_as_wm"] = simulate(policy, tokenizer, prompts, "search", args.max_obs_tokens,
+                                                 args.batch_size)
+        report, details = {"calls": calls_path, "fidelity": {}, "args": vars(args)}, []
+        for name, observations in simulated.items():
+            rows = fidelity_rows(heldout, observations, name, train_text)
+            report["fidelity"][name] = summarize_fidelity(rows)
             details += rows
-            if args.questions:
-                assert args.data, "reward agreement needs --data DIR (dev.jsonl, corpus.jsonl)"
-                questions = read_rows(os.path.join(args.data, "dev.jsonl"), ("question", "golden_answers"))
-                questions = questions[:args.questions]
-                index = BM25Index.from_jsonl(os.path.join(args.data, "corpus.jsonl"))
-                simulators = {"policy_as_wm": (make_tools(corpus=index), "sim")}
-                if wm_tools is not None:
-                    simulators["world_model"] = (wm_tools, "real")  # the engine sees the world model as a real tool
-                report["reward_agreement"] = reward_agreement(policy, tokenizer, questions, make_tools(corpus=index),
-                                                              simulators, index, train_passages, args.template,
-                                                              args.max_new_tokens, args.max_obs_tokens)
+        if args.policy and args.questions:
+            assert args.data, "reward agreement needs --data DIR (dev.jsonl, corpus.jsonl)"
+            questions = read_rows(os.path.join(args.data, "dev.jsonl"), ("question", "golden_answers"))[:args.questions]
+            index = BM25Index.from_jsonl(os.path.join(args.data, "corpus.jsonl"))
+            simulators = {"policy_as_wm": (make_tools(corpus=index), "sim")}
+            if wm_tools is not None:
+                simulators["world_model"] = (wm_tools, "real")  # the engine sees the world model as a real tool
+            report["reward_agreement"] = reward_agreement(policy, tokenizer, questions, make_tools(corpus=index),
+                                                          simulators, index, train_passages, args.template,
+                                                          args.max_new_tokens, args.max_obs_tokens)
         write_atomic(os.path.join(args.out, "fidelity.json"), json.dumps(report, indent=2) + "\n")
         write_atomic(os.path.join(args.out, "fidelity_calls.jsonl"), "".join(json.dumps(r) + "\n" for r in details))
         print_table(report)

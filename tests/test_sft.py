@@ -477,3 +477,15 @@ def test_two_process_torchrun_matches_one_process(world, stage):
     for p, q in zip(AutoModelForCausalLM.from_pretrained(root / "one").parameters(),
                     AutoModelForCausalLM.from_pretrained(root / "two").parameters()):
         assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_resume_takes_the_newest_complete_state(tmp_path):
+    """Regression: a kill after OUT/.resume.tmp was complete (its trainer_state.pt is written last) but before the swap
+    left it beside the older OUT/resume, and --resume took the older one (redoing steps the newer had saved)."""
+    import common
+    for name, step in (("resume", 2), (".resume.tmp", 4)):
+        os.makedirs(tmp_path / name)
+        torch.save({"step": step}, tmp_path / name / "trainer_state.pt")
+    resume_dir = common.resume_point(str(tmp_path), True, True, False)
+    assert common.load_resume_state(resume_dir)["step"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["resume"]
