@@ -271,8 +271,10 @@ NEEDS_TOOLS = ("agent", "react", "workflow")
 
 
 def tool_counters(tools):  # tools.ToolRegistry's cumulative counters
-    return {"requests": sum(tools.counts.values()) if tools is not None else 0,
-            **{k: getattr(tools, k, 0) for k in ("real_calls", "paid_calls", "cache_hits", "errors")}}
+    if tools is None:
+        return {"requests": 0, "real_calls": 0, "paid_calls": 0, "cache_hits": 0, "errors": 0}
+    return {"requests": sum(tools.counts.values()), "real_calls": tools.real_calls, "paid_calls": tools.paid_calls,
+            "cache_hits": tools.cache_hits, "errors": tools.errors}
 
 
 def evaluate(model, tokenizer, questions, tools, mode, *, template="autocoa", n_samples=1, temperature=0.0,

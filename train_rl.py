@@ -146,8 +146,9 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     """This rank's rollouts (prompt j -> rank j % world) and rewards -> (seqs, metrics, response tokens of all ranks)"""
     js = list(range(rank, args.prompts_per_step, world))
     qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
-    texts = [build_prompt(tokenizer, q["question"], template) for q in qs for _ in range(args.group_size)]  # K copies
-    prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": t}])[0] for t in texts]  # group-contiguous
+    ids = [encode_segments(tokenizer, [{"kind": "prompt", "text": build_prompt(tokenizer, q["question"], template)}])[0]
+           for q in qs]  # each prompt built and tokenised once
+    prompts = [list(p) for p in ids for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
     seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
     before = tool_usage(real_tools)
     with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
