@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import encode_segments, load, save
+from model import build_prompt, encode_segments, load, save
 from tools import ToolRegistry, action_close, action_open, calculator, read_jsonl, result_close, result_open
 
 # -----------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def save_final(model, tokenizer, out, args, state_dict=None):
 
 
 # -----------------------------------------------------------------------------
-# The separate world model (world_model.py) as a tool
+# World models as tools: the separate one (world_model.py), and the policy from the call alone (train_rl.py)
 
 
 def wm_prompt(tool, args):
@@ -282,16 +282,34 @@ def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16)
     return out
 
 
-def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, max_query_chars=300, cache_size=4096,
-                           timeout_s=3600):
-    """A ToolRegistry: "search" is the world model at ckpt (real_calls count its generations), "calculator" the real
-    one (cheap and exact: simulating it would only add errors). Queries are cut to max_query_chars so prompt +
-    observation fit; timeout_s is a backstop: the registry's 30 s default would fail long CPU batches."""
-    model, tokenizer = load(ckpt, device=device, add_action_tokens=True)
+def policy_sim_segments(tokenizer, tool, args, template="short"):
+    """The minimal context in which a POLICY plays its own world model, from the call alone (no gold answer either):
+    its usual prompt with the query as the question, then the call and the opened result tag, as env="sim" leaves it."""
+    return [{"kind": "prompt", "text": build_prompt(tokenizer, args.strip(), template)},
+            {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
 
+
+def simulator_tools(model, tokenizer, segments, max_obs_tokens=192, batch_size=16, max_query_chars=300,
+                    cache_size=4096, timeout_s=3600):
+    """A ToolRegistry whose "search" is `model` writing the observation greedily from segments(query) alone, the
+    calculator the real one (cheap and exact: simulating it would only add errors). Queries are cut to max_query_chars
+    so prompt + observation fit; timeout_s is a backstop: the registry's 30 s default would fail long CPU batches."""
     def search(queries):
-        prompts = [encode_segments(tokenizer, [{"kind": "prompt", "text": wm_prompt("search", q[:max_query_chars])}])
-                   [0] for q in queries]
+        prompts = [encode_segments(tokenizer, segments(q[:max_query_chars]))[0] for q in queries]
         return simulate(model, tokenizer, prompts, "search", max_obs_tokens, batch_size)
 
     return ToolRegistry({"search": search, "calculator": calculator}, cache_size=cache_size, timeout_s=timeout_s)
+
+
+def load_world_model_tools(ckpt, max_obs_tokens=192, device="cpu", batch_size=16, **registry):
+    """simulator_tools of the separate world model at ckpt (real_calls count its generations): its input is the call."""
+    model, tokenizer = load(ckpt, device=device, add_action_tokens=True)
+    return simulator_tools(model, tokenizer, lambda q: [{"kind": "prompt", "text": wm_prompt("search", q)}],
+                           max_obs_tokens, batch_size, **registry)
+
+
+def policy_world_model_tools(policy, tokenizer, template, max_obs_tokens=192, batch_size=64):
+    """simulator_tools of the POLICY as its own world model from the call alone (train_rl --sim-context call): the
+    context in which stage 3 learnt the teacher's calls and world_model.py eval measures its recall."""
+    return simulator_tools(policy, tokenizer, lambda q: policy_sim_segments(tokenizer, "search", q, template),
+                           max_obs_tokens, batch_size)

@@ -166,7 +166,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
         row = {"n": 1, "reward": R, "em": exact_match(extract_answer(r.policy_text), golds),
                "format_violation": 1 - format_ok(r.policy_text)[0], "actions": sum(r.num_actions.values()),
                # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-               "sim_obs": r.sim_obs + (r.real_calls if env_name == "world-model" else 0),
+               "sim_obs": r.sim_obs + (r.real_calls if env_name in ("world-model", "sim-call") else 0),
                "tokens": len(r.response_ids), "tool_requests": r.real_calls}
         sums = {k: sums.get(k, 0.) + v for k, v in row.items()}
     sums = all_sum_dict({**sums, **{k: v - before[k] for k, v in tool_usage(real_tools).items()}})
@@ -261,6 +261,9 @@ def parse_args(argv=None):
     g.add_argument("--api", default="flashrag", choices=["flashrag", "searchr1"], help="retrieval server API shape")
     g.add_argument("--max-obs-chars", type=int, default=4000, help="longer tool output is cut, '... [truncated]'")
     g.add_argument("--world-model", default=None, help="world_model.py checkpoint: the sim steps' search tool")
+    g.add_argument("--sim-context", default="trajectory", choices=["trajectory", "call"],
+                   help="the policy writes a simulated observation inside its trajectory (paper), or from the call "
+                        "alone, as stage 3 learnt the teacher's calls (greedy; the calculator real)")
     g.add_argument("--sim-steps", type=int, default=80, help="steps [0, sim) in the simulated environment (RL stage 1)")
     g.add_argument("--real-steps", type=int, default=16, help="then this many steps against the real tool (stage 2)")
     g = p.add_argument_group("rollout")
@@ -337,6 +340,8 @@ def train(args, rank, world, device, ddp):
         f"{prompts_per_rank} prompts per rank must divide into --minibatches {args.minibatches} (whole groups)"
     assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
     assert total_steps > 0 and args.temperature > 0, "needs --sim-steps + --real-steps > 0 and --temperature > 0"
+    assert args.sim_context == "trajectory" or not (args.world_model or args.train_sim_obs or args.sim_greedy), \
+        "--sim-context call is its own simulator: not with --world-model, --train-sim-obs or --sim-greedy"
     if master:
         print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples; {args.ppo_epochs} epochs x "
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")
@@ -360,6 +365,7 @@ def train(args, rank, world, device, ddp):
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
     eval_tools = None  # the dev evaluation's own registry: never mixed with the rollouts' calls
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
+    own_call_tools = common.policy_world_model_tools(policy, tokenizer, template) if args.sim_context == "call" else None
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
     if resume_dir:
@@ -391,7 +397,10 @@ def train(args, rank, world, device, ddp):
     stop = None
     for step in range(start_step, total_steps):
         env_name, step_tools = (("real", real_tools) if step >= args.sim_steps else
-                                ("world-model", world_model_tools) if world_model_tools else ("sim", real_tools))
+                                ("world-model", world_model_tools) if world_model_tools else
+                                ("sim-call", own_call_tools) if own_call_tools else ("sim", real_tools))
+        if env_name == "sim-call":
+            own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
         t0 = time.time()
         seqs, log, tokens = collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp,
                                     args, rank, world)

@@ -51,13 +51,14 @@ import common
 import engine
 import fsdp
 import model as M
-from common import CALL_FIELDS, check_fields, json_type, load_world_model_tools, read_rows, simulate, wm_prompt
+from common import (CALL_FIELDS, check_fields, json_type, load_world_model_tools, policy_sim_segments, read_rows,
+                    simulate, wm_prompt)
 from evaluate import exact_match, extract_answer, f1, normalize_answer
 from server import serve_tool, split_results
 from tools import BM25Index, action_close, action_open, make_tools, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
-# The world model's training example; a policy's context as its own world model
+# The world model's training example
 
 def wm_example(tokenizer, call):
     """call {"tool", "args", "observation"} -> (ids, loss_mask, obs_mask) of model.encode_segments (the one mask rule):
@@ -65,13 +66,6 @@ def wm_example(tokenizer, call):
     segments = [{"kind": "prompt", "text": wm_prompt(call["tool"], call["args"])},
                 {"kind": "policy", "text": f"{call['observation']}\n{result_close(call['tool'])}"}]
     return M.encode_segments(tokenizer, segments)
-
-
-def policy_sim_segments(tokenizer, tool, args, template="short"):
-    """The minimal context in which a POLICY plays its own world model, from the call alone (no gold answer either):
-    its usual prompt with the query as the question, then the call and the opened result tag, as env="sim" leaves it."""
-    return [{"kind": "prompt", "text": M.build_prompt(tokenizer, args.strip(), template)},
-            {"kind": "prompt", "text": f" {wm_prompt(tool, args)}"}]
 
 
 # -----------------------------------------------------------------------------

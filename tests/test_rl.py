@@ -364,6 +364,32 @@ def test_world_model_env_counts_simulated_not_real(world, tmp_path, monkeypatch)
     assert rows[1]["real_calls"] > 0 and rows[1]["tool_requests"] > 0
 
 
+def test_sim_context_call_simulates_from_the_call_alone(world, tmp_path, monkeypatch):
+    """--sim-context call: the policy itself (its live weights) writes each simulated observation from its prompt with the
+    query as the question, the context of world_model.py eval's recall; the RL question never reaches it, nothing
+    reaches the real search tool, and every simulated observation is counted as one."""
+    seen, simulate = [], common.simulate
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend((model, tokenizer.decode(p)) for p in prompts)
+        return simulate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(common, "simulate", spy)
+    out = tmp_path / "run"
+    train_rl.main(run_args(world, out, "--sim-context", "call", "--sim-steps", "1", "--real-steps", "1"))
+    rows = read_metrics(out)
+    assert [r["env"] for r in rows] == ["sim-call", "real"]
+    assert seen and rows[0]["sim_obs"] >= len(seen) and rows[0]["real_calls"] == 0  # >=: repeats hit the cache
+    assert rows[1]["real_calls"] > 0
+    questions = [json.loads(line)["question"] for line in open(world / "train.jsonl")]
+    for _, text in seen:
+        assert text.rstrip().endswith("<search_result>") and "<begin_search>" in text
+        assert not any(q in text for q in questions), text  # only the query: never the question being answered
+    assert len({id(model) for model, _ in seen}) == 1  # one model, the policy: no second copy was loaded
+    with pytest.raises(AssertionError, match="--sim-context call is its own simulator"):
+        train_rl.main(run_args(world, tmp_path / "bad", "--sim-context", "call", "--sim-greedy"))
+
+
 # -----------------------------------------------------------------------------
 # Issue 13 regressions: the policy that sampled is the policy scored; counts; nothing lost after a kill
 
