@@ -298,14 +298,32 @@ def _spread(s, signed=False):
 CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-3-of-6", 6: "real-6-of-6"}
 
 
+def step_rewards(model_dir):
+    """train_rl.py's metrics.jsonl in its checkpoint -> [(env, mean reward)] per step."""
+    return [(row["env"], row["reward"]) for _, row in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))]
+
+
+def _sim_vs_real(s):
+    return "" if s is None else f"{s['sim']:.3f} / {s['real']:.3f} = {s['sim'] / s['real']:.2f}x ({s['steps']} steps)"
+
+
 def curve_report(run_dir):
-    """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run)."""
+    """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run), and
+    the simulated steps' mean reward over that of the same steps of the all-real run (same seed: the same prompts)."""
+    dirs = {k: os.path.join(run_dir, "rl_sim_real" if k == 1 else f"curve/real{k}") for k in CURVE}
     rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 1 else "curve", "eval", label), "sft-123")
                              for k, label in CURVE.items()})
+    real = [reward for _, reward in step_rewards(dirs[6])]
+    for k, x in zip(CURVE, rows.values()):
+        sim = [reward for env, reward in step_rewards(dirs[k]) if env != "real"]  # the first steps of a run
+        x["sim_step_reward"] = {"sim": float(np.mean(sim)), "real": float(np.mean(real[:len(sim)])),
+                                "steps": len(sim)} if sim else None
     md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", ""]
-    md += _md_table(["real steps", "avg", "gain over sft-123", "unknown_multihop", "gain multihop", "real calls"],
+    md += _md_table(["real steps", "avg", "gain over sft-123", "unknown_multihop", "gain multihop", "real calls",
+                     "simulated step reward / all-real's, same steps"],
                     [[k, _ci(x["avg"]), _ci(x["avg_gain"], True), _ci(x["unknown_multihop"]),
-                      _ci(x["unknown_multihop_gain"], True), x["real_calls"]] for k, x in rows.items()])
+                      _ci(x["unknown_multihop_gain"], True), x["real_calls"], _sim_vs_real(x["sim_step_reward"])]
+                     for k, x in rows.items()])
 
     def draw(fig, ax):
         xs, avg = [int(k.split("/")[0]) / 6 for k in rows], [x["avg"] for x in rows.values()]

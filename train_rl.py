@@ -365,7 +365,8 @@ def train(args, rank, world, device, ddp):
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
     eval_tools = None  # the dev evaluation's own registry: never mixed with the rollouts' calls
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
-    own_call_tools = common.policy_world_model_tools(policy, tokenizer, template) if args.sim_context == "call" else None
+    own_call_tools = (common.policy_world_model_tools(policy, tokenizer, template) if args.sim_context == "call"
+                      else None)
 
     start_step, totals, collapse_streak = 0, dict.fromkeys(COUNTED, 0), 0
     if resume_dir:

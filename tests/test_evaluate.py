@@ -567,13 +567,15 @@ def test_no_figure3_modes_match_evaluate():
     assert set(report.NO_ACTION_MODES) == {mode for mode, env in ev.ENV_OF_MODE.items() if env == "none"}
 
 
-def _eval_dir(d, preds, model_dir, real_calls=None):
+def _eval_dir(d, preds, model_dir, real_calls=None, steps=(("real", 0.0),)):
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({"args": {"model": str(model_dir), "mode": "agent"}}))
     (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-    if real_calls is not None:  # what train_rl.py leaves in its checkpoint
+    if real_calls is not None:  # what train_rl.py leaves in its checkpoint: a row per step
         model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "real_calls_total": real_calls}) + "\n")
+        (model_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "env": env, "reward": r, "real_calls_total": real_calls}) + "\n"
+            for i, (env, r) in enumerate(steps)))
 
 
 def test_seeds_report_mean_and_spread_by_hand(tmp_path):
@@ -597,3 +599,25 @@ def test_seeds_report_mean_and_spread_by_hand(tmp_path):
     assert s["avg"]["std"] == pytest.approx(35.355, abs=1e-3)  # sample sd of (50, 100)
     assert s["avg_gain"]["mean"] == pytest.approx(75.0) and s["real_calls"]["values"] == [10, 20]
     assert "| **sft-12+rl-real** | mean (sd) | 75.0 (35.4) | +75.0 (35.4) |" in md
+
+
+def test_curve_report_compares_simulated_steps_with_the_same_real_steps(tmp_path):
+    """run.sh --curve: each point's simulated steps' mean reward over that of the SAME steps (same seed: same prompts) of
+    the all-real run; the all-real point has none. Rewards by hand: 4 steps in all, all-real 0.8 0.4 0.6 1.0."""
+    qs = report.WORLD_COLUMNS
+    _eval_dir(tmp_path / "eval" / "sft-123", [_pred(i, t, 0.0) for i, t in enumerate(qs)], tmp_path / "sft-123")
+    steps = {0: [("sim-call", 0.4)] * 4,
+             1: [("sim", 0.2), ("sim", 0.4), ("sim", 0.6), ("real", 1.0)],
+             2: [("sim-call", 0.6), ("sim-call", 0.2), ("real", 0.6), ("real", 0.6)],
+             3: [("sim", 0.3)] * 2 + [("real", 1.0)] * 2,
+             6: [("real", 0.8), ("real", 0.4), ("real", 0.6), ("real", 1.0)]}
+    for k, label in report.CURVE.items():
+        root = tmp_path if k == 1 else tmp_path / "curve"
+        model = tmp_path / ("rl_sim_real" if k == 1 else f"curve/real{k}")
+        _eval_dir(root / "eval" / label, [_pred(i, t, 1.0) for i, t in enumerate(qs)], model, real_calls=k,
+                  steps=steps[k])
+    md, rows = report.curve_report(str(tmp_path))
+    s = {k: rows[f"{k}/6"]["sim_step_reward"] for k in report.CURVE}
+    assert s[6] is None and s[0] == pytest.approx({"sim": 0.4, "real": 0.7, "steps": 4})
+    assert s[1] == pytest.approx({"sim": 0.4, "real": 0.6, "steps": 3}) and s[2]["real"] == pytest.approx(0.6)
+    assert "0.400 / 0.700 = 0.57x (4 steps)" in md and rows["6/6"]["avg_gain"]["value"] == pytest.approx(1.0)
