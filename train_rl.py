@@ -19,6 +19,10 @@ Departures from the paper / the authors' verl code, and why:
     sampling at 0.6 updates a policy that did not act (a path to entropy collapse). Top-p is not in the scored policy
     (verl neither). `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested);
     --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
+  - --sim-context call (run.sh's tiny preset; the paper's is "trajectory"): the policy writes each simulated observation
+    from the call alone (its prompt with the query as the question, greedy), the context in which stage 3 learnt the
+    teacher's calls and world_model.py eval measures its recall; the calculator is the real one there. Inside its own
+    trajectory the tiny policy's simulated results lose the fact hop by hop (README: step reward 0.59x real vs 0.79x).
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls, error
     observations apart; the in-loop dev evaluation has its own registry, never counted.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
@@ -28,6 +32,7 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
   python train_rl.py --init out/sft123 --data out/world --out out/rl --algo grpo --sim-steps 80 --real-steps 16
   python train_rl.py --init out/sft123 --data out/world --out out/rl_ppo --algo ppo --sim-steps 0 --real-steps 96
   python train_rl.py --init out/sft123 --data out/world --out out/rl_wm --world-model out/wm --sim-steps 80
+  python train_rl.py --init out/sft123 --data out/world --out out/rl_call --sim-context call --sim-steps 80
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
       --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (fsdp.shard)
 Defaults are the paper's (80 sim + 16 real steps, 48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the
