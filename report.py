@@ -209,9 +209,18 @@ def _ci(cell, signed=False):
 
 
 def read_eval(eval_dir):
-    """An evaluate.py output dir -> (its args, its prediction records)."""
+    """An evaluate.py output dir -> (its args, its prediction records). A relative args["model"] is relative to where
+    evaluate.py ran (run.sh: the repo root): found from here, else from the nearest folder above eval_dir holding it."""
     with open(os.path.join(eval_dir, "results.json")) as f:
-        return json.load(f)["args"], [p for _, p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))]
+        args = json.load(f)["args"]
+    model, up = args.get("model"), os.path.abspath(eval_dir)
+    if model and not os.path.isabs(model) and not os.path.exists(model):
+        while up != os.path.dirname(up):
+            up = os.path.dirname(up)
+            if os.path.exists(os.path.join(up, model)):
+                args = {**args, "model": os.path.join(up, model)}
+                break
+    return args, [p for _, p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))]
 
 
 def world_table(run_dir, labels, wall_seconds=None):

@@ -621,3 +621,17 @@ def test_curve_report_compares_simulated_steps_with_the_same_real_steps(tmp_path
     assert s[6] is None and s[0] == pytest.approx({"sim": 0.4, "real": 0.7, "steps": 4})
     assert s[1] == pytest.approx({"sim": 0.4, "real": 0.6, "steps": 3}) and s[2]["real"] == pytest.approx(0.6)
     assert "0.400 / 0.700 = 0.57x (4 steps)" in md and rows["6/6"]["avg_gain"]["value"] == pytest.approx(1.0)
+
+
+def test_rl_real_calls_found_from_any_working_directory(tmp_path, monkeypatch):
+    """evaluate.py records --model as given (run.sh: relative to the repo root); report.py run from elsewhere still
+    finds the checkpoint's metrics.jsonl (it once read 0 real calls, silently, when not run from the repo root)."""
+    repo = tmp_path / "repo"
+    preds = [_pred(i, t, 1.0) for i, t in enumerate(report.WORLD_COLUMNS)]
+    _eval_dir(repo / "out/run/eval/row", preds, repo / "out/run/rl", real_calls=42)
+    results = repo / "out/run/eval/row/results.json"
+    results.write_text(json.dumps({"args": {"model": "out/run/rl", "mode": "agent"}}))  # relative, as run.sh writes it
+    monkeypatch.chdir(tmp_path)
+    args, predictions = report.read_eval(str(repo / "out/run/eval/row"))
+    assert args["model"] == str(repo / "out/run/rl")
+    assert report.world_row(predictions, args["model"])["rl_real_calls"] == 42
