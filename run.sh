@@ -163,7 +163,8 @@ stage wm-eval    "$OUT/wm_eval/fidelity.json" $PY world_model.py eval --wm "$OUT
 stage rl-real "$RLD/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
   --out "$RLD/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $RL_SEED $RL
 stage rl-sim-real "$RLD/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
-  --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $RL_SEED $RL $RL_SIM
+  --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $RL_SEED \
+  $RL $RL_SIM
 
 # --- evaluation: every row of Table 1 on the test split ------------------------------------------------------------
 evaluate_row() {  # evaluate_row LABEL CKPT MODE [DIR]: into DIR/eval/LABEL (DIR: OUT)
