@@ -260,14 +260,16 @@ def world_table(run_dir, labels, wall_seconds=None):
 # RL over seeds (run.sh --rl-seed N) and the real-fraction curve (run.sh --curve)
 
 def rl_rows(run_dir, entries):
-    """{label: (eval dir, START)} -> {label: avg and unknown-multihop EM, paired gain over eval/START, real calls}."""
+    """{label: (eval dir, START)} -> {label: the checkpoint, avg and unknown-multihop EM, paired gain over eval/START,
+    real calls}."""
     out, starts = {}, {}
     for label, (eval_dir, start) in entries.items():
         args, predictions = read_eval(eval_dir)
         if start not in starts:  # one start row serves many RL rows (seeds, curve points): read it once
             starts[start] = world_cells(read_eval(os.path.join(run_dir, "eval", start))[1])
         cells, base = world_cells(predictions), starts[start]
-        out[label] = {"start": start, "real_calls": world_row(predictions, args["model"])["rl_real_calls"],
+        out[label] = {"start": start, "model": args["model"],
+                      "real_calls": world_row(predictions, args["model"])["rl_real_calls"],
                       **{c: cell_ci(cells, c) for c in ("avg", "unknown_multihop")},
                       **{f"{c}_gain": cell_ci(cells, c, base) for c in ("avg", "unknown_multihop")}}
     return out
@@ -319,12 +321,11 @@ def _sim_vs_real(s):
 def curve_report(run_dir):
     """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run), and
     the simulated steps' mean reward over that of the same steps of the all-real run (same seed: the same prompts)."""
-    dirs = {k: os.path.join(run_dir, "rl_sim_real" if k == 1 else f"curve/real{k}") for k in CURVE}
     rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 1 else "curve", "eval", label), "sft-123")
                              for k, label in CURVE.items()})
-    real = [reward for _, reward in step_rewards(dirs[6])]
-    for k, x in zip(CURVE, rows.values()):
-        sim = [reward for env, reward in step_rewards(dirs[k]) if env != "real"]  # the first steps of a run
+    real = [reward for _, reward in step_rewards(rows["6/6"]["model"])]
+    for x in rows.values():
+        sim = [reward for env, reward in step_rewards(x["model"]) if env != "real"]  # the first steps of a run
         x["sim_step_reward"] = {"sim": float(np.mean(sim)), "real": float(np.mean(real[:len(sim)])),
                                 "steps": len(sim)} if sim else None
     md = ["## Test EM vs the share of RL steps on the real tool (from SFT-1&2&3, equal total steps; 95% bootstrap)", ""]

@@ -401,10 +401,10 @@ def train(args, rank, world, device, ddp):
                 "totals": totals, "collapse_streak": collapse_streak, "tool_cache": caches}, weights)
 
     stop = None
+    sim_env = (("world-model", world_model_tools) if world_model_tools else  # RL-stage 1's environment
+               ("sim-call", own_call_tools) if own_call_tools else ("sim", real_tools))
     for step in range(start_step, total_steps):
-        env_name, step_tools = (("real", real_tools) if step >= args.sim_steps else
-                                ("world-model", world_model_tools) if world_model_tools else
-                                ("sim-call", own_call_tools) if own_call_tools else ("sim", real_tools))
+        env_name, step_tools = ("real", real_tools) if step >= args.sim_steps else sim_env
         if env_name == "sim-call":
             own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
         t0 = time.time()
