@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from engine import rollout
 from model import build_prompt, encode_segments, load, save
 from tools import ToolRegistry, action_close, action_open, calculator, read_jsonl, result_close, result_open
 
@@ -259,26 +260,15 @@ def wm_prompt(tool, args):
     return f"{action_open(tool)} {args.strip()} {action_close(tool)}\n{result_open(tool)}\n"
 
 
-def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=16):
+def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=64):
     """prompts: token id lists that end inside an opened result tag -> each row's observation, greedy, up to
-    result_close(tool) or eos: HF generate with that extra stop token (engine.rollout stops only at actions and eos)."""
-    stop = tokenizer.convert_tokens_to_ids(result_close(tool))
-    if stop is None or stop == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no token for {result_close(tool)!r}: load with add_action_tokens=True")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    model.eval()
+    result_close(tool) or eos: the engine's own KV-cache loop (rollout's observe mode), as every rollout."""
     out = []
     for b in range(0, len(prompts), batch_size):
-        rows = prompts[b:b + batch_size]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_obs_tokens,
-                                   eos_token_id=[stop, tokenizer.eos_token_id], pad_token_id=pad, do_sample=False)
-        for new in generated[:, width:].tolist():
-            cut = next((i for i, t in enumerate(new) if t in (stop, tokenizer.eos_token_id)), len(new))
-            out.append(tokenizer.decode(new[:cut], skip_special_tokens=True).strip())
+        rollouts = rollout(model, tokenizer, prompts[b:b + batch_size], None, env="sim", observe=tool, greedy=True,
+                           sim_obs_tokens=max_obs_tokens, max_new_tokens=max_obs_tokens + 1, answer_tokens=1,
+                           max_context=max(map(len, prompts[b:b + batch_size])) + max_obs_tokens + 64)
+        out += [r.text.split(result_close(tool))[0].strip() for r in rollouts]
     return out
 
 

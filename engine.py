@@ -304,13 +304,15 @@ class _Batch:
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
-            sim_obs_tokens=256, sim_greedy=False, sim_real_tools=()):
+            sim_obs_tokens=256, sim_greedy=False, sim_real_tools=(), observe=""):
     """One trajectory per prompt (token ids) -> list[Rollout], in prompt order. tools: a ToolRegistry. env: "real" calls
     the tools, "sim" lets the policy write the observations (greedily if sim_greedy; sim_real_tools: the tools it still
-    calls for real), "none" answers "tools are disabled". seed: an int, or one int per prompt (per-row generators)."""
+    calls for real), "none" answers "tools are disabled". seed: an int, or one int per prompt (per-row generators).
+    observe (with env="sim"): a tool name; each prompt ends inside its opened result tag and its row only writes that
+    observation (the world models: common.simulate)."""
     check_model(model)
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-               train_sim_obs, sim_real_tools, sim_greedy)
+               train_sim_obs, sim_real_tools, sim_greedy, observe)
     rows = _rows(prompts, s)
     was_training = model.training
     model.eval()

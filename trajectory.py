@@ -11,6 +11,8 @@ The rules, where they depart from the paper / the original code, and why:
 - env="sim" (RL stage 1): the policy writes the observation itself after "\\n<NAME_result>\\n" until it writes
   </NAME_result> (at most sim_obs_tokens, then the close is forced); those tokens are obs (loss_mask 0 unless
   train_sim_obs) and no tool is called.
+- observe=NAME (the world models, common.simulate): each prompt already ends inside an opened <NAME_result> tag; the
+  row writes that one observation and is done at its close, eos or sim_obs_tokens: the same loop, no HF generate.
 """
 from dataclasses import dataclass, field
 
@@ -75,15 +77,18 @@ class _Setup:
     train_sim_obs: bool
     sim_real: tuple         # env="sim": tools called for real all the same (free and exact ones: the calculator)
     sim_greedy: bool        # env="sim": the simulated observations are the argmax (the policy's own tokens sampled)
+    observe: str            # a tool name: every row writes only that tool's observation (module docstring)
     tags: dict              # close tag text -> ("action"|"result"|"think", tool name)
     think_ids: list         # "</think>\n", the forced-answer switch
     reserve: int            # context tokens kept free for the forced tags + answer
 
 
 def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-           train_sim_obs, sim_real=(), sim_greedy=False):
+           train_sim_obs, sim_real=(), sim_greedy=False, observe=""):
     if env not in ("real", "sim", "none"):
         raise ValueError(f"env must be 'real', 'sim' or 'none', got {env!r}")
+    if observe and env != "sim":
+        raise ValueError(f"observe={observe!r} writes simulated observations: it needs env='sim', got {env!r}")
     if sim_greedy and train_sim_obs:
         raise ValueError("sim_greedy with train_sim_obs: trained observation tokens must be sampled from the policy")
     if (env == "real" or env == "sim" and sim_real) and tools is None:
@@ -100,7 +105,7 @@ def _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answ
     think_ids = enc(THINK_CLOSE + "\n")
     sim_tags = max(len(enc(f"\n{result_open(n)}\n")) + len(enc(result_close(n) + "\n")) for n in names)
     return _Setup(tokenizer, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
-                  train_sim_obs, tuple(sim_real), sim_greedy, tags, think_ids,
+                  train_sim_obs, tuple(sim_real), sim_greedy, observe, tags, think_ids,
                   answer_tokens + len(think_ids) + sim_tags)
 
 
@@ -136,7 +141,9 @@ def _settle(row, s):
     """While a budget (_limits) is spent: close a sim observation, force the answer (Algorithm 1, 24-27), or stop."""
     while row.phase != DONE and any(count >= limit for count, limit in
                                     zip((row.gen, row.length, row.phase_count), _limits(row, s))):
-        if row.phase == SIM:
+        if row.phase == SIM and s.observe:
+            row.phase, row.stop_reason = DONE, "max_obs_tokens"
+        elif row.phase == SIM:
             _queue(row, s.tokenizer.encode(result_close(row.sim_name) + "\n", add_special_tokens=False), 0, 1)
             row.phase, row.phase_count, row.seg_start = GEN, 0, row.length
         elif row.phase == GEN and not row.thought_closed:
@@ -159,6 +166,9 @@ def _on_token(row, s, eos, tag):
         return
     if kind == "think":
         row.thought_closed = True
+    elif kind == "result" and s.observe:
+        row.phase, row.stop_reason = DONE, "observed"
+        return
     elif kind == "result":
         _queue(row, s.tokenizer.encode("\n", add_special_tokens=False), 0, 1)
         row.phase, row.phase_count, row.seg_start = GEN, 0, row.length
@@ -264,4 +274,4 @@ def _rows(prompts, s):
         if _limits(_Row(len(prompt)), s)[1] <= 0:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens: no room left under max_context={s.max_context} "
                              f"(which keeps {s.reserve} tokens for the forced answer)")
-    return [_Row(len(prompt)) for prompt in prompts]
+    return [_Row(len(prompt), phase=SIM if s.observe else GEN, sim_name=s.observe) for prompt in prompts]

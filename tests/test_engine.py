@@ -22,7 +22,7 @@ import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from oracle import naive_rollout  # noqa: E402
 from tools import (LIMIT_MESSAGE, THINK_CLOSE, THINK_OPEN, ToolRegistry, action_close, calculator,  # noqa: E402
-                   format_observation, special_tokens)
+                   format_observation, result_close, special_tokens)
 from trajectory import _action_argument  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=128)
@@ -261,6 +261,33 @@ def test_sim_real_tools_call_the_calculator_for_real_and_simulate_the_rest():
     assert any(format_observation("calculator", "12") in r.text for r in fast)  # SCRIPT's 3*4, computed
     with pytest.raises(ValueError, match="needs tools"):
         E.rollout(lm, tok, prompts, None, "sim", sim_real_tools=("calculator",), **kw)
+
+
+@pytest.mark.parametrize("tags", [True, False], ids=["special-token-tags", "text-tags"])
+def test_simulate_is_the_argmax_continuation_to_the_result_close(tags):
+    """common.simulate (the world models, rollout's observe mode): from a prompt that ends inside an opened
+    <search_result>, the model's argmax tokens up to </search_result>, eos or max_obs_tokens, exactly what a
+    cache-less loop over one prompt at a time writes. Prompts of several lengths reach each of the three ends."""
+    from common import simulate
+    lm, tok = make_model(tags)
+    close = result_close("search")
+    lm.script = {60 + j: t for j, t in enumerate(tok.encode(close, add_special_tokens=False))}  # close at 60 (mod 90)
+    frame = lambda q: tok.encode(f"{THINK_OPEN} <begin_search> {q} </end_search>\n<search_result>\n",  # noqa: E731
+                                 add_special_tokens=False)
+    # prompt lengths 30 and 45 reach the close at 60, 90 the 40-token cap, 160 the eos at EOS_AT = 170
+    prompts = [frame("paris" + "x" * (n - len(frame("paris")))) for n in (30, 45, 90, 160)]
+    def plain(ids, n=40):  # -> (observation, how it ended)
+        out = []
+        while len(out) < n:
+            out.append(int(lm(torch.tensor([ids + out])).logits[0, -1].argmax()))
+            if out[-1] == tok.eos_token_id:
+                return tok.decode(out[:-1]).strip(), "eos"
+            if close in tok.decode(out):
+                return tok.decode(out).split(close)[0].strip(), "close"
+        return tok.decode(out).strip(), "cap"
+    expected = [plain(p) for p in prompts]
+    assert {how for _, how in expected} == {"eos", "close", "cap"}
+    assert simulate(lm, tok, prompts, "search", max_obs_tokens=40, batch_size=3) == [text for text, _ in expected]
 
 
 def test_seeded_sampling_is_reproducible():
