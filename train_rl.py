@@ -123,7 +123,8 @@ def grpo_advantages(micro, args):
     A = group_advantages(rewards, args.grpo_std_norm).flatten().split([len(b["seqs"]) for b in micro])
     for b, a in zip(micro, A):
         b["advantages"] = a.to(b["mask"].device)[:, None].expand_as(b["mask"])
-    return {}
+    signal, groups = all_sum(torch.tensor([float((rewards != rewards[:, :1]).any(1).sum()), len(rewards)])).tolist()
+    return {"signal_groups": signal / groups}  # groups whose rewards differ: all the surrogate learns from
 
 
 ADVANTAGES = {"grpo": grpo_advantages, "ppo": ppo.advantages}
@@ -149,8 +150,9 @@ COUNTED = ("real_calls", "sim_obs", "cache_hits", "calculator_calls", "tool_erro
 
 def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp, args, rank, world):
     """This rank's rollouts (prompt j -> rank j % world) and rewards -> (seqs, metrics, response tokens of all ranks)"""
-    js = list(range(rank, args.prompts_per_step, world))
-    qs = [questions[prompt_index(args.seed, step, j, args.prompts_per_step, len(questions))] for j in js]
+    n_prompts = args.prompts_per_step * args.oversample
+    js = list(range(rank, n_prompts, world))
+    qs = [questions[prompt_index(args.seed, step, j, n_prompts, len(questions))] for j in js]
     ids = [encode_segments(tokenizer, [{"kind": "prompt", "text": build_prompt(tokenizer, q["question"], template)}])[0]
            for q in qs]  # each prompt built and tokenised once
     prompts = [list(p) for p in ids for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
@@ -174,6 +176,11 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                "sim_obs": r.sim_obs + (r.real_calls if env_name in ("world-model", "sim-call") else 0),
                "tokens": len(r.response_ids), "tool_requests": r.real_calls}
         sums = {k: sums.get(k, 0.) + v for k, v in row.items()}
+    if args.oversample > 1:  # dynamic sampling (DAPO): keep 1/oversample of the groups, those whose rewards differ first
+        groups = [seqs[g:g + args.group_size] for g in range(0, len(seqs), args.group_size)]
+        flat = [len({s["reward"] for s in group}) == 1 for group in groups]
+        keep = sorted(sorted(range(len(groups)), key=lambda g: flat[g])[:len(groups) // args.oversample])
+        seqs = [s for g in keep for s in groups[g]]  # the step's metrics stay those of every rollout
     sums = all_sum_dict({**sums, **{k: v - before[k] for k, v in tool_usage(real_tools).items()}})
     means = {k: sums[k] / sums["n"] for k in ("reward", "em", "format_violation", "actions")}
     log = {"step": step + 1, "env": env_name, **means, **{k: int(sums[k]) for k in ("tool_requests",) + COUNTED}}
@@ -242,6 +249,7 @@ def step_line(log, total_steps):
             f"{log['real_calls_total']} | sim_obs {log['sim_obs']} | logp_gap {log['logp_gap']:.1e} | "
             f"kl {log['kl']:.4f} | ent {log['entropy']:.3f} | clip {log['clipfrac']:.3f} | akl {log['approx_kl']:.4f}"
             + (f" | vloss {log['value_loss']:.4f} | ev {log['explained_variance']:.3f}" if "value_loss" in log else "")
+            + (f" | signal {log['signal_groups']:.2f}" if "signal_groups" in log else "")
             + f" | roll {log['rollout_s']:.1f}s upd {log['update_s']:.1f}s | {log['tokens_per_s']:.0f} tok/s"
             + (f" | dev_em {log['dev_em']:.3f}" if "dev_em" in log else ""))
 
@@ -274,6 +282,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
     g.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
+    g.add_argument("--oversample", type=int, default=1,
+                   help="roll out N x --prompts-per-step prompts, train on --prompts-per-step groups: those whose "
+                        "rewards differ first (DAPO's dynamic sampling; GRPO; 1: off, the paper's)")
     g.add_argument("--temperature", type=float, default=0.6, help="sampling T (paper: 0.6); scored under logits / T")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (not in the scored policy: --tis-cap)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
@@ -344,6 +355,7 @@ def train(args, rank, world, device, ddp):
     assert prompts_per_rank >= args.minibatches > 0 and prompts_per_rank % args.minibatches == 0, \
         f"{prompts_per_rank} prompts per rank must divide into --minibatches {args.minibatches} (whole groups)"
     assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
+    assert args.oversample >= 1 and (args.algo == "grpo" or args.oversample == 1), "--oversample N >= 1, GRPO only"
     assert total_steps > 0 and args.temperature > 0, "needs --sim-steps + --real-steps > 0 and --temperature > 0"
     assert args.sim_context == "trajectory" or not (args.world_model or args.train_sim_obs or args.sim_greedy), \
         "--sim-context call is its own simulator: not with --world-model, --train-sim-obs or --sim-greedy"
@@ -357,7 +369,7 @@ def train(args, rank, world, device, ddp):
     policy, reference, model, tokenizer = build_models(args, resume_dir or args.init, device, ddp)
     fsdp.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
                       bf16=args.bf16, reference=reference is not None,
-                      rollout_batch=prompts_per_rank * args.group_size)  # None: no --grad-checkpointing here
+                      rollout_batch=prompts_per_rank * args.group_size * args.oversample)  # None: no --grad-checkpointing here
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
