@@ -189,6 +189,7 @@ class _Batch:
         self.text_watch, self.running = torch.zeros(2, B, dtype=torch.bool, device=device)
         self.sample_loss, self.sample_obs = torch.zeros(2, B, dtype=torch.long, device=device)  # its next token's masks
         self.is_running = [False] * B  # host copy of `running` (no sync to know whether anyone samples)
+        self.waiting = []  # rows paused at an action, waiting for a batched tool call (call_tools)
         self.cache = _SlotCache(B, device, model)  # prefill the prompts
         self.next_logits = self.feed_chunks(list(range(B)), prompts, [0] * B)
         self.push(list(range(B)))
@@ -255,23 +256,32 @@ class _Batch:
             _on_token(row, self.s, bool(ev.eos[i]), hit)
         return touched
 
-    def call_tools(self, touched):
-        paused = [i for i in touched if self.rows[i].action is not None]
+    def call_tools(self, touched, tool_batch):
+        """Step 4: rows paused at an action wait (not running) until tool_batch of them do or no other row runs; then
+        ONE tool call answers them all -> the rows answered that paused at an earlier step (their token is in the cache)"""
+        self.waiting += [i for i in touched if self.rows[i].action is not None]
+        if not self.waiting or len(self.waiting) < tool_batch and any(
+                r.phase != DONE and r.action is None for r in self.rows):
+            return []
+        paused, self.waiting = self.waiting, []
         texts = [self.tok.decode(self.resp_ids[i, self.rows[i].seg_start:self.rows[i].length].tolist(),
                                  skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in paused]
         _environment([self.rows[i] for i in paused], texts, self.tools, self.s)
+        return [i for i in paused if i not in touched]
 
-    def queue_injections(self, touched, tokens):
+    def queue_injections(self, touched, tokens, earlier=()):
         """Step 5: injected ids (observation, forced tags) go to the response buffers now (one write per tensor).
-        -> {row: (response index of its sampled token, [that token] + the injected ids)}: the chunks to feed."""
+        -> {row: (response index of the chunk's first token, the ids)}: the chunks to feed. A row touched this step
+        feeds the token it sampled first; `earlier` rows (answered after waiting) fed theirs when they paused."""
         chunks, cells = {}, []
-        for i in touched:
+        for i in [*touched, *earlier]:
             row = self.rows[i]
             if row.inject:
                 queued = [(t, loss, obs) for ids, loss, obs in row.inject for t in ids]
                 start = row.length - len(queued)
                 cells += [(i, start + j, *c) for j, c in enumerate(queued)]
-                chunks[i] = (start - 1, [tokens[i]] + [t for t, _, _ in queued])
+                fresh = i not in earlier
+                chunks[i] = (start - fresh, [tokens[i]] * fresh + [t for t, _, _ in queued])
                 row.inject = []
         if cells:
             r, c, t, loss, obs = (torch.tensor(x, device=self.device) for x in zip(*cells))
@@ -304,12 +314,13 @@ class _Batch:
 @torch.inference_mode()  # not no_grad: no autograd version counting on each small op (~2% on the tiny CPU bench)
 def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512, max_actions=10, max_context=2048,
             answer_tokens=32, temperature=1.0, top_p=1.0, greedy=False, seed=None, train_sim_obs=False,
-            sim_obs_tokens=256, sim_greedy=False, sim_real_tools=(), observe=""):
+            sim_obs_tokens=256, sim_greedy=False, sim_real_tools=(), observe="", tool_batch=1):
     """One trajectory per prompt (token ids) -> list[Rollout], in prompt order. tools: a ToolRegistry. env: "real" calls
     the tools, "sim" lets the policy write the observations (greedily if sim_greedy; sim_real_tools: the tools it still
     calls for real), "none" answers "tools are disabled". seed: an int, or one int per prompt (per-row generators).
     observe (with env="sim"): a tool name; each prompt ends inside its opened result tag and its row only writes that
-    observation (the world models: common.simulate)."""
+    observation (the world models: common.simulate). tool_batch: a row paused at an action waits until this many
+    have, or no other row runs; one tool call then answers them all (a generating simulator: one batch, not N)."""
     check_model(model)
     s = _setup(tokenizer, tools, env, max_new_tokens, max_actions, max_context, answer_tokens, sim_obs_tokens,
                train_sim_obs, sim_real_tools, sim_greedy, observe)
@@ -321,10 +332,10 @@ def rollout(model, tokenizer, prompts, tools, env="real", *, max_new_tokens=512,
         token = batch.sample_and_record(temperature, top_p, greedy)  # 1. one token per running row, recorded
         events = batch.stop_checks(token)                             # 2. eos / tags / budgets; the one sync
         touched = batch.on_events(events)                             # 3. the state machine, rows with an event
-        batch.call_tools(touched)                                     # 4. one tool call for the rows that paused
-        chunks = batch.queue_injections(touched, events.token)        # 5. observations and forced tags queued
+        earlier = batch.call_tools(touched, tool_batch)               # 4. one tool call for the rows that paused
+        chunks = batch.queue_injections(touched, events.token, earlier)  # 5. observations and forced tags queued
         batch.feed_cache(token, chunks)                               # 6. decode forward + injection forward
-        batch.retire_and_push(touched)                                # 7. finished rows leave; state to device
+        batch.retire_and_push(touched + earlier)                      # 7. finished rows leave; state to device
     model.train(was_training)
     lists = [t.tolist() for t in (batch.resp_ids, batch.resp_loss, batch.resp_obs, batch.resp_logp)]
     return [_result(tokenizer, prompts[i], row, *(x[i][:row.length] for x in lists)) for i, row in enumerate(rows)]

@@ -162,7 +162,8 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
-                        sim_greedy=args.sim_greedy and not args.train_sim_obs, sim_real_tools=args.sim_real_tools)
+                        sim_greedy=args.sim_greedy and not args.train_sim_obs, sim_real_tools=args.sim_real_tools,
+                        tool_batch=args.sim_tool_batch if env_name in ("sim-call", "world-model") else 1)
     seqs, sums = [], {}
     for i, r in enumerate(rolls):
         golds = qs[i // args.group_size]["golden_answers"]
@@ -290,6 +291,10 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
     g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
+    g.add_argument("--sim-tool-batch", type=int, default=32,
+                   help="sim steps with a generating simulator (--sim-context call, --world-model): a row paused at an "
+                        "action waits until N have or no other row runs; one generation answers them all. The same "
+                        "trajectories (per-row seeds), faster (1: each at once, as real steps always are)")
     g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
     g.add_argument("--sim-greedy", action="store_true", help="greedy sim observations (not with --train-sim-obs)")
     g.add_argument("--sim-real-tools", nargs="*", default=[], help="tools still called for real in sim steps")

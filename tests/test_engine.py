@@ -323,6 +323,31 @@ def test_per_row_seeds_do_not_depend_on_the_batch():
         E.rollout(lm, tok, prompts, fake_tools(), seed=[1, 2], **kw)
 
 
+def counting(calls):
+    """fake_tools whose every call appends how many requests it answered to `calls`."""
+    registry = fake_tools()
+    wrapper = lambda requests: calls.append(len(requests)) or registry(requests)  # noqa: E731
+    wrapper.names = registry.names
+    return wrapper
+
+
+@pytest.mark.parametrize("tool_batch", [2, 4])
+def test_batched_tool_calls_change_no_row_only_the_number_of_calls(tool_batch):
+    """tool_batch (train_rl.py's simulators): rows paused at an action wait until tool_batch of them have, or nobody
+    else runs, then one call answers them all. Each row's trajectory is the oracle's (greedy, and sampled with per-row
+    seeds: a waiting row draws nothing), in fewer, larger calls of the tool."""
+    lm, tok = make_model(True)
+    prompts = prompts_for(tok) + [tok.encode(f"Question: Why?\n{THINK_OPEN}", add_special_tokens=False)]
+    for kw in (dict(greedy=True), dict(temperature=1.0, seed=[5, 6, 7, 8, 9])):
+        kw.update(max_new_tokens=200, max_context=400, answer_tokens=8)
+        batches, one_by_one = [], []  # requests per call of the tools
+        fast = E.rollout(lm, tok, prompts, counting(batches), "real", tool_batch=tool_batch, **kw)
+        for a, b in zip(fast, naive_rollout(lm, tok, prompts, fake_tools(), "real", **kw)):
+            same(a, b)
+        E.rollout(lm, tok, prompts, counting(one_by_one), "real", **kw)
+        assert sum(batches) == sum(one_by_one) and len(batches) < len(one_by_one) and max(batches) > 1
+
+
 def test_check_model_names_what_a_model_lacks():
     """rollout() checks the model once, before generating anything: a module whose forward lacks the arguments the
     engine passes (here position_ids and a cache) or whose attention kernel cannot take a 4-D mask is refused with a

@@ -372,10 +372,11 @@ def test_sim_context_call_simulates_from_the_call_alone(world, tmp_path, monkeyp
 
     def spy(model, tokenizer, prompts, *args, **kwargs):
         seen.extend((model, tokenizer.decode(p)) for p in prompts)
+        calls.append(len(prompts))
         return simulate(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(common, "simulate", spy)
-    out = tmp_path / "run"
+    out, calls = tmp_path / "run", []
     train_rl.main(run_args(world, out, "--sim-context", "call", "--sim-steps", "1", "--real-steps", "1"))
     rows = read_metrics(out)
     assert [r["env"] for r in rows] == ["sim-call", "real"]
@@ -386,8 +387,35 @@ def test_sim_context_call_simulates_from_the_call_alone(world, tmp_path, monkeyp
         assert text.rstrip().endswith("<search_result>") and "<begin_search>" in text
         assert not any(q in text for q in questions), text  # only the query: never the question being answered
     assert len({id(model) for model, _ in seen}) == 1  # one model, the policy: no second copy was loaded
+    # --sim-tool-batch 1: each paused row's observation generated at once: more generations, the same run
+    batched, calls = calls, []
+    train_rl.main(run_args(world, tmp_path / "one", "--sim-context", "call", "--sim-steps", "1", "--real-steps", "1",
+                           "--sim-tool-batch", "1"))
+    assert max(calls) == 1 and len(calls) > len(batched) and sum(calls) >= sum(batched)
+    assert open(tmp_path / "one" / "model.safetensors", "rb").read() == open(out / "model.safetensors", "rb").read()
     with pytest.raises(AssertionError, match="--sim-context call is its own simulator"):
         train_rl.main(run_args(world, tmp_path / "bad", "--sim-context", "call", "--sim-greedy"))
+
+
+def test_oversample_trains_on_the_groups_whose_rewards_differ(world, tmp_path, monkeypatch):
+    """--oversample 2 (dynamic sampling): twice the prompts are rolled out and half the groups trained on, those whose
+    rewards differ first; the step's reward is every rollout's. The reward here: the parity of the response's length."""
+    scores, score = [], train_rl.reward
+
+    def parity(text, golds, *args):
+        scores.append(float(len(text) % 2))
+        return scores[-1]
+    monkeypatch.setattr(train_rl, "reward", parity)
+    out = tmp_path / "run"
+    train_rl.main(run_args(world, out, "--oversample", "2", "--sim-steps", "0", "--real-steps", "1"))
+    row = read_metrics(out)[0]
+    groups = [scores[i:i + 2] for i in range(0, len(scores), 2)]  # 4 prompts x 2 oversampled, K = 2
+    differ = sum(len(set(g)) > 1 for g in groups)
+    assert len(groups) == 8 and 0 < differ < 8
+    assert row["signal_groups"] == min(differ, 4) / 4 and row["reward"] == pytest.approx(sum(scores) / len(scores))
+    monkeypatch.setattr(train_rl, "reward", score)
+    with pytest.raises(AssertionError, match="GRPO only"):
+        train_rl.main(run_args(world, tmp_path / "ppo", "--oversample", "2", "--algo", "ppo"))
 
 
 # -----------------------------------------------------------------------------
