@@ -17,6 +17,8 @@ How this departs from the original code (verl + vLLM), and why:
   that merges the tag's last ">" with more characters (">\\n") stops the row after it: still zero tokens past the tag.
 - Tool calls are batched over the rows that paused at the same step (often one), their observations prefilled into the
   cache while the other rows keep decoding: nobody idles, at the price of smaller batches for a retrieval server.
+  tool_batch=N makes paused rows wait for N (or for the last running row): the choice for a tool that generates (the
+  world models), where one batched generation costs about what one observation does. Rows never see the difference.
 """
 import contextlib
 import inspect
