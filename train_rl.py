@@ -376,9 +376,9 @@ def train(args, rank, world, device, ddp):
     # --- models, tools, data
     amp = partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     policy, reference, model, tokenizer = build_models(args, resume_dir or args.init, device, ddp)
-    fsdp.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp, None,
-                      bf16=args.bf16, reference=reference is not None,
-                      rollout_batch=prompts_per_rank * args.group_size * args.oversample)  # None: no --grad-checkpointing here
+    fsdp.check_memory(policy.config, device, master, world, args.micro_batch, args.max_context, args.fsdp,
+                      None, bf16=args.bf16, reference=reference is not None,  # None: no --grad-checkpointing here
+                      rollout_batch=prompts_per_rank * args.group_size * args.oversample)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # prompts must look like the ones SFT trained on; saved in run_args.json, so RL from this run's checkpoint agrees
