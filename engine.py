@@ -260,7 +260,7 @@ class _Batch:
 
     def call_tools(self, touched, tool_batch):
         """Step 4: rows paused at an action wait (not running) until tool_batch of them do or no other row runs; then
-        ONE tool call answers them all -> the rows answered that paused at an earlier step (their token is in the cache)"""
+        ONE tool call answers them all -> the rows answered that paused at an earlier step (their token is cached)"""
         self.waiting += [i for i in touched if self.rows[i].action is not None]
         if not self.waiting or len(self.waiting) < tool_batch and any(
                 r.phase != DONE and r.action is None for r in self.rows):
