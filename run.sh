@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, ~48 min on 2 cores (README)
+#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, ~55 min on 2 cores (README)
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (11-13 min a seed on 2 cores, 2026-12-01), then their mean and spread (OUT/rl_seeds.md):
+# The RL rows over 3 seeds (~35 min a seed beside another job, 2026-12-01), then their mean and spread (OUT/rl_seeds.md):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
@@ -47,7 +47,7 @@ case "$PRESET" in
   tiny)
     # Sized for 2 CPU cores (~10k training tokens/s on the 3.5M-parameter preset in bf16): long enough for the tiny
     # model to learn to copy unseen names into queries and read the results and to simulate the tools it was trained
-    # on (stage 3); ~48 min in all, over the 30-minute budget (README).
+    # on (stage 3); ~55 min in all, over the 30-minute budget (README).
     INIT=tiny
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16 $BF16"
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8 $BF16"
