@@ -265,9 +265,10 @@ def simulate(model, tokenizer, prompts, tool, max_obs_tokens=192, batch_size=64)
     result_close(tool) or eos: the engine's own KV-cache loop (rollout's observe mode), as every rollout."""
     out = []
     for b in range(0, len(prompts), batch_size):
-        rollouts = rollout(model, tokenizer, prompts[b:b + batch_size], None, env="sim", observe=tool, greedy=True,
+        chunk = prompts[b:b + batch_size]
+        rollouts = rollout(model, tokenizer, chunk, None, env="sim", observe=tool, greedy=True,
                            sim_obs_tokens=max_obs_tokens, max_new_tokens=max_obs_tokens + 1, answer_tokens=1,
-                           max_context=max(map(len, prompts[b:b + batch_size])) + max_obs_tokens + 64)
+                           max_context=max(map(len, chunk)) + max_obs_tokens + 64)
         out += [r.text.split(result_close(tool))[0].strip() for r in rollouts]
     return out
 

@@ -77,15 +77,19 @@ def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
     return {"em": exact_match, "f1": f1}[kind](extract_answer(response_text), golden_answers)
 
 
+def flat_groups(rewards):
+    """(P, K) rewards -> (P,) True where a group's K rewards are all equal: no GRPO signal (the mean of K equal floats
+    can be 1 ulp off, which the std division would blow up, so equality is tested, not the std)."""
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
 def group_advantages(rewards, std_norm=True):
     """GRPO (paper 3.3.2): A = r - mean(r) over the K samples of one prompt, divided by std(r) + 1e-6 if std_norm."""
     # rewards: (P, K) one row per prompt group
     A = rewards - rewards.mean(dim=1, keepdim=True)                      # (P, K)
     if std_norm:
         A = A / (rewards.std(dim=1, keepdim=True) + 1e-6)
-    # all-equal groups carry no signal; the mean of K equal floats can be 1 ulp off, which std division would blow up
-    same = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)          # (P, 1)
-    return A.masked_fill(same, 0.0)
+    return A.masked_fill(flat_groups(rewards)[:, None], 0.0)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, entropy, mask, num_tokens, clip=0.2, kl_coef=1e-3,
@@ -127,7 +131,7 @@ def grpo_advantages(micro, args):
     A = group_advantages(rewards, args.grpo_std_norm).flatten().split([len(b["seqs"]) for b in micro])
     for b, a in zip(micro, A):
         b["advantages"] = a.to(b["mask"].device)[:, None].expand_as(b["mask"])
-    signal, groups = all_sum(torch.tensor([float((rewards != rewards[:, :1]).any(1).sum()), len(rewards)])).tolist()
+    signal, groups = all_sum(torch.tensor([float((~flat_groups(rewards)).sum()), len(rewards)])).tolist()
     return {"signal_groups": signal / groups}  # groups whose rewards differ: all the surrogate learns from
 
 
@@ -162,12 +166,13 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
     prompts = [list(p) for p in ids for _ in range(args.group_size)]  # group-contiguous: K copies of each prompt
     seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + j) * 1_000 + k for j in js for k in range(args.group_size)]
     before = tool_usage(real_tools)
+    simulator = env_name in ("world-model", "sim-call")  # a model called like a tool: what it answers is simulated
     with torch.no_grad(), amp(), fsdp.whole_model(policy):  # FSDP: the whole policy gathered (all ranks)
         rolls = rollout(policy, tokenizer, prompts, step_tools, env="sim" if env_name == "sim" else "real",
                         max_new_tokens=args.max_new_tokens, max_actions=args.max_actions, max_context=args.max_context,
                         temperature=args.temperature, top_p=args.top_p, seed=seeds, train_sim_obs=args.train_sim_obs,
                         sim_greedy=args.sim_greedy and not args.train_sim_obs, sim_real_tools=args.sim_real_tools,
-                        tool_batch=args.sim_tool_batch if env_name in ("sim-call", "world-model") else 1)
+                        tool_batch=args.sim_tool_batch if simulator else 1)
     seqs, sums = [], {}
     for i, r in enumerate(rolls):
         golds = qs[i // args.group_size]["golden_answers"]
@@ -177,13 +182,12 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                      "engine_logp": [0.0] * len(r.prompt_ids) + list(r.logprobs)})
         row = {"n": 1, "reward": R, "em": exact_match(extract_answer(r.policy_text), golds),
                "format_violation": 1 - format_ok(r.policy_text)[0], "actions": sum(r.num_actions.values()),
-               # the world model is called like a tool, but what it answers is simulated (counted, never hidden)
-               "sim_obs": r.sim_obs + (r.real_calls if env_name in ("world-model", "sim-call") else 0),
+               "sim_obs": r.sim_obs + (r.real_calls if simulator else 0),  # counted as simulated, never hidden
                "tokens": len(r.response_ids), "tool_requests": r.real_calls}
         sums = {k: sums.get(k, 0.) + v for k, v in row.items()}
     if args.oversample > 1:  # dynamic sampling (DAPO): keep 1/oversample of the groups, those whose rewards differ first
         groups = [seqs[g:g + args.group_size] for g in range(0, len(seqs), args.group_size)]
-        flat = [len({s["reward"] for s in group}) == 1 for group in groups]
+        flat = flat_groups(torch.tensor([[s["reward"] for s in group] for group in groups])).tolist()
         keep = sorted(sorted(range(len(groups)), key=lambda g: flat[g])[:len(groups) // args.oversample])
         seqs = [s for g in keep for s in groups[g]]  # the step's metrics stay those of every rollout
     sums = all_sum_dict({**sums, **{k: v - before[k] for k, v in tool_usage(real_tools).items()}})
