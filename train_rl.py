@@ -185,7 +185,7 @@ def collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools
                "sim_obs": r.sim_obs + (r.real_calls if simulator else 0),  # counted as simulated, never hidden
                "tokens": len(r.response_ids), "tool_requests": r.real_calls}
         sums = {k: sums.get(k, 0.) + v for k, v in row.items()}
-    if args.oversample > 1:  # dynamic sampling (DAPO): keep 1/oversample of the groups, those whose rewards differ first
+    if args.oversample > 1:  # dynamic sampling (DAPO): keep 1/oversample of the groups, differing rewards first
         groups = [seqs[g:g + args.group_size] for g in range(0, len(seqs), args.group_size)]
         flat = flat_groups(torch.tensor([[s["reward"] for s in group] for group in groups])).tolist()
         keep = sorted(sorted(range(len(groups)), key=lambda g: flat[g])[:len(groups) // args.oversample])
