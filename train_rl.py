@@ -78,8 +78,7 @@ def reward(response_text, golden_answers, kind="em", format_penalty=-0.5):
 
 
 def flat_groups(rewards):
-    """(P, K) rewards -> (P,) True where a group's K rewards are all equal: no GRPO signal (the mean of K equal floats
-    can be 1 ulp off, which the std division would blow up, so equality is tested, not the std)."""
+    """(P, K) rewards -> (P,) True where all K are equal: no signal (equality: their mean can be 1 ulp off the std's)"""
     return (rewards == rewards[:, :1]).all(dim=1)
 
 
@@ -291,18 +290,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts-per-step", type=int, default=48, help="prompts per step over all ranks (paper: 48)")
     g.add_argument("--group-size", type=int, default=5, help="samples per prompt, K (paper: 5)")
-    g.add_argument("--oversample", type=int, default=1,
-                   help="roll out N x --prompts-per-step prompts, train on --prompts-per-step groups: those whose "
-                        "rewards differ first (DAPO's dynamic sampling; GRPO; 1: off, the paper's)")
+    g.add_argument("--oversample", type=int, default=1, help="roll out N x the prompts, train on --prompts-per-step "
+                   "groups, those whose rewards differ first (DAPO's dynamic sampling; GRPO; 1: off, the paper's)")
     g.add_argument("--temperature", type=float, default=0.6, help="sampling T (paper: 0.6); scored under logits / T")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (not in the scored policy: --tis-cap)")
     g.add_argument("--max-new-tokens", type=int, default=512, help="budget of generated tokens per trajectory")
     g.add_argument("--max-actions", type=int, default=10, help="actions per trajectory (SPEC 2: 10)")
     g.add_argument("--max-context", type=int, default=2048, help="prompt + response tokens at most")
-    g.add_argument("--sim-tool-batch", type=int, default=32,
-                   help="sim steps with a generating simulator (--sim-context call, --world-model): a row paused at an "
-                        "action waits until N have or no other row runs; one generation answers them all. The same "
-                        "trajectories (per-row seeds), faster (1: each at once, as real steps always are)")
+    g.add_argument("--sim-tool-batch", type=int, default=32, help="sim steps with a generating simulator (--sim-"
+                   "context call, --world-model): a row paused at an action waits until N have or no other row runs, "
+                   "one generation answers them: the same trajectories, faster (1: at once, as real steps always are)")
     g.add_argument("--train-sim-obs", action="store_true", help="train on simulated observations (AutoCoA: masked)")
     g.add_argument("--sim-greedy", action="store_true", help="greedy sim observations (not with --train-sim-obs)")
     g.add_argument("--sim-real-tools", nargs="*", default=[], help="tools still called for real in sim steps")
