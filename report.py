@@ -6,7 +6,7 @@ additions README's "The main job" lists (bootstrap intervals; on a test split th
 
 Usage (no model, no torch; run.sh's last step):
   python report.py --run out/tiny --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real \\
-      sft-123+rl-sim sft-123+rl-sim-real --wall-seconds 2160
+      sft-123+rl-sim sft-123+rl-sim-real --stage-seconds 3600 --wall-seconds 2700
 writes OUT/results.md, OUT/results.json (rows, intervals, paired, fig3) and OUT/results_fig3.png (with matplotlib).
   python report.py --run out/tiny --seeds    # RL rows over seeds (run.sh --rl-seed N) -> OUT/rl_seeds.{md,json}
   python report.py --run out/tiny --curve    # EM vs the share of real RL steps (run.sh --curve) -> OUT/curve.*
@@ -223,7 +223,7 @@ def read_eval(eval_dir):
     return args, [p for _, p in read_jsonl(os.path.join(eval_dir, "predictions.jsonl"))]
 
 
-def world_table(run_dir, labels, wall_seconds=None):
+def world_table(run_dir, labels, stage_seconds=None, wall_seconds=None):
     """Table 1 of run_dir/eval/LABEL per label -> (markdown, rows, extras); see the module docstring."""
     rows, cells, fig3 = {}, {}, {}
     for label in labels:
@@ -238,7 +238,9 @@ def world_table(run_dir, labels, wall_seconds=None):
             "questions on facts the base model was taught; known_no_action: share of known questions answered without "
             "acting; RL real calls: real tool calls spent by RL to make the checkpoint.")
     if wall_seconds is not None:
-        note += f" Time of all stages (times.tsv): {wall_seconds / 60:.1f} min."
+        note += f" Wall time of the run: {wall_seconds / 60:.1f} min."
+    if stage_seconds is not None:
+        note += f" The stages' own times (times.tsv; two at once in run.sh's lanes): {stage_seconds / 60:.1f} min."
 
     intervals = {label: {c: cell_ci(cells[label], c) for c in cols} for label in labels}
     paired = {label: {"start": start,
@@ -351,7 +353,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Table 1 of a run.sh run from its eval/ dirs (see the docstring)")
     p.add_argument("--run", required=True, help="the run directory (out/<run>) holding eval/LABEL/ per row")
     p.add_argument("--rows", nargs="+", help="row labels, in table order (eval/LABEL must exist)")
-    p.add_argument("--wall-seconds", type=float, default=None, help="time of the run's stages, printed under the table")
+    p.add_argument("--stage-seconds", type=float, default=None, help="sum of the stages' times, printed under the table")
+    p.add_argument("--wall-seconds", type=float, default=None, help="the run's wall time, printed under the table")
     p.add_argument("--seeds", action="store_true", help="instead: RL rows over seed 0 and every OUT/seedN, mean and sd")
     p.add_argument("--curve", action="store_true", help="instead: EM vs the share of real RL steps (run.sh --curve)")
     args = p.parse_args(argv)
@@ -364,10 +367,11 @@ def main(argv=None):
             return
     if not args.rows:
         p.error("--rows is required (or --seeds / --curve)")
-    md, rows, extras = world_table(args.run, args.rows, args.wall_seconds)
+    md, rows, extras = world_table(args.run, args.rows, args.stage_seconds, args.wall_seconds)
     write_atomic(os.path.join(args.run, "results.md"), md)
     write_atomic(os.path.join(args.run, "results.json"),
-                 json.dumps({"rows": rows, "wall_seconds": args.wall_seconds, **extras}, indent=2) + "\n")
+                 json.dumps({"rows": rows, "stage_seconds": args.stage_seconds, "wall_seconds": args.wall_seconds,
+                             **extras}, indent=2) + "\n")
 
     def draw(fig, ax):  # Figure 3 of the run, a line per agent row
         for label, b in extras["fig3"].items():

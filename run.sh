@@ -82,7 +82,8 @@ case "$PRESET" in
     WM_EVAL="--max-calls 100 --batch-size 64"
     # 1,200 test questions (300 + 900 drawn last, data.py --test-extra): one question is < 0.5 points of avg
     WORLD="--test-extra 900"
-    EVAL="--batch-size 64 --max-new-tokens 384"
+    # batch 128: 1.12x the questions/min of 64, the same trajectories (bench/eval_batch.py, 2026-12-01)
+    EVAL="--batch-size 128 --max-new-tokens 384"
     ;;
   smollm2)
     # The GGUF is converted once (optional packages, never needed by the tiny preset or the tests)
@@ -129,7 +130,9 @@ RLD="$OUT"  # the RL rows' outputs; --rl-seed N: OUT/seedN (the world, SFT, worl
 TIMES="$RLD/times.tsv"; [ "$CURVE" = 1 ] && TIMES="$OUT/curve/times.tsv"
 mkdir -p "$(dirname "$TIMES")"; : > "$TIMES.new"
 
-# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; one line per stage, time recorded.
+# stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; its output also in OUT/logs/NAME.log; its time recorded.
+LOGS="$RLD/logs"; [ "$CURVE" = 1 ] && LOGS="$OUT/curve/logs"
+mkdir -p "$LOGS"
 stage() {
   local name="$1" target="$2"; shift 2
   if [ -e "$target" ]; then  # keep the time of the run that made it, so times.tsv always describes the outputs
@@ -139,54 +142,81 @@ stage() {
   fi
   echo "== $name: $*"
   local t=$SECONDS
-  "$@"
+  if [ -n "${LANE:-}" ]; then  # beside another lane: the output to the log only, one line here when it ends
+    "$@" > "$LOGS/$name.log" 2>&1 || { echo "== $name FAILED ($LOGS/$name.log):" >&2; tail -n 20 "$LOGS/$name.log" >&2
+                                       return 1; }
+  else
+    "$@" 2>&1 | tee "$LOGS/$name.log"
+  fi
   printf '%s\t%s\n' "$name" "$((SECONDS - t))" >> "$TIMES.new"
-  echo "== $name: done in $((SECONDS - t)) s"
+  echo "== $name: done in $((SECONDS - t)) s${LANE:+ (lane $LANE, $OMP_NUM_THREADS thread(s))}"
 }
 
+# lanes FN_A FN_B: two lists of stages side by side, each on half the threads; if one fails the other is stopped.
+# On 2 cores two one-thread jobs get through 1.4x (training) to 1.8x (evaluation) the work of one two-thread job
+# (2026-12-01), and every output is the same byte for byte at any thread count (tests/test_rl.py, README).
+lanes() {
+  if [ "$OMP_NUM_THREADS" -lt 2 ]; then "$1"; "$2"; return; fi
+  local half=$((OMP_NUM_THREADS / 2)) a b
+  (LANE=A OMP_NUM_THREADS=$half; "$1") & a=$!
+  (LANE=B OMP_NUM_THREADS=$half; "$2") & b=$!
+  if wait -n "$a" "$b" && wait "$a" && wait "$b"; then return; fi
+  kill_tree "$a"; kill_tree "$b"; wait; return 1
+}
+kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
+
+evaluate_row() {  # evaluate_row LABEL CKPT MODE [DIR]: Table 1's row LABEL on the test split, into DIR/eval/LABEL
+  local dir=${4:-$OUT}
+  stage "eval-$1" "$dir/eval/$1/results.json" $PY evaluate.py --model "$2" --mode "$3" --label "$1" \
+    --questions "$W/test.jsonl" --corpus "$W/corpus.jsonl" --template short --out "$dir/eval/$1" --seed $SEED $EVAL
+}
+T0=$SECONDS
 stage world "$W/summary.json" $PY data.py --out "$W" --seed $SEED $WORLD
 
 # --- SFT (paper 3.2): base "reasoning model" -> stage 1 (when to act) -> 2 (how to act) -> 3 (world model) ----------
 stage sft-base "$OUT/base/config.json" $PY train_sft.py --stage base --init "$INIT" --data "$W" --out "$OUT/base" --seed $SEED $BASE $TAGS
 BASE_CKPT="$OUT/base"  # the "reasoning model" the rows start from (SmolLM2 after the known facts)
-stage sft-1     "$OUT/sft1/config.json"   $PY train_sft.py --stage 1 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft1"   --seed $SEED $SFT1
-stage sft-2     "$OUT/sft2/config.json"   $PY train_sft.py --stage 2 --init "$BASE_CKPT"  --data "$W" --out "$OUT/sft2"   --seed $SEED $SFT2
-stage sft-12    "$OUT/sft12/config.json"  $PY train_sft.py --stage 2 --init "$OUT/sft1"   --data "$W" --out "$OUT/sft12"  --seed $SEED $SFT2
-# the teacher's real calls, split train / held-out: stage 3 (tiny) and the separate world model learn the train ones
+sft_1_then_2() {  # lane A: SFT-1, then SFT-1&2 from it, and their rows
+  stage sft-1   "$OUT/sft1/config.json"  $PY train_sft.py --stage 1 --init "$BASE_CKPT" --data "$W" --out "$OUT/sft1"  --seed $SEED $SFT1
+  stage sft-12  "$OUT/sft12/config.json" $PY train_sft.py --stage 2 --init "$OUT/sft1"  --data "$W" --out "$OUT/sft12" --seed $SEED $SFT2
+  evaluate_row sft-1  "$OUT/sft1"  agent
+  evaluate_row sft-12 "$OUT/sft12" agent
+}
+sft_2_alone() {  # lane B: stage 2 alone (the SFT-2 row) and the base model's rows
+  stage sft-2   "$OUT/sft2/config.json"  $PY train_sft.py --stage 2 --init "$BASE_CKPT" --data "$W" --out "$OUT/sft2"  --seed $SEED $SFT2
+  evaluate_row model-only "$BASE_CKPT" no-action
+  evaluate_row workflow   "$BASE_CKPT" workflow
+  evaluate_row sft-2      "$OUT/sft2"  agent
+}
+lanes sft_1_then_2 sft_2_alone
+# the teacher's real calls, split train / held-out: stage 3 (tiny) and the separate world model learn the train ones.
+# Stage 3 runs alone, on every thread: it is the longest stage and every later one starts from it
 stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --out "$OUT/wm_calls.jsonl" --seed $SEED
 stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
-
-# --- the separate world model (SPEC 6): trained on the teacher's logged real calls --------------------------------
-stage wm-train   "$OUT/wm/config.json" $PY world_model.py train --calls "$OUT/wm_calls.jsonl" --init "$OUT/sft123" \
-  --out "$OUT/wm" --seed $SEED $WM
-stage wm-eval    "$OUT/wm_eval/fidelity.json" $PY world_model.py eval --wm "$OUT/wm" --policy "$OUT/sft123" \
-  --calls "$OUT/wm_calls.jsonl" --data "$W" --out "$OUT/wm_eval" $WM_EVAL
 
 # --- RL (paper 3.3): all-real from SFT-1&2 (the paper's "SFT-1&2 + RL-stage 2"); from SFT-1&2&3 the paper's
 # schedule, simulated then real, in ONE run (same optimizer, same KL reference), whose model at the switch
 # (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row. Stage targets are config.json: it appears with the final
-# checkpoint only, so a crashed run is redone rather than skipped.
-stage rl-real "$RLD/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
-  --out "$RLD/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $RL_SEED $RL
-stage rl-sim-real "$RLD/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
-  --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $RL_SEED \
-  $RL $RL_SIM
-
-# --- evaluation: every row of Table 1 on the test split ------------------------------------------------------------
-evaluate_row() {  # evaluate_row LABEL CKPT MODE [DIR]: into DIR/eval/LABEL (DIR: OUT)
-  local dir=${4:-$OUT}
-  stage "eval-$1" "$dir/eval/$1/results.json" $PY evaluate.py --model "$2" --mode "$3" --label "$1" \
-    --questions "$W/test.jsonl" --corpus "$W/corpus.jsonl" --template short --out "$dir/eval/$1" --seed $SEED $EVAL
+# checkpoint only, so a crashed run is redone rather than skipped. Beside it: the separate world model (SPEC 6),
+# trained on the teacher's logged real calls.
+rl_sim_real_rows() {  # lane A
+  stage rl-sim-real "$RLD/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
+    --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $((RL_STEPS - RL_SIM_STEPS)) --seed $RL_SEED \
+    $RL $RL_SIM
+  evaluate_row sft-123               "$OUT/sft123"              agent
+  evaluate_row sft-123+rl-sim        "$RLD/rl_sim_real/sim_end" agent "$RLD"
+  evaluate_row sft-123+rl-sim-real   "$RLD/rl_sim_real"         agent "$RLD"
 }
-evaluate_row model-only        "$BASE_CKPT"        no-action
-evaluate_row workflow          "$BASE_CKPT"        workflow
-evaluate_row sft-1             "$OUT/sft1"         agent
-evaluate_row sft-2             "$OUT/sft2"         agent
-evaluate_row sft-12            "$OUT/sft12"        agent
-evaluate_row sft-123           "$OUT/sft123"       agent
-evaluate_row sft-12+rl-real    "$RLD/rl_real"      agent "$RLD"
-evaluate_row sft-123+rl-sim    "$RLD/rl_sim_real/sim_end" agent "$RLD"
-evaluate_row sft-123+rl-sim-real "$RLD/rl_sim_real" agent "$RLD"
+rl_real_rows_and_wm() {  # lane B
+  stage rl-real "$RLD/rl_real/config.json" $PY train_rl.py --init "$OUT/sft12" --data "$W" \
+    --out "$RLD/rl_real" --sim-steps 0 --real-steps $RL_STEPS --seed $RL_SEED $RL
+  evaluate_row sft-12+rl-real "$RLD/rl_real" agent "$RLD"
+  stage wm-train "$OUT/wm/config.json" $PY world_model.py train --calls "$OUT/wm_calls.jsonl" --init "$OUT/sft123" \
+    --out "$OUT/wm" --seed $SEED $WM
+  stage wm-eval  "$OUT/wm_eval/fidelity.json" $PY world_model.py eval --wm "$OUT/wm" --policy "$OUT/sft123" \
+    --calls "$OUT/wm_calls.jsonl" --data "$W" --out "$OUT/wm_eval" $WM_EVAL
+}
+lanes rl_sim_real_rows rl_real_rows_and_wm
 
 if [ "$RL_SEED" != 0 ]; then  # the seed's rows only: Table 1 stays the main run's
   mv "$TIMES.new" "$TIMES"
@@ -196,17 +226,22 @@ fi
 if [ "$CURVE" = 1 ]; then
   # --- test EM vs the share of RL steps on the real tool: from SFT-1&2&3, RL_STEPS steps in all, k/6 of them real
   # (the rest in the policy's own simulated environment), same seed; k = 1 is the main run's rl-sim-real
-  for k in 0 2 3 6; do
-    real=$((RL_STEPS * k / 6))
-    stage "curve-rl-$k" "$OUT/curve/real$k/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
-      --out "$OUT/curve/real$k" --sim-steps $((RL_STEPS - real)) --real-steps $real --seed $SEED $RL $RL_SIM
-    evaluate_row "real-$k-of-6" "$OUT/curve/real$k" agent "$OUT/curve"
-  done
+  curve_point() {  # curve_point K: RL_STEPS steps, K/6 of them real, and its evaluation
+    local real=$((RL_STEPS * $1 / 6))
+    stage "curve-rl-$1" "$OUT/curve/real$1/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
+      --out "$OUT/curve/real$1" --sim-steps $((RL_STEPS - real)) --real-steps $real --seed $SEED $RL $RL_SIM
+    evaluate_row "real-$1-of-6" "$OUT/curve/real$1" agent "$OUT/curve"
+  }
+  curve_a() { curve_point 0; curve_point 3; }
+  curve_b() { curve_point 2; curve_point 6; }
+  lanes curve_a curve_b
   mv "$TIMES.new" "$TIMES"
   $PY report.py --run "$OUT" --curve
   exit 0
 fi
 mv "$TIMES.new" "$TIMES"
-$PY report.py --run "$OUT" --wall-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" \
+WALL=""  # the run's wall time, when it made every stage (the stages' own times overlap in the lanes)
+grep -q skipped "$TIMES" || WALL="--wall-seconds $((SECONDS - T0))"
+$PY report.py --run "$OUT" --stage-seconds "$(awk -F'\t' '{t += $2} END {print t}' "$TIMES")" $WALL \
   --rows model-only workflow sft-1 sft-2 sft-12 sft-123 sft-12+rl-real sft-123+rl-sim sft-123+rl-sim-real
 echo "== time per stage (s):"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"
