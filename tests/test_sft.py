@@ -438,6 +438,23 @@ def test_bf16_autocast_on_cpu_keeps_float32_weights_and_the_loss(world):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to differ")
+def test_thread_count_leaves_the_weights_byte_identical(world):
+    """run.sh's lanes give each stage half the threads: training under bf16 autocast on 1 thread and on 2 writes the
+    same weights byte for byte, so a lane changes the time, never the result."""
+    weights = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = world["root"] / f"threads_{n}"
+            train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "3", "--bf16")))
+            weights[n] = (out / "model.safetensors").read_bytes()
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[1] == weights[2]
+
+
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
 def test_stage_runs_end_to_end(world, stage):
     out = world["root"] / f"stage_{stage}"
