@@ -152,7 +152,8 @@ def write_outputs(out_dir, summary, predictions, label="run"):
 WORLD_COLUMNS = ["1hop", "2hop", "3hop", "4hop", "comparison", "arithmetic"]
 AVG_OF = WORLD_COLUMNS + ["known"]  # avg = mean of these cells (macro, like the paper's Avg over datasets)
 # Each RL row of run.sh and the row of the checkpoint its RL started from (run_args.json "init" of the RL checkpoint)
-RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-sim": "sft-123", "sft-123+rl-sim-real": "sft-123"}
+RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-real": "sft-123", "sft-123+rl-sim": "sft-123",
+            "sft-123+rl-sim-real": "sft-123"}
 
 
 def world_cells(predictions):
@@ -308,7 +309,8 @@ def _spread(s, signed=False):
     return m if s["std"] is None else f"{m} ({s['std']:.1f})"
 
 
-CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-3-of-6", 6: "real-6-of-6"}
+# k/6 of the steps real -> its row; k = 1 and 6 are the main run's sim->real and all-real rows from SFT-1&2&3
+CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-3-of-6", 6: "sft-123+rl-real"}
 
 
 def step_rewards(model_dir):
@@ -323,7 +325,7 @@ def _sim_vs_real(s):
 def curve_report(run_dir):
     """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run), and
     the simulated steps' mean reward over that of the same steps of the all-real run (same seed: the same prompts)."""
-    rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 1 else "curve", "eval", label), "sft-123")
+    rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k in (1, 6) else "curve", "eval", label), "sft-123")
                              for k, label in CURVE.items()})
     real = [reward for _, reward in step_rewards(rows["6/6"]["model"])]
     for x in rows.values():
