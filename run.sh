@@ -7,7 +7,7 @@
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (~30 min a seed, its 3 RL stages in two lanes; 2026-12-02), mean and spread (rl_seeds.md):
+# The RL rows over 3 seeds (~27 min a seed by its stages' times, 3 RL stages in two lanes; 2026-12-02), their spread:
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
