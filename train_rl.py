@@ -59,8 +59,8 @@ import torch.distributed as dist
 import common
 import fsdp
 import ppo
-from common import (all_sum, all_sum_dict, default_device, load_resume_state, open_step_log, policy_forward,
-                    resume_point, save_final, save_resume, setup_distributed, teardown_distributed)
+from common import (all_sum, all_sum_dict, default_device, load_resume_state, lr_factor, open_step_log,
+                    policy_forward, resume_point, save_final, save_resume, setup_distributed, teardown_distributed)
 from evaluate import evaluate, exact_match, extract_answer, f1, format_ok, load_questions
 from engine import rollout
 from model import build_prompt, checkpoint_template, encode_segments, load, prompt_format, save
@@ -309,6 +309,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--algo", default="grpo", choices=list(ADVANTAGES), help="GRPO (paper) or PPO (ppo.py)")
     g.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="the lr rises linearly over N steps (0: off, paper)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
     g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass (whole prompt groups each)")
@@ -340,9 +341,8 @@ def build_models(args, start, device, ddp):
     if args.algo != "ppo":  # an init with value_head.pt would attach a head GRPO never uses (DDP: unused parameters)
         policy.value_head = None
     policy.eval()  # dropout off for rollouts AND updates (see docstring)
-    reference = None
-    if args.kl_coef > 0:
-        reference = load(args.init, device=device, seed=args.seed)[0].eval().requires_grad_(False)
+    reference = (load(args.init, device=device, seed=args.seed)[0].eval().requires_grad_(False)
+                 if args.kl_coef > 0 else None)
     policy, model = fsdp.parallelize(policy, device, ddp, args.fsdp, args.bf16)  # model: the training forward's
     if args.fsdp and reference is not None:
         reference = fsdp.shard(reference, device, args.bf16)
@@ -390,7 +390,7 @@ def train(args, rank, world, device, ddp):
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-    eval_tools = None  # the dev evaluation's own registry: never mixed with the rollouts' calls
+    dev_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars) if args.eval_every else None
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
     own_call_tools = (common.policy_world_model_tools(policy, tokenizer, template) if args.sim_context == "call"
                       else None)
@@ -429,6 +429,7 @@ def train(args, rank, world, device, ddp):
         env_name, step_tools = ("real", real_tools) if step >= args.sim_steps else sim_env
         if env_name == "sim-call":
             own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
+        optimizer.param_groups[0]["lr"] = args.lr * lr_factor(step, total_steps, args.warmup_steps, "constant", 1.0)
         t0 = time.time()
         seqs, log, tokens = collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp,
                                     args, rank, world)
@@ -443,7 +444,7 @@ def train(args, rank, world, device, ddp):
         batches, log["logp_gap"] = score(policy, reference, policy.value_head, seqs, pad_id, device, amp, args)
         log.update(ADVANTAGES[args.algo]([b for minibatch in batches for b in minibatch], args))
         stats, stop = update(model, policy.value_head, optimizer, batches, amp, args, model is not policy, world)
-        log.update(stats, rollout_s=rollout_s, update_s=time.time() - t0)
+        log.update(stats, lr=optimizer.param_groups[0]["lr"], rollout_s=rollout_s, update_s=time.time() - t0)
 
         # --- stopping rules, evaluation, logging, checkpoints
         stop = stop or (None if math.isfinite(log["loss"]) else "loss is not finite")
@@ -458,8 +459,7 @@ def train(args, rank, world, device, ddp):
             with fsdp.whole_model(policy):  # FSDP: every rank gathers the policy, rank 0 evaluates (greedy, real)
                 if master:
                     dev = load_questions(os.path.join(args.data, "dev.jsonl"))[:args.eval_limit]
-                    eval_tools = eval_tools or make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-                    overall = evaluate(policy, tokenizer, dev, eval_tools, "agent", template=template,
+                    overall = evaluate(policy, tokenizer, dev, dev_tools, "agent", template=template,
                                        progress=False, max_new_tokens=args.max_new_tokens,
                                        max_actions=args.max_actions, max_context=args.max_context)[0]["overall"]
                     log.update(dev_em=overall["em"], dev_f1=overall["f1"], dev_actions=overall.get("num_actions"))

@@ -277,9 +277,11 @@ def test_two_processes_equal_one_process(world, tmp_path):
 
 def test_end_to_end_sim_then_real_with_resume(world, tmp_path):
     out = tmp_path / "run"
+    warmup = ("--warmup-steps", "3")  # the lr over steps 1-3: 1e-3 x 1/3, 2/3, 1; a resumed run must agree
     train_rl.main(run_args(world, out, "--algo", "grpo", "--sim-steps", "1", "--real-steps", "1", "--eval-every", "2",
-                           "--eval-limit", "2"))
+                           "--eval-limit", "2", *warmup))
     rows = read_metrics(out)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 / 3, 2e-3 / 3])
     assert "dev_em" not in rows[0] and 0 <= rows[1]["dev_em"] <= 1
     assert [r["env"] for r in rows] == ["sim", "real"]
     assert rows[0]["real_calls"] == 0 and rows[0]["calculator_calls"] == 0 and rows[0]["sim_obs"] > 0  # nothing real
@@ -307,13 +309,14 @@ def test_end_to_end_sim_then_real_with_resume(world, tmp_path):
     # after the resume point (a crash between two saves) is dropped, not duplicated
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({**rows[1], "step": 3}) + "\n")
-    train_rl.main(run_args(world, out, "--algo", "grpo", "--sim-steps", "1", "--real-steps", "2", "--resume"))
+    train_rl.main(run_args(world, out, "--algo", "grpo", "--sim-steps", "1", "--real-steps", "2", "--resume", *warmup))
     rows2 = read_metrics(out)
-    assert [r["step"] for r in rows2] == [1, 2, 3]
+    assert [r["step"] for r in rows2] == [1, 2, 3] and rows2[2]["lr"] == pytest.approx(1e-3)
     assert rows2[2]["real_calls_total"] == rows[1]["real_calls"] + rows2[2]["real_calls"]
     assert not any(p.name.endswith((".tmp", ".old")) for p in tmp_path.iterdir())
     # and the resumed run ends where an uninterrupted one does (optimizer state restored, rollouts seeded per step)
-    train_rl.main(run_args(world, tmp_path / "straight", "--algo", "grpo", "--sim-steps", "1", "--real-steps", "2"))
+    train_rl.main(run_args(world, tmp_path / "straight", "--algo", "grpo", "--sim-steps", "1", "--real-steps", "2",
+                           *warmup))
     assert read_metrics(tmp_path / "straight")[2]["reward"] == rows2[2]["reward"]
     resumed, straight = M.load(str(out))[0].state_dict(), M.load(str(tmp_path / "straight"))[0].state_dict()
     for name in straight:
