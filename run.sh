@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, ~86 min on 2 slow cores (README)
+#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 88 min on 2 cores (2026-12-02, README)
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
@@ -48,8 +48,8 @@ case "$PRESET" in
   tiny)
     # Sized for 2 CPU cores (~10k training tokens/s on the 3.5M-parameter preset in bf16): long enough for the tiny
     # model to learn to copy unseen names into queries and read the results and to simulate the tools it was trained
-    # on (stage 3); 78.2 min in all on 2026-12-01's slow machine (~44 on 11-30's), ~86 with the all-real row from
-    # SFT-1&2&3 added on 12-02 (estimated from its stages' times), over the 30-minute budget (README).
+    # on (stage 3); 87.9 min in all on 2026-12-02 (stage 3 alone 31 min; 17.6 on 11-30's faster machine), over the
+    # 30-minute budget (README).
     INIT=tiny
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16 $BF16"
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8 $BF16"
