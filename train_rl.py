@@ -308,7 +308,7 @@ def parse_args(argv=None):
     g.add_argument("--format-penalty", type=float, default=-0.5, help="reward of a response that breaks the format")
     g = p.add_argument_group("optimization")
     g.add_argument("--algo", default="grpo", choices=list(ADVANTAGES), help="GRPO (paper) or PPO (ppo.py)")
-    g.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant (paper: 7e-7)")
+    g.add_argument("--lr", type=float, default=7e-7, help="AdamW learning rate, constant after warmup (paper: 7e-7)")
     g.add_argument("--warmup-steps", type=int, default=0, help="the lr rises linearly over N steps (0: off, paper)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
     g.add_argument("--ppo-epochs", type=int, default=2, help="passes over each batch")
@@ -390,7 +390,7 @@ def train(args, rank, world, device, ddp):
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
-    dev_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars) if args.eval_every else None
+    dev_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars) if args.eval_every and master else None
     world_model_tools = common.load_world_model_tools(args.world_model, device=device) if args.world_model else None
     own_call_tools = (common.policy_world_model_tools(policy, tokenizer, template) if args.sim_context == "call"
                       else None)
