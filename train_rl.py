@@ -21,12 +21,11 @@ Departures from the paper / the authors' verl code, and why:
     --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
   - --sim-context call (run.sh's tiny preset; the paper's is "trajectory"): the policy writes each simulated observation
     from the call alone (its prompt with the query as the question, greedy), the context in which stage 3 learnt the
-    teacher's calls and world_model.py eval measures its recall; the calculator is the real one there. Inside its own
-    trajectory the tiny policy's simulated results lose the fact hop by hop (README: step reward 0.59x real vs 0.79x).
-  - --oversample N (run.sh's tiny preset: 3; the paper's is 1): DAPO's dynamic sampling. Each step rolls out N x the
-    prompts and trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups` in the log): a
-    group of equal rewards has no GRPO advantage. The tiny policy samples nearly the same trajectory K times (0-50%
-    of its groups differ), so this is what lets its RL gain (README: +0.6 -> +2.1 test avg, all-real, 30 steps).
+    teacher's calls and world_model.py eval measures its recall; the calculator is real there (README: inside its own
+    trajectory its simulated results lose the fact hop by hop). --real-questions gives the real steps other prompts.
+  - --oversample N (run.sh's tiny preset: 3; paper: 1): DAPO's dynamic sampling. Each step rolls out N x the prompts,
+    trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups`; equal rewards: no GRPO
+    advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (README).
   - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls, error
     observations apart; the in-loop dev evaluation has its own registry, never counted.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
@@ -275,6 +274,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and environment")
     g.add_argument("--data", required=True, help="dir with train.jsonl (+ dev.jsonl, corpus.jsonl), shared format")
     g.add_argument("--questions", default="train.jsonl", help="prompts in --data (data.py --rl: rl.jsonl, new to SFT)")
+    g.add_argument("--real-questions", default=None, help="the real steps' prompts in --data (default: --questions)")
     g.add_argument("--template", default=None, choices=["short", "autocoa"],
                    help="prompt template (default: --init's, its run_args.json); chat template: --init's tokenizer's")
     g.add_argument("--corpus", default=None, help="search corpus JSONL for the real tool (default: DATA/corpus.jsonl)")
@@ -386,7 +386,7 @@ def train(args, rank, world, device, ddp):
     template = args.template = checkpoint_template(args.init, args.template)
     if master:
         print(prompt_format(tokenizer, template))
-    questions = load_questions(os.path.join(args.data, args.questions))
+    questions = [load_questions(f"{args.data}/{f}") for f in (args.questions, args.real_questions or args.questions)]
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
@@ -431,8 +431,8 @@ def train(args, rank, world, device, ddp):
             own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
         optimizer.param_groups[0]["lr"] = args.lr * lr_factor(step, total_steps, args.warmup_steps, "constant", 1.0)
         t0 = time.time()
-        seqs, log, tokens = collect(policy, tokenizer, questions, step, env_name, step_tools, real_tools, template, amp,
-                                    args, rank, world)
+        seqs, log, tokens = collect(policy, tokenizer, questions[env_name == "real"], step, env_name, step_tools,
+                                    real_tools, template, amp, args, rank, world)
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
         calls_file.flush()
         real_tools.log.clear()

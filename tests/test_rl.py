@@ -324,7 +324,7 @@ def test_end_to_end_sim_then_real_with_resume(world, tmp_path):
 
 
 def test_questions_file_is_what_rl_trains_on(world, tmp_path):
-    """--questions (run.sh: rl.jsonl, data.py --rl): the prompts and their golden answers come from that file."""
+    """--questions (data.py --rl: rl.jsonl): the prompts and their golden answers come from that file."""
     wrong = [{"id": f"r{i}", "question": QUESTION, "golden_answers": ["Nowhere"]} for i in range(4)]
     (world / "rl_wrong.jsonl").write_text("".join(json.dumps(q) + "\n" for q in wrong))
     em = {}
@@ -332,6 +332,11 @@ def test_questions_file_is_what_rl_trains_on(world, tmp_path):
         train_rl.main(run_args(world, tmp_path / name, "--sim-steps", "0", "--real-steps", "1", "--questions", name))
         em[name] = read_metrics(tmp_path / name)[0]["em"]
     assert em["train.jsonl"] > 0 and em["rl_wrong.jsonl"] == 0, em
+    # --real-questions: the real steps' prompts come from that file, the simulated steps' from --questions
+    train_rl.main(run_args(world, tmp_path / "split", "--sim-steps", "1", "--real-steps", "1", "--questions",
+                           "rl_wrong.jsonl", "--real-questions", "train.jsonl"))
+    sim_step, real_step = read_metrics(tmp_path / "split")
+    assert sim_step["em"] == 0 and real_step["em"] > 0 and real_step["env"] == "real", (sim_step, real_step)
 
 
 def test_collapse_stops_with_a_message(world, tmp_path, capsys):
