@@ -30,9 +30,13 @@ p.add_argument("--greedy", default=None, help="a greedy evaluate.py dir of the s
 p.add_argument("--cells", nargs="+", default=["avg", "unknown_multihop", "known"], help="Table 1 cells to print")
 args = p.parse_args()
 
+
+def cells_line(cells):
+    return " | ".join(f"{c} {report._ci(report.cell_ci(cells, c))}" for c in args.cells)
+
+
 if args.greedy:
-    cells = report.world_cells(report.read_eval(args.greedy)[1])
-    print(f"{args.greedy} greedy |", " | ".join(f"{c} {report._ci(report.cell_ci(cells, c))}" for c in args.cells))
+    print(f"{args.greedy} greedy |", cells_line(report.world_cells(report.read_eval(args.greedy)[1])))
 for eval_dir in args.evals:
     records = report.read_eval(eval_dir)[1]
     assert all("samples" in r for r in records), f"{eval_dir}: no per-sample records (run with --n-samples > 1)"
@@ -45,5 +49,4 @@ for eval_dir in args.evals:
     for k in args.ks:
         assert k <= n, f"k {k} > {n} samples in {eval_dir}"
         at_k = [{**r, "em": pass_at_k(n, int(sum(s["em"] for s in r["samples"])), k)} for r in records]
-        cells = report.world_cells(at_k)
-        print(f"  pass@{k} |", " | ".join(f"{c} {report._ci(report.cell_ci(cells, c))}" for c in args.cells))
+        print(f"  pass@{k} |", cells_line(report.world_cells(at_k)))
