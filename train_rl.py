@@ -26,8 +26,7 @@ Departures from the paper / the authors' verl code, and why:
   - --oversample N (run.sh's tiny preset: 3; paper: 1): DAPO's dynamic sampling. Each step rolls out N x the prompts,
     trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups`; equal rewards: no GRPO
     advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (README).
-  - real_calls = arguments that reached the real search tool (the paper's cost); cache hits, calculator calls, error
-    observations apart; the in-loop dev evaluation has its own registry, never counted.
+  - real_calls: searches that reached the real tool (the paper's cost), not cache hits, calculator, errors or dev evals.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.
 
@@ -386,7 +385,8 @@ def train(args, rank, world, device, ddp):
     template = args.template = checkpoint_template(args.init, args.template)
     if master:
         print(prompt_format(tokenizer, template))
-    questions = [load_questions(f"{args.data}/{f}") for f in (args.questions, args.real_questions or args.questions)]
+    sim_questions = load_questions(f"{args.data}/{args.questions}")  # RL-stage 1's prompts, and stage 2's by default
+    real_questions = load_questions(f"{args.data}/{args.real_questions}") if args.real_questions else sim_questions
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
@@ -431,8 +431,8 @@ def train(args, rank, world, device, ddp):
             own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
         optimizer.param_groups[0]["lr"] = args.lr * lr_factor(step, total_steps, args.warmup_steps, "constant", 1.0)
         t0 = time.time()
-        seqs, log, tokens = collect(policy, tokenizer, questions[env_name == "real"], step, env_name, step_tools,
-                                    real_tools, template, amp, args, rank, world)
+        seqs, log, tokens = collect(policy, tokenizer, real_questions if env_name == "real" else sim_questions,
+                                    step, env_name, step_tools, real_tools, template, amp, args, rank, world)
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
         calls_file.flush()
         real_tools.log.clear()
