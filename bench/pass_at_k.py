@@ -3,6 +3,8 @@ How far RL could move a checkpoint by sharpening what it already samples: Table 
 estimator of Chen et al. 2021 from n samples a question) of `evaluate.py --n-samples N --temperature T` runs. GRPO
 learns only from groups whose samples differ in reward, so a question no sample answers gives it nothing to
 reinforce; pass@k of the sampling policy is the reach of RL that sharpens (Yue et al. 2025), greedy EM its start.
+maj@N (the EM of each question's most frequent normalised answer among its N samples) is where sharpening alone ends:
+a gain beyond it needs RL to make a minority answer the majority one.
 
     python evaluate.py --model out/tiny/sft123 --mode agent --questions out/tiny/world/test.jsonl \\
         --corpus out/tiny/world/corpus.jsonl --template short --batch-size 128 --max-new-tokens 384 \\
@@ -12,15 +14,23 @@ reinforce; pass@k of the sampling policy is the reach of RL that sharpens (Yue e
 import argparse
 import os
 import sys
+from collections import Counter
 from math import comb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
+from evaluate import normalize_answer  # noqa: E402
 
 
 def pass_at_k(n, c, k):
     """P(at least one of k samples drawn without replacement from n, c of them correct, is correct)."""
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def majority_em(samples):
+    """EM of the most frequent normalised answer among a question's samples (a tie: the one sampled first)."""
+    answers = [normalize_answer(s["prediction"] or "") for s in samples]
+    return samples[answers.index(Counter(answers).most_common(1)[0][0])]["em"]
 
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
@@ -50,3 +60,4 @@ for eval_dir in args.evals:
         assert k <= n, f"k {k} > {n} samples in {eval_dir}"
         at_k = [{**r, "em": pass_at_k(n, int(sum(s["em"] for s in r["samples"])), k)} for r in records]
         print(f"  pass@{k} |", cells_line(report.world_cells(at_k)))
+    print(f"  maj@{n} |", cells_line(report.world_cells([{**r, "em": majority_em(r["samples"])} for r in records])))
