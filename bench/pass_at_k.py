@@ -56,6 +56,12 @@ for eval_dir in args.evals:
     print(f"{eval_dir}: {len(records)} questions x {n} samples | known questions with >= 1 sample acting "
           f"{100 * sum(a > 0 for a in acts) / len(known):.1f}%, samples acting "
           f"{100 * sum(acts) / (n * len(known)):.1f}%")
+    right = [sum(s["em"] for s in r["samples"]) for r in records]
+    minority = [r for r, c in zip(records, right) if 0 < c <= n / 2]  # what RL must turn into majority answers
+    known_m = [r for r in minority if r.get("known")]
+    print(f"  {len(minority)} questions with 1-{n // 2} right samples: {len(known_m)} known (an acting sample right on "
+          f"{sum(any(s['em'] and s['num_actions'] for s in r['samples']) for r in known_m)}), "
+          f"{sum(r['type'] == 'comparison' for r in minority)} comparisons")
     for k in args.ks:
         assert k <= n, f"k {k} > {n} samples in {eval_dir}"
         at_k = [{**r, "em": pass_at_k(n, int(sum(s["em"] for s in r["samples"])), k)} for r in records]
