@@ -385,8 +385,8 @@ def train(args, rank, world, device, ddp):
     template = args.template = checkpoint_template(args.init, args.template)
     if master:
         print(prompt_format(tokenizer, template))
-    sim_questions = load_questions(f"{args.data}/{args.questions}")  # RL-stage 1's prompts, and stage 2's by default
-    real_questions = load_questions(f"{args.data}/{args.real_questions}") if args.real_questions else sim_questions
+    sim_prompts = load_questions(os.path.join(args.data, args.questions))  # RL-stage 1's, and stage 2's by default
+    real_prompts = load_questions(os.path.join(args.data, args.real_questions)) if args.real_questions else sim_prompts
     tool_source = dict(url=args.url, api=args.api) if args.url else \
         dict(corpus=args.corpus or os.path.join(args.data, "corpus.jsonl"))
     real_tools = make_tools(**tool_source, max_obs_chars=args.max_obs_chars)
@@ -431,7 +431,7 @@ def train(args, rank, world, device, ddp):
             own_call_tools.cache.clear()  # the policy moved: last step's simulated observations are not its own now
         optimizer.param_groups[0]["lr"] = args.lr * lr_factor(step, total_steps, args.warmup_steps, "constant", 1.0)
         t0 = time.time()
-        seqs, log, tokens = collect(policy, tokenizer, real_questions if env_name == "real" else sim_questions,
+        seqs, log, tokens = collect(policy, tokenizer, real_prompts if env_name == "real" else sim_prompts,
                                     step, env_name, step_tools, real_tools, template, amp, args, rank, world)
         calls_file.writelines(json.dumps({"step": step + 1, **c}) + "\n" for c in real_tools.log)
         calls_file.flush()

@@ -64,6 +64,6 @@ for eval_dir in args.evals:
           f"{sum(r['type'] == 'comparison' for r in minority)} comparisons")
     for k in args.ks:
         assert k <= n, f"k {k} > {n} samples in {eval_dir}"
-        at_k = [{**r, "em": pass_at_k(n, int(sum(s["em"] for s in r["samples"])), k)} for r in records]
+        at_k = [{**r, "em": pass_at_k(n, int(c), k)} for r, c in zip(records, right)]
         print(f"  pass@{k} |", cells_line(report.world_cells(at_k)))
     print(f"  maj@{n} |", cells_line(report.world_cells([{**r, "em": majority_em(r["samples"])} for r in records])))
