@@ -310,7 +310,7 @@ def _spread(s, signed=False):
 
 
 # k/6 of the steps real -> its row; k = 1 and 6 are the main run's sim->real and all-real rows from SFT-1&2&3
-CURVE = {0: "real-0-of-6", 1: "sft-123+rl-sim-real", 2: "real-2-of-6", 3: "real-3-of-6", 6: "sft-123+rl-real"}
+CURVE = {0: "real-0-of-6", 1: "real-1-of-6", 2: "real-2-of-6", 3: "real-3-of-6", 6: "sft-123+rl-real"}
 
 
 def step_rewards(model_dir):
@@ -323,9 +323,9 @@ def _sim_vs_real(s):
 
 
 def curve_report(run_dir):
-    """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 1: the main run), and
+    """Test EM vs the share k/6 of real-tool RL steps, from SFT-1&2&3 at equal total steps (k = 6: the main run), and
     the simulated steps' mean reward over that of the same steps of the all-real run (same seed: the same prompts)."""
-    rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k in (1, 6) else "curve", "eval", label), "sft-123")
+    rows = rl_rows(run_dir, {f"{k}/6": (os.path.join(run_dir, "" if k == 6 else "curve", "eval", label), "sft-123")
                              for k, label in CURVE.items()})
     real = [reward for _, reward in step_rewards(rows["6/6"]["model"])]
     for x in rows.values():

@@ -105,6 +105,15 @@ def test_rl_questions_are_new_and_change_no_other_file(world, tmp_path):
     assert json.loads(b["summary.json"])["questions"]["rl"]
 
 
+def test_train_unknown_is_train_without_known_questions(world):
+    """train_unknown.jsonl (run.sh's simulated RL prompts) is train.jsonl's lines whose question is not known, in order
+    and byte for byte (what `grep -v '"known": true' train.jsonl` gives)."""
+    files = all_files(world["out"])
+    lines = files["train.jsonl"].splitlines(keepends=True)
+    unknown = [line for line in lines if not json.loads(line)["known"]]
+    assert 0 < len(unknown) < len(lines) and files["train_unknown.jsonl"] == b"".join(unknown)
+
+
 def test_layout_and_fields(world):
     for name in ("corpus.jsonl", "summary.json", "tokenizer/tokenizer.json"):
         assert os.path.exists(os.path.join(world["out"], name))

@@ -611,9 +611,9 @@ def test_curve_report_compares_simulated_steps_with_the_same_real_steps(tmp_path
              2: [("sim-call", 0.6), ("sim-call", 0.2), ("real", 0.6), ("real", 0.6)],
              3: [("sim", 0.3)] * 2 + [("real", 1.0)] * 2,
              6: [("real", 0.8), ("real", 0.4), ("real", 0.6), ("real", 1.0)]}
-    for k, label in report.CURVE.items():  # k = 1 and 6: the main run's rows; the rest: OUT/curve/
-        root = tmp_path if k in (1, 6) else tmp_path / "curve"
-        model = tmp_path / {1: "rl_sim_real", 6: "rl_real123"}.get(k, f"curve/real{k}")
+    for k, label in report.CURVE.items():  # k = 6: the main run's row; the rest: OUT/curve/
+        root = tmp_path if k == 6 else tmp_path / "curve"
+        model = tmp_path / ("rl_real123" if k == 6 else f"curve/real{k}")
         _eval_dir(root / "eval" / label, [_pred(i, t, 1.0) for i, t in enumerate(qs)], model, real_calls=k,
                   steps=steps[k])
     md, rows = report.curve_report(str(tmp_path))
