@@ -309,7 +309,7 @@ def _spread(s, signed=False):
     return m if s["std"] is None else f"{m} ({s['std']:.1f})"
 
 
-# k/6 of the steps real -> its row; k = 1 and 6 are the main run's sim->real and all-real rows from SFT-1&2&3
+# k/6 of the steps real -> its row; k = 6 is the main run's all-real row from SFT-1&2&3
 CURVE = {0: "real-0-of-6", 1: "real-1-of-6", 2: "real-2-of-6", 3: "real-3-of-6", 6: "sft-123+rl-real"}
 
 

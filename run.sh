@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 88 min on 2 cores (2026-12-02, README)
+#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 71 min on 2 cores (2026-12-02, README)
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (~27 min a seed by its stages' times, 3 RL stages in two lanes; 2026-12-02), their spread:
+# The RL rows over 3 seeds (~25 min a seed: the 59-step sim->real lane beside the two all-real stages; 2026-12-02):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
@@ -48,8 +48,8 @@ case "$PRESET" in
   tiny)
     # Sized for 2 CPU cores (~10k training tokens/s on the 3.5M-parameter preset in bf16): long enough for the tiny
     # model to learn to copy unseen names into queries and read the results and to simulate the tools it was trained
-    # on (stage 3); 87.9 min in all on 2026-12-02 (stage 3 alone 31 min; 17.6 on 11-30's faster machine), over the
-    # 30-minute budget (README).
+    # on (stage 3); 70.7 min in all on 2026-12-02 12:07 (87.9 the same morning, at the machine's slower speed; stage 3
+    # alone 24 min, 31 then, 17.6 on 11-30), over the 30-minute budget (README).
     INIT=tiny
     BASE="--epochs 10 --max-len 256 --batch-size 16 --micro-batch 16 $BF16"
     SFT1="--epochs 1 --batch-size 16 --micro-batch 8 $BF16"
@@ -210,7 +210,8 @@ stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --
 stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
 
 # --- RL (paper 3.3): all-real from SFT-1&2 (the paper's "SFT-1&2 + RL-stage 2"); from SFT-1&2&3 the paper's
-# schedule, simulated then real, in ONE run (same optimizer, same KL reference), whose model at the switch
+# schedule, simulated then real (RL_SIM_STEPS + RL_SIM_REAL_STEPS, above), in ONE run (same optimizer, same KL
+# reference), whose model at the switch
 # (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row; and all-real from SFT-1&2&3, the gain sim->real is measured
 # against (issue 14: its share of that gain, its share of the real calls). Stage targets are config.json: it appears
 # with the final checkpoint only, so a crashed run is redone rather than skipped. Beside them: the separate world
