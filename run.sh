@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 71 min on 2 cores (2026-12-02, README)
+#   bash run.sh                      # --preset tiny: CPU, a 3.5M-parameter Llama, 71 min on 2 cores (2026-12-02)
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
@@ -82,8 +82,9 @@ case "$PRESET" in
     RL_STEPS=30                           # all-real RL, and the curve's total
     # sim->real (issue 14): 55 simulated steps on the unknown-entity training questions (on known ones the simulator
     # returns the policy's own memory), then 4 real steps on rl.jsonl's new questions about the same entities (where its
-    # memory is right 31%, not train.jsonl's 70%). 3 seeds (2026-12-02, README): the 55 simulated steps alone keep
-    # 95% of all-real RL's gain with no real call; the paper's 25 + 5 on train.jsonl kept 48% with 21% of its calls
+    # memory is right 31%, not train.jsonl's 70%). 3 seeds (2026-12-02, README): +1.9 (sd 0.5), 91% of all-real
+    # RL's gain with 19.3% of its real calls (the 55 simulated steps alone: 95%, no call); the paper's 25 + 5 on
+    # train.jsonl kept 48% with 21% of its calls (one seed lost 1.0 in its simulated steps)
     RL_SIM_STEPS=55; RL_SIM_REAL_STEPS=4
     RL_SIM_QUESTIONS="--questions train_unknown.jsonl --real-questions rl.jsonl"
     # The simulated steps: the policy writes each observation from the call alone (its prompt with the query as the
