@@ -366,9 +366,10 @@ def build(argv=None):
 
     # --- write everything (each file atomically); questions without their internal "plan" and "named"
     out, keys = args.out, ("id", "question", "golden_answers", "type", "hops", "known")
-    files = {"corpus": passages, **{split: [{k: q[k] for k in keys} for q in qs] for split, qs in splits.items()},
+    questions = {split: [{k: q[k] for k in keys} for q in qs] for split, qs in splits.items()}
+    files = {"corpus": passages, **questions,
              # the simulated RL steps' prompts (run.sh): the policy as simulator answers known questions from memory
-             "train_unknown": [{k: q[k] for k in keys} for q in splits["train"] if not q["known"]],
+             "train_unknown": [q for q in questions["train"] if not q["known"]],
              "base": base, "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
              "sft_cot": cot, "sft_coa": coa, "sft_mix": mix, "sft_mix_renamed": mix_renamed, "sft_pairs": pairs,
              "sft_pairs_decision": teacher.decision_pairs(pairs)[0], "tool_calls": tool_calls}

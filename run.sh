@@ -212,11 +212,10 @@ stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OU
 
 # --- RL (paper 3.3): all-real from SFT-1&2 (the paper's "SFT-1&2 + RL-stage 2"); from SFT-1&2&3 the paper's
 # schedule, simulated then real (RL_SIM_STEPS + RL_SIM_REAL_STEPS, above), in ONE run (same optimizer, same KL
-# reference), whose model at the switch
-# (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row; and all-real from SFT-1&2&3, the gain sim->real is measured
-# against (issue 14: its share of that gain, its share of the real calls). Stage targets are config.json: it appears
-# with the final checkpoint only, so a crashed run is redone rather than skipped. Beside them: the separate world
-# model (SPEC 6), trained on the teacher's logged real calls.
+# reference), whose model at the switch (OUT/rl_sim_real/sim_end) is the "RL-stage 1 only" row; and all-real from
+# SFT-1&2&3, the gain sim->real is measured against (issue 14: its share of that gain, its share of the real calls).
+# Stage targets are config.json: it appears with the final checkpoint only, so a crashed run is redone rather than
+# skipped. Beside them: the separate world model (SPEC 6), trained on the teacher's logged real calls.
 rl_sim_real_rows() {  # lane A
   stage rl-sim-real "$RLD/rl_sim_real/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" \
     --out "$RLD/rl_sim_real" --sim-steps $RL_SIM_STEPS --real-steps $RL_SIM_REAL_STEPS --seed $RL_SEED \
