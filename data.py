@@ -370,6 +370,9 @@ def build(argv=None):
     files = {"corpus": passages, **questions,
              # the simulated RL steps' prompts (run.sh): the policy as simulator answers known questions from memory
              "train_unknown": [q for q in questions["train"] if not q["known"]],
+             # --rl: its known questions, the real RL steps' prompts (run.sh): where the policy's memory is often wrong
+             # and its simulator, which replays that memory, cannot show that a search would do better
+             **({"rl_known": [q for q in questions["rl"] if q["known"]]} if "rl" in questions else {}),
              "base": base, "base_facts": [{"text": t} for t in base_facts],  # the same bytes with any questions
              "sft_cot": cot, "sft_coa": coa, "sft_mix": mix, "sft_mix_renamed": mix_renamed, "sft_pairs": pairs,
              "sft_pairs_decision": teacher.decision_pairs(pairs)[0], "tool_calls": tool_calls}

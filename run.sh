@@ -7,7 +7,7 @@
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (~25 min a seed: the 59-step sim->real lane beside the two all-real stages; 2026-12-02):
+# The RL rows over 3 seeds (~30 min a seed: the 85-step sim->real lane beside the two all-real stages; 2026-12-02):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
@@ -80,13 +80,12 @@ case "$PRESET" in
     RL="--prompts-per-step 8 --group-size 4 --oversample 3 --lr 3e-5 --max-new-tokens 384 --ppo-epochs 2"
     RL="$RL --minibatches 2 $BF16"
     RL_STEPS=30                           # all-real RL, and the curve's total
-    # sim->real (issue 14): 55 simulated steps on the unknown-entity training questions (on known ones the simulator
-    # returns the policy's own memory), then 4 real steps on rl.jsonl's new questions about the same entities (where its
-    # memory is right 31%, not train.jsonl's 70%). 3 seeds (2026-12-02, README): +1.9 (sd 0.5), 91% of all-real
-    # RL's gain with 19.3% of its real calls (the 55 simulated steps alone: 95%, no call); the paper's 25 + 5 on
-    # train.jsonl kept 48% with 21% of its calls (one seed lost 1.0 in its simulated steps)
-    RL_SIM_STEPS=55; RL_SIM_REAL_STEPS=4
-    RL_SIM_QUESTIONS="--questions train_unknown.jsonl --real-questions rl.jsonl"
+    # sim->real (issue 14): 55 simulated steps on the unknown-entity training questions, then 30 real steps on
+    # rl_known.jsonl, new questions about known entities: the simulator replays the policy's memory, so only the real
+    # tool can show it that a search beats that memory (right 31% there). Seed 0 (2026-12-02, README): +3.0 with 157
+    # real calls vs all-real's +2.6 with 1,052; 4 real steps on rl.jsonl instead: +1.9, 216 calls (3 seeds: README)
+    RL_SIM_STEPS=55; RL_SIM_REAL_STEPS=30
+    RL_SIM_QUESTIONS="--questions train_unknown.jsonl --real-questions rl_known.jsonl"
     # The simulated steps: the policy writes each observation from the call alone (its prompt with the query as the
     # question), the context in which stage 3 learnt the teacher's calls, not inside its own trajectory (the paper's).
     # Measured 2026-12-01 from SFT-1&2&3, 25 steps on the same prompts as all-real RL: mean step reward 0.540 vs 0.680

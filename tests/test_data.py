@@ -93,7 +93,7 @@ def test_rl_questions_are_new_and_change_no_other_file(world, tmp_path):
     rl = str(tmp_path / "rl")
     data.build(["--out", rl, "--rl", "40"] + SMALL)
     a, b = all_files(world["out"]), all_files(rl)
-    assert sorted(b) == sorted([*a, "rl.jsonl"])
+    assert sorted(b) == sorted([*a, "rl.jsonl", "rl_known.jsonl"])
     for name in a:
         if name != "summary.json":
             assert a[name] == b[name], f"{name} changed with --rl"
@@ -103,6 +103,8 @@ def test_rl_questions_are_new_and_change_no_other_file(world, tmp_path):
               for line in b[name].splitlines()}
     assert len({q["question"] for q in qs}) == 40 and not others & {q["question"] for q in qs}
     assert json.loads(b["summary.json"])["questions"]["rl"]
+    known = [line for line in b["rl.jsonl"].splitlines(keepends=True) if json.loads(line)["known"]]
+    assert 0 < len(known) < 40 and b["rl_known.jsonl"] == b"".join(known)  # rl.jsonl's known lines, in order
 
 
 def test_train_unknown_is_train_without_known_questions(world):
