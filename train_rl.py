@@ -22,7 +22,7 @@ Departures from the paper / the authors' verl code, and why:
   - --sim-context call (run.sh's tiny preset; the paper's is "trajectory"): the policy writes each simulated observation
     from the call alone (its prompt with the query as the question, greedy), the context in which stage 3 learnt the
     teacher's calls and world_model.py eval measures its recall; the calculator is real there (README: inside its own
-    trajectory its simulated results lose the fact hop by hop). --real-questions gives the real steps other prompts.
+    trajectory its results lose the fact hop by hop). --real-questions: the real steps' prompts (run.sh: known ones).
   - --oversample N (run.sh's tiny preset: 3; paper: 1): DAPO's dynamic sampling. Each step rolls out N x the prompts,
     trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups`; equal rewards: no GRPO
     advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (README).
