@@ -68,15 +68,15 @@ case "$PRESET" in
     # RL lr 3e-5, measured 2026-12-02 from SFT-1&2&3, seed 0, paired test gain (1,200 q): all-real +2.0 [0.6, 3.5] at
     # 1e-5, +2.6 [0.9, 4.4] at 3e-5, +0.2 [-2.0, 2.3] at 1e-4; sim->real (25 + 5) +0.8 [-0.6, 2.1] at 1e-5, +2.3
     # [0.5, 4.1] at 3e-5. 200 dev questions cannot tell them apart (+3.5, +4.0, +5.5 all-real; intervals +-4.3). At
-    # 1e-5 the policy hardly moved (KL to the start <= 0.005 after step 1). Over 3 seeds (README) seed 0's lead shrinks:
-    # mean gain at 3e-5 vs 1e-5: real from SFT-1&2 +2.9 vs +2.2, from SFT-1&2&3 +2.1 vs +2.0 (1e-5: 3 seeds of the
-    # previous run), sim->real +1.0 vs +1.0, with more spread (sd 1.3 vs 0.6).
+    # 1e-5 the policy hardly moved (KL to the start <= 0.005 after step 1). Over 3 seeds (RUNS.md) seed 0's lead
+    # shrank: mean gain at 3e-5 vs 1e-5: real from SFT-1&2 +2.9 vs +2.2, from SFT-1&2&3 +2.1 vs +2.0 (1e-5: 3 seeds
+    # of the previous run), sim->real +1.0 vs +1.0, with more spread (sd 1.3 vs 0.6).
     # (2026-11-30, before --oversample and the call-context simulator: sim->real dev EM 38.0 at 1e-5, 28.3 at 3e-5.)
     # --oversample 3 (dynamic sampling): 24 prompts rolled out a step, the 8 groups trained on those whose rewards
     # differ first. The tiny policy samples nearly the same answer 4 times: 0-50% of its groups carry a reward
     # difference (all the GRPO surrogate learns from), ~70% of the kept ones with it. Measured 2026-12-01 from
     # SFT-1&2&3, 30 steps, paired test gain: all-real +0.6 [-0.5, 1.8] -> +2.1 [0.6, 3.6]; sim->real (25 + 5)
-    # +0.1 -> +1.2 [-0.0, 2.5] (README E15-E18). Real steps triple their real calls; simulated ones stay free.
+    # +0.1 -> +1.2 [-0.0, 2.5] (RUNS.md E15-E18). Real steps triple their real calls; simulated ones stay free.
     RL="--prompts-per-step 8 --group-size 4 --oversample 3 --lr 3e-5 --max-new-tokens 384 --ppo-epochs 2"
     RL="$RL --minibatches 2 $BF16"
     RL_STEPS=30                           # all-real RL, and the curve's total
@@ -89,7 +89,7 @@ case "$PRESET" in
     # The simulated steps: the policy writes each observation from the call alone (its prompt with the query as the
     # question), the context in which stage 3 learnt the teacher's calls, not inside its own trajectory (the paper's).
     # Measured 2026-12-01 from SFT-1&2&3, 25 steps on the same prompts as all-real RL: mean step reward 0.540 vs 0.680
-    # real (0.79x); inside the trajectory 0.401 vs the same 0.680 (0.59x): its recall falls with each hop (README)
+    # real (0.79x); inside the trajectory 0.401 vs the same 0.680 (0.59x): its recall falls with each hop (RUNS.md)
     RL_SIM="--sim-context call"
     WM="--epochs 6"                       # starts from the SFT-1&2&3 policy, which already writes observations
     WM_EVAL="--max-calls 100 --batch-size 64"

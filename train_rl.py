@@ -21,11 +21,11 @@ Departures from the paper / the authors' verl code, and why:
     --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
   - --sim-context call (run.sh's tiny preset; the paper's is "trajectory"): the policy writes each simulated observation
     from the call alone (its prompt with the query as the question, greedy), the context in which stage 3 learnt the
-    teacher's calls and world_model.py eval measures its recall; the calculator is real there (README: inside its own
+    teacher's calls and world_model.py eval measures its recall; the calculator is real there (RUNS.md: inside its own
     trajectory its results lose the fact hop by hop). --real-questions: the real steps' prompts (run.sh: known ones).
   - --oversample N (run.sh's tiny preset: 3; paper: 1): DAPO's dynamic sampling. Each step rolls out N x the prompts,
     trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups`; equal rewards: no GRPO
-    advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (README).
+    advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (RUNS.md).
   - real_calls: searches that reached the real tool (the paper's cost), not cache hits, calculator, errors or dev evals.
   - Minibatches are whole prompt groups in a fixed order; trajectory k of prompt j samples from its own generator
     seeded by (seed, step, j, k): N processes == 1 process (tested), each rank one batched engine call.

@@ -4,7 +4,7 @@ traced, the three masked tokens whose log-prob fell furthest below the reference
   python bench/kl_trace.py --init out/tiny/sft123 --data out/tiny/world --out /tmp/kl --sim-steps 0 --real-steps 1 \\
       --prompts-per-step 8 --group-size 4 --oversample 3 --lr 3e-5 --max-new-tokens 384 --bf16 [--warmup-steps 5]
 
-2026-12-02, the tiny SFT-1&2&3 (README "Learning-rate warmup"): at lr 3e-5 the last micro-batch, after three optimizer
+2026-12-02, the tiny SFT-1&2&3 (RUNS.md "Learning-rate warmup"): at lr 3e-5 the last micro-batch, after three optimizer
 steps, holds a token sampled at log-prob -0.64 now at -17.65 (ref - logp 17.01); with --warmup-steps 5 the largest
 gap of the step is 3.33.
 """

@@ -1,6 +1,6 @@
 """
 Table 1 cells of evaluation runs minus a base run on the same questions (paired bootstrap 95%, report.cell_ci): how
-the README's "RL on questions SFT never saw" gains were printed (each RL checkpoint's evaluate.py dir vs SFT-1&2&3's).
+RUNS.md's "RL on questions SFT never saw" gains were printed (each RL checkpoint's evaluate.py dir vs SFT-1&2&3's).
 
     python bench/paired.py out/tiny/eval/sft-123 out/tiny/exp/eval_E2 out/tiny/exp/eval_E8
 """

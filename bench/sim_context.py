@@ -3,7 +3,7 @@ The policy as its own world model, in two contexts: greedy EM on the same questi
 observations the policy writes inside its own trajectory (evaluate.py's agent-sim, the paper's RL stage 1), and with
 observations it writes from the call alone (train_rl.py --sim-context call: common.policy_world_model_tools, whose
 calculator is the real one). Prints EM overall and per question type; the ratios are to the real tool's EM.
-Measured 2026-12-01 on the tiny SFT-1&2&3 (README "The simulator's context").
+Measured 2026-12-01 on the tiny SFT-1&2&3 (RUNS.md "The simulator's context").
 
     OMP_NUM_THREADS=2 python bench/sim_context.py --model out/tiny/sft123 --data out/tiny/world --file train.jsonl
 """
