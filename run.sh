@@ -7,7 +7,7 @@
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (~30 min a seed: the 85-step sim->real lane beside the two all-real stages; 2026-12-02):
+# The RL rows over 3 seeds (a seed ~30 min bf16 (12-02), ~35 fp32 (12-03): the 85-step sim->real lane beside the rest):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
