@@ -20,9 +20,8 @@ Departures from the paper / the authors' verl code, and why:
     (verl neither). `logp_gap` = mean |engine - trainer| log-prob of the sampled tokens (< 1e-4 on CPU fp32, tested);
     --tis-cap C weights each token's surrogate by min(pi_old / pi_engine, C) where they differ (top-p, bf16 kernels).
   - --sim-context call (run.sh's tiny preset; the paper's is "trajectory"): the policy writes each simulated observation
-    from the call alone (its prompt with the query as the question, greedy), the context in which stage 3 learnt the
-    teacher's calls and world_model.py eval measures its recall; the calculator is real there (RUNS.md: inside its own
-    trajectory its results lose the fact hop by hop). --real-questions: the real steps' prompts (run.sh: known ones).
+    from the call alone (greedy), as stage 3 learnt the teacher's calls (in its trajectory it loses the fact hop by hop,
+    RUNS.md); the calculator is real there. --real-questions: the real steps' prompts (run.sh: known ones).
   - --oversample N (run.sh's tiny preset: 3; paper: 1): DAPO's dynamic sampling. Each step rolls out N x the prompts,
     trains on --prompts-per-step groups, those whose rewards differ first (`signal_groups`; equal rewards: no GRPO
     advantage). The tiny policy samples nearly the same trajectory K times, so this is what lets its RL gain (RUNS.md).
@@ -366,8 +365,9 @@ def train(args, rank, world, device, ddp):
     assert args.algo == "ppo" or args.group_size >= 2, "GRPO needs --group-size >= 2 (a group of one has no baseline)"
     assert args.oversample >= 1 and (args.algo == "grpo" or args.oversample == 1), "--oversample N >= 1, GRPO only"
     assert total_steps > 0 and args.temperature > 0, "needs --sim-steps + --real-steps > 0 and --temperature > 0"
-    assert args.sim_context == "trajectory" or not (args.world_model or args.train_sim_obs or args.sim_greedy), \
-        "--sim-context call is its own simulator: not with --world-model, --train-sim-obs or --sim-greedy"
+    simulators = bool(args.world_model) + (args.sim_context == "call")  # models called as the search tool
+    assert simulators == 0 or simulators == 1 and not (args.train_sim_obs or args.sim_greedy or args.sim_real_tools), \
+        "--world-model or --sim-context call (not both): not with --train-sim-obs, --sim-greedy or --sim-real-tools"
     if master:
         print(f"{world} rank(s) x {prompts_per_rank} prompts x {args.group_size} samples; {args.ppo_epochs} epochs x "
               f"{args.minibatches} minibatches; {args.sim_steps} sim + {args.real_steps} real steps")

@@ -401,8 +401,10 @@ def test_sim_context_call_simulates_from_the_call_alone(world, tmp_path, monkeyp
                            "--sim-tool-batch", "1"))
     assert max(calls) == 1 and len(calls) > len(batched) and sum(calls) >= sum(batched)
     assert open(tmp_path / "one" / "model.safetensors", "rb").read() == open(out / "model.safetensors", "rb").read()
-    with pytest.raises(AssertionError, match="--sim-context call is its own simulator"):
-        train_rl.main(run_args(world, tmp_path / "bad", "--sim-context", "call", "--sim-greedy"))
+    call, wm, real_search = ["--sim-context", "call"], ["--world-model", str(out)], ["--sim-real-tools", "search"]
+    for bad in (call + ["--sim-greedy"], call + real_search, call + wm, wm + real_search):  # each would be ignored
+        with pytest.raises(AssertionError, match="--world-model or --sim-context call"):
+            train_rl.main(run_args(world, tmp_path / "bad", *bad))
 
 
 def test_oversample_trains_on_the_groups_whose_rewards_differ(world, tmp_path, monkeypatch):
