@@ -154,6 +154,8 @@ AVG_OF = WORLD_COLUMNS + ["known"]  # avg = mean of these cells (macro, like the
 # Each RL row of run.sh and the row of the checkpoint its RL started from (run_args.json "init" of the RL checkpoint)
 RL_START = {"sft-12+rl-real": "sft-12", "sft-123+rl-real": "sft-123", "sft-123+rl-sim": "sft-123",
             "sft-123+rl-sim-real": "sft-123"}
+# run.sh --control: sim->real's schedule with every tool real (at the switch, at the end), for the seeds that have it
+CONTROL = {"sft-123+rl-sim-ctl": "sft-123+rl-sim", "sft-123+rl-sim-real-ctl": "sft-123+rl-sim-real"}
 
 
 def world_cells(predictions):
@@ -284,13 +286,16 @@ def seeds_report(run_dir):
         return all(os.path.exists(os.path.join(root, "eval", label, "results.json")) for label in RL_START)
     seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir)
                          if d.startswith("seed") and d[4:].isdigit() and done(os.path.join(run_dir, d)))
-    per_seed = {s: rl_rows(run_dir, {label: (os.path.join(run_dir if s == 0 else f"{run_dir}/seed{s}", "eval", label),
-                                             start) for label, start in RL_START.items()}) for s in seeds}
+    root = {s: run_dir if s == 0 else f"{run_dir}/seed{s}" for s in seeds}
+    labels = {**RL_START, **{c: "sft-123" for c in CONTROL if all(  # the control's rows when every seed has them
+        os.path.exists(os.path.join(root[s], "eval", c, "results.json")) for s in seeds)}}
+    per_seed = {s: rl_rows(run_dir, {label: (os.path.join(root[s], "eval", label), start)
+                                     for label, start in labels.items()}) for s in seeds}
     md = [f"## RL rows over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): EM %, paired gain over the start "
           "(95% bootstrap)", "", "| RL row | seed | avg | gain avg | unknown_multihop | gain multihop | real calls |",
           "|---|---|---|---|---|---|---|"]
     summary = {}
-    for label in RL_START:
+    for label in labels:
         for s in seeds:
             x = per_seed[s][label]
             md.append(f"| {label} | {s} | {_ci(x['avg'])} | {_ci(x['avg_gain'], True)} | "
@@ -301,6 +306,13 @@ def seeds_report(run_dir):
                               "values": v} for k, v in stats.items()}
         md.append(f"| **{label}** | mean (sd) | {_spread(summary[label]['avg'])} | "
                   f"{_spread(summary[label]['avg_gain'], True)} | | | {_spread(summary[label]['real_calls'])} |")
+    for control, row in CONTROL.items():  # what the simulated steps stand in for: seed means of gain and real calls
+        if control in summary:
+            g, c = (summary[row][k]["mean"] for k in ("avg_gain", "real_calls"))
+            g0, c0 = (summary[control][k]["mean"] for k in ("avg_gain", "real_calls"))
+            share = f"{100 * g / g0:.0f}%" if g0 else "n/a"
+            md.append(f"\n{row} vs its all-real control {control}: {share} of the gain ({g:+.1f} vs {g0:+.1f}) "
+                      f"with {100 * c / max(c0, 1):.1f}% of the real calls ({c:.0f} vs {c0:.0f})")
     return "\n".join(md) + "\n", {"seeds": seeds, "per_seed": per_seed, "summary": summary}
 
 

@@ -7,8 +7,11 @@
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
 #   bash run.sh --rl-seed 1          # after a run: the RL rows again with RL seed 1 (OUT/seed1/), the rest reused
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
-# The RL rows over 3 seeds (a seed ~30 min bf16 (12-02), ~35 fp32 (12-03): the 85-step sim->real lane beside the rest):
+#   bash run.sh --control            # after a run: sim->real's all-real control (its schedule, every tool real)
+# The RL rows over 3 seeds (a seed ~30 min bf16 (12-02), ~35 fp32 (12-03): the 85-step sim->real lane beside the rest),
+# with the control (~30 min a seed on 2 threads, fp32; one thread each beside another job, 35-45):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
+#   for s in 0 1 2; do bash run.sh --rl-seed $s --control; done
 #
 # Stages (each one a plain command you can copy): build the world (data.py) -> base LM -> SFT stages 1, 2, 1&2, 1&2&3
 # (train_sft.py) -> world model (world_model.py) -> RL: real-only from SFT-1&2 and from SFT-1&2&3, simulated from
@@ -17,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PRESET=tiny; FRESH=0; RUN=""; TAGS=""; RL_SEED=0; CURVE=0; WORLD=""
+PRESET=tiny; FRESH=0; RUN=""; TAGS=""; RL_SEED=0; CURVE=0; CONTROL=0; WORLD=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
@@ -25,7 +28,9 @@ while [ $# -gt 0 ]; do
     --run) RUN="$2"; shift 2 ;;
     --rl-seed) RL_SEED="$2"; shift 2 ;;
     --curve) CURVE=1; shift ;;
-    *) echo "run.sh: unknown argument '$1' (use --preset tiny|smollm2, --fresh, --run NAME, --rl-seed N, --curve)" >&2
+    --control) CONTROL=1; shift ;;
+    *) echo "run.sh: unknown argument '$1' (use --preset tiny|smollm2, --fresh, --run NAME, --rl-seed N, --curve," \
+            "--control)" >&2
        exit 2 ;;
   esac
 done
@@ -142,7 +147,7 @@ mkdir -p "$OUT"
 [ "$FRESH" = 1 ] && rm -rf "${OUT:?}"/*
 RLD="$OUT"  # the RL rows' outputs; --rl-seed N: OUT/seedN (the world, SFT, world model and their rows are reused)
 [ "$RL_SEED" != 0 ] && RLD="$OUT/seed$RL_SEED"
-TIMES="$RLD/times.tsv"; [ "$CURVE" = 1 ] && TIMES="$OUT/curve/times.tsv"
+TIMES="$RLD/times.tsv"; [ "$CURVE" = 1 ] && TIMES="$OUT/curve/times.tsv"; [ "$CONTROL" = 1 ] && TIMES="$RLD/control.tsv"
 mkdir -p "$(dirname "$TIMES")"; : > "$TIMES.new"
 
 # stage NAME OUTPUT CMD...: run CMD unless OUTPUT exists; its output also in OUT/logs/NAME.log; its time recorded.
@@ -235,6 +240,19 @@ rl_real_rows_and_wm() {  # lane B
   stage wm-eval  "$OUT/wm_eval/fidelity.json" $PY world_model.py eval --wm "$OUT/wm" --policy "$OUT/sft123" \
     --calls "$OUT/wm_calls.jsonl" --data "$W" --out "$OUT/wm_eval" $WM_EVAL
 }
+if [ "$CONTROL" = 1 ]; then
+  # --- sim->real's all-real control: its schedule and questions, with the real search and calculator in the first
+  # RL_SIM_STEPS steps too (--sim-real-tools; not with --sim-context call, whose simulator is the search). Its model
+  # at the switch is rl-sim's control, its final model rl-sim-real's: what the simulator stands in for, at what calls
+  stage rl-ctl "$RLD/rl_ctl/config.json" $PY train_rl.py --init "$OUT/sft123" --data "$W" --out "$RLD/rl_ctl" \
+    --sim-steps $RL_SIM_STEPS --real-steps $RL_SIM_REAL_STEPS --seed $RL_SEED $RL $RL_SIM_QUESTIONS \
+    --sim-real-tools search calculator
+  evaluate_row sft-123+rl-sim-ctl      "$RLD/rl_ctl/sim_end" agent "$RLD"
+  evaluate_row sft-123+rl-sim-real-ctl "$RLD/rl_ctl"         agent "$RLD"
+  mv "$TIMES.new" "$TIMES"
+  $PY report.py --run "$OUT" --seeds
+  exit 0
+fi
 lanes rl_sim_real_rows rl_real_rows_and_wm
 
 if [ "$RL_SEED" != 0 ]; then  # the seed's rows only: Table 1 stays the main run's

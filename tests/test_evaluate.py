@@ -599,6 +599,17 @@ def test_seeds_report_mean_and_spread_by_hand(tmp_path):
     assert s["avg"]["std"] == pytest.approx(35.355, abs=1e-3)  # sample sd of (50, 100)
     assert s["avg_gain"]["mean"] == pytest.approx(75.0) and s["real_calls"]["values"] == [10, 20]
     assert "| **sft-12+rl-real** | mean (sd) | 75.0 (35.4) | +75.0 (35.4) |" in md
+    # run.sh --control: its rows join once every seed has them, with sim->real's share of their gain and calls
+    all_right = [_pred(i, t, 1.0) for i, t in enumerate(qs)]
+    for seed in (0, 1):
+        root = tmp_path if seed == 0 else tmp_path / f"seed{seed}"
+        for label in report.CONTROL:
+            _eval_dir(root / "eval" / label, all_right, root / label, real_calls=100)
+        md, data = report.seeds_report(str(tmp_path))
+        assert ("sft-123+rl-sim-real-ctl" in data["summary"]) == (seed == 1)
+    assert data["summary"]["sft-123+rl-sim-real-ctl"]["avg_gain"]["values"] == pytest.approx([100.0, 100.0])
+    assert ("sft-123+rl-sim-real vs its all-real control sft-123+rl-sim-real-ctl: 75% of the gain (+75.0 vs +100.0) "
+            "with 15.0% of the real calls (15 vs 100)") in md
 
 
 def test_curve_report_compares_simulated_steps_with_the_same_real_steps(tmp_path):
