@@ -9,7 +9,7 @@
 #   bash run.sh --curve              # after a run: test EM vs the fraction of RL steps on the real tool (OUT/curve/)
 #   bash run.sh --control            # after a run: sim->real's all-real control (its schedule, every tool real)
 # The RL rows over 3 seeds (a seed ~30 min bf16 (12-02), ~35 fp32 (12-03): the 85-step sim->real lane beside the rest),
-# with the control (~30 min a seed on 2 threads, fp32; one thread each beside another job, 35-45):
+# and sim->real's all-real control (35-47 min a seed, fp32, 12-03: one thread beside other jobs):
 #   for s in 1 2; do bash run.sh --rl-seed $s; done; .venv/bin/python report.py --run out/tiny --seeds
 #   for s in 0 1 2; do bash run.sh --rl-seed $s --control; done
 #
