@@ -282,13 +282,13 @@ def rl_rows(run_dir, entries):
 
 def seeds_report(run_dir):
     """The RL rows of seed 0 (the main run) and every OUT/seedN: per seed, then mean and sd of avg, gain, real calls."""
-    def done(root):  # every RL row evaluated (a seed still running, or never run, is left out)
-        return all(os.path.exists(os.path.join(root, "eval", label, "results.json")) for label in RL_START)
+    def done(root, labels=RL_START):  # every row evaluated (a seed still running, or never run, is left out)
+        return all(os.path.exists(os.path.join(root, "eval", label, "results.json")) for label in labels)
     seeds = [0] + sorted(int(d[4:]) for d in os.listdir(run_dir)
                          if d.startswith("seed") and d[4:].isdigit() and done(os.path.join(run_dir, d)))
     root = {s: run_dir if s == 0 else f"{run_dir}/seed{s}" for s in seeds}
-    labels = {**RL_START, **{c: "sft-123" for c in CONTROL if all(  # the control's rows when every seed has them
-        os.path.exists(os.path.join(root[s], "eval", c, "results.json")) for s in seeds)}}
+    labels = {**RL_START, **{c: RL_START[row] for c, row in CONTROL.items()  # when every seed has the control's rows
+                             if all(done(root[s], [c]) for s in seeds)}}
     per_seed = {s: rl_rows(run_dir, {label: (os.path.join(root[s], "eval", label), start)
                                      for label, start in labels.items()}) for s in seeds}
     md = [f"## RL rows over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): EM %, paired gain over the start "
