@@ -578,6 +578,19 @@ def _eval_dir(d, preds, model_dir, real_calls=None, steps=(("real", 0.0),)):
             for i, (env, r) in enumerate(steps)))
 
 
+def test_paired_script_mean_and_spread_by_hand(tmp_path):
+    """bench/paired.py (bench/rl_seeds.sh's last step): each eval's paired gain, then their mean and sample sd."""
+    qs = report.WORLD_COLUMNS * 2  # 2 unknown questions a type: avg = mean over the 6 types
+    _eval_dir(tmp_path / "base", [_pred(i, t, 0.0) for i, t in enumerate(qs)], tmp_path / "m")
+    for name, n_right in (("half", 6), ("all", 12)):  # one of each type's two right (+50), every one (+100)
+        _eval_dir(tmp_path / name, [_pred(i, t, float(i < n_right)) for i, t in enumerate(qs)], tmp_path / "m")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "paired.py"), str(tmp_path / "base"),
+                          str(tmp_path / "half"), str(tmp_path / "all"), "--cells", "avg"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "gain +50.0 [" in out[0] and "gain +100.0 [100.0, 100.0]" in out[1]
+    assert out[2] == "mean (sd) of the gain over 2: avg +75.00 (35.36)"
+
+
 def test_seeds_report_mean_and_spread_by_hand(tmp_path):
     """run.sh --rl-seed N: each RL row's avg EM and its gain over the start, per seed and as mean (sample sd) over the
     seeds found (0 = the main run's eval/, N = OUT/seedN/eval/); real calls read from each checkpoint's metrics."""
