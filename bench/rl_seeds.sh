@@ -1,7 +1,7 @@
 #!/bin/bash
 # One RL recipe from a run's SFT-1&2&3 over seeds: train_rl.py with run.sh's tiny RL flags plus the recipe's, run.sh's
 # evaluate.py line on the test split, then each seed's paired gain over SFT-1&2&3 and their mean (sd)
-# (bench/paired.py). How RUNS.md's experiments after 2026-12-03 were run (before: the same lines by hand). Seeds in
+# (bench/paired.py): the lines RUNS.md's RL experiments of 2026-12-03 ran by hand, as one command. Seeds in
 # parallel, one thread each (2 cores: two at a time, ~35-45 min a seed for 85-115 steps).
 #   bash bench/rl_seeds.sh out/tiny_1203 out/ctl60 --sim-steps 55 --real-steps 60 --questions train_unknown.jsonl \
 #     --real-questions rl_known.jsonl --sim-real-tools search calculator --kl-coef 0 --no-grpo-std-norm
