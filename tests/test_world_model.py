@@ -4,6 +4,9 @@ calls, and the served tool (batched == one at a time, odd queries never crash). 
 own texts and a 2-layer width-64 Llama keep the whole file at a few seconds of compute."""
 import inspect
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -334,3 +337,30 @@ def test_train_rejects_bad_calls_file(tmp_path, bad, message):
         W.main(W.parse_args(["train", "--calls", str(path), "--init", "tiny", "--tokenizer", str(tmp_path / "none"),
                              "--out", str(tmp_path / "wm"), "--device", "cpu"]))
     assert not (tmp_path / "wm").exists()
+
+
+def test_known_wm_calls_script_adds_known_entity_calls(tmp_path):
+    """bench/known_wm_calls.py: every base_facts entity gets its type's queries, answered by the real search (title =
+    the entity), a query stage 3 already has is not repeated, and the old rows come first, unchanged."""
+    world = tmp_path / "world"
+    world.mkdir()
+    facts = ["Kafenl Baisai was born in Gudar. Kafenl Baisai works for Bote Foods.",
+             "Bote Foods was founded by Kafenl Baisai. Bote Foods was founded in 1983.", "Gudar is a city in Nistar."]
+    (world / "base_facts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in facts))
+    passages = [f'"{e}"\n{t}' for e, t in [("Kafenl Baisai", "Kafenl Baisai was born in 1958."),
+                                           ("Bote Foods", "Bote Foods opened its doors in 1983."),
+                                           ("Gudar", "Gudar lies in Nistar.")]]
+    (world / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "contents": c}) + "\n"
+                                                for i, c in enumerate(passages)))
+    old = {"tool": "search", "args": "Who founded Bote Foods", "observation": "result 1: \"Bote Foods\"\nx.",
+           "entity": "Bote Foods", "split": "train", "entity_seen": True}
+    (tmp_path / "wm_calls.jsonl").write_text(json.dumps(old) + "\n")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "known_wm_calls.py")
+    subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "out.jsonl")], check=True)
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert rows[0] == old and all(r["split"] == "train" for r in rows[1:])
+    by_entity = {e: sorted(r["args"] for r in rows[1:] if r["entity"] == e) for e in ("Kafenl Baisai", "Bote Foods")}
+    assert len(by_entity["Kafenl Baisai"]) == 5 and "when was Kafenl Baisai born" in by_entity["Kafenl Baisai"]
+    assert len(by_entity["Bote Foods"]) == 5 and "who founded Bote Foods" not in by_entity["Bote Foods"]
+    assert [r["args"] for r in rows[1:] if r["entity"] == "Gudar"] == ["which country is Gudar in"]
+    assert all(r["observation"].startswith(f'result 1: "{r["entity"]}"') for r in rows[1:])
