@@ -15,7 +15,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from server import split_results  # noqa: E402
 from tools import make_tools  # noqa: E402
+from world_model import passage_title  # noqa: E402
 
 TEMPLATES = {"city": ["which country is {e} in"],
              "person": ["when was {e} born", "where was {e} born", "which company does {e} work for",
@@ -43,8 +45,8 @@ have = {c["args"].lower() for c in old}
 tools = make_tools(corpus=os.path.join(args.run, "world", "corpus.jsonl"))
 queries = [t.format(e=e) for e, kind in entities.items() for t in TEMPLATES[kind] if t.format(e=e).lower() not in have]
 observations = tools([("search", q) for q in queries])
-new = [{"tool": "search", "args": q, "observation": o, "entity": o.split('"')[1], "question_split": "train",
-        "split": "train", "entity_seen": True} for q, o in zip(queries, observations) if o.startswith("result 1")]
+new = [{"tool": "search", "args": q, "observation": o, "entity": passage_title(split_results(o)[0]),
+        "question_split": "train", "split": "train", "entity_seen": True} for q, o in zip(queries, observations) if o.startswith("result 1")]
 with open(args.out, "w") as f:
     for c in old + new:
         f.write(json.dumps(c) + "\n")
