@@ -70,6 +70,11 @@ case "$PRESET" in
     # simulator recalls the answer fact of 5% -> 75% of held-out calls about seen entities.
     SFT3="--train-file $W/sft_mix_renamed.jsonl --train-copies 4 --wm-calls $OUT/wm_calls.jsonl --wm-calls-copies 50"
     SFT3="$SFT3 --epochs 0.4 --batch-size 8 --micro-batch 8 --lr 1e-3 $BF16"
+    # + 818 calls on the 149 known entities (world_model.py collect --known-calls, 1.45x stage 3's examples): the
+    # teacher's calls name few of them, so the policy as its own simulator recalled 3.1% of the answer facts on
+    # all-real RL's known-question calls (12-03, RUNS.md). A stage-3 continuation with 679 such calls: 56.1%, and
+    # sim->real from it +4.0 over SFT-1&2&3 over 3 seeds vs +2.9 without (RUNS.md); here first in a fresh run
+    WM_COLLECT="--known-calls"
     # RL lr 3e-5, measured 2026-12-02 from SFT-1&2&3, seed 0, paired test gain (1,200 q): all-real +2.0 [0.6, 3.5] at
     # 1e-5, +2.6 [0.9, 4.4] at 3e-5, +0.2 [-2.0, 2.3] at 1e-4; sim->real (25 + 5) +0.8 [-0.6, 2.1] at 1e-5, +2.3
     # [0.5, 4.1] at 3e-5. 200 dev questions cannot tell them apart (+3.5, +4.0, +5.5 all-real; intervals +-4.3). At
@@ -137,6 +142,7 @@ case "$PRESET" in
     RL_SIM_QUESTIONS=""
     RL_SIM=""                             # the paper's: simulated observations inside the trajectory
     WM="--epochs 0.15 --lr 5e-5 --batch-size 8"
+    WM_COLLECT=""                         # stage 3 here trains no calls: the separate world model's alone
     WM_EVAL="--max-calls 24 --batch-size 24"
     EVAL="--limit 12 --batch-size 36 --max-new-tokens 320"
     ;;
@@ -211,7 +217,8 @@ sft_2_alone() {  # lane B: stage 2 alone (the SFT-2 row) and the base model's ro
 lanes sft_1_then_2 sft_2_alone
 # the teacher's real calls, split train / held-out: stage 3 (tiny) and the separate world model learn the train ones.
 # Stage 3 runs alone, on every thread: it is the longest stage and every later one starts from it
-stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --out "$OUT/wm_calls.jsonl" --seed $SEED
+stage wm-collect "$OUT/wm_calls.jsonl" $PY world_model.py collect --data "$W" --out "$OUT/wm_calls.jsonl" --seed $SEED \
+  $WM_COLLECT
 stage sft-123   "$OUT/sft123/config.json" $PY train_sft.py --stage 3 --init "$OUT/sft12"  --data "$W" --out "$OUT/sft123" --seed $SEED $SFT3
 
 # --- RL (paper 3.3): all-real from SFT-1&2 (the paper's "SFT-1&2 + RL-stage 2"); from SFT-1&2&3 the paper's

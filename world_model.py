@@ -29,6 +29,7 @@ How this departs from the paper, and why:
 
 Commands:
   python world_model.py collect --data DIR --out DIR/wm_calls.jsonl [--rollout-logs runs/rl/real_calls.jsonl ...]
+  python world_model.py collect --data DIR --out DIR/wm_calls.jsonl --known-calls   # + calls on the known entities
   python world_model.py train --calls DIR/wm_calls.jsonl --init tiny --tokenizer DIR/tokenizer --out runs/wm
   python world_model.py eval --wm runs/wm --policy runs/sft3 --data DIR --out runs/wm_eval   # --calls: default the wm's
   python world_model.py serve --ckpt runs/wm --port 8081      # then: tools.py search --url http://127.0.0.1:8081 "q"
@@ -55,6 +56,7 @@ from common import (CALL_FIELDS, check_fields, json_type, load_world_model_tools
                     simulate, wm_prompt)
 from evaluate import exact_match, extract_answer, f1, normalize_answer
 from server import serve_tool, split_results
+from teacher import RELATIONS
 from tools import BM25Index, action_close, action_open, make_tools, result_close, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -176,6 +178,35 @@ def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, see
     print(f"collect: {len(rows)} rows -> {len(calls)} unique calls | {len(calls) - len(heldout)} train | "
           f"{len(heldout)} held-out ({sum(c['split'] == 'heldout' and c['entity_seen'] for c in calls)} of them seen)")
     return calls
+
+
+def known_entity_calls(base_facts, corpus, calls):
+    """Search calls about every KNOWN entity (data.py's base_facts.jsonl, the base model's facts in prose), split train:
+    for each relation of its type, the teacher's first two query forms (teacher.RELATIONS), answered by the real search.
+    Why: the teacher's calls name few known entities (23% of rl_known.jsonl's entity mentions, 2026-12-03), so stage 3
+    taught the policy to simulate them for the unknown entities only: as its own simulator it recalled 3.1% of the
+    answer facts on the calls of all-real RL's known-question steps (67.2% on held-out seen calls; bench/sim_recall.py,
+    RUNS.md). A query already in `calls` is skipped; so is an entity with an "unseen" held-out call (it stays
+    unseen)."""
+    forms = [(re.compile("^" + re.escape(f).replace(r"\{s\}", "(?P<s>.+?)").replace(r"\{o\}", ".+?")), v[0])
+             for v in RELATIONS.values() for f in v[4]]  # the corpus phrasings, subject type
+    entities = {}  # known entity -> type, from the first sentence of each base_facts row
+    for row in read_rows(base_facts, fields=("text",)):
+        hit = next(((m["s"], kind) for rx, kind in forms if (m := rx.match(row["text"]))), None)
+        if hit is None:
+            raise ValueError(f"{row['_where']}: no teacher.RELATIONS phrasing starts this text: {row['text'][:80]!r}")
+        entities.setdefault(*hit)
+    have = {" ".join(c["args"].lower().split()) for c in calls}
+    unseen = {c["entity"] for c in calls if c["split"] == "heldout" and not c["entity_seen"]}
+    queries = [form.format(s=e) for e, kind in entities.items() if e not in unseen
+               for v in RELATIONS.values() if v[0] == kind for form in v[5][:2]]
+    queries = [q for q in queries if q.lower() not in have]
+    observations = make_tools(corpus=corpus)([("search", q) for q in queries])
+    new = [{"tool": "search", "args": q, "observation": o, "entity": passage_title(split_results(o)[0]),
+            "question_split": "known", "split": "train", "entity_seen": True}
+           for q, o in zip(queries, observations) if split_results(o)]
+    print(f"collect: {len(entities)} known entities -> {len(new)} calls about them (split train)")
+    return new
 
 
 # -----------------------------------------------------------------------------
@@ -305,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--tools", nargs="+", default=["search"], help="tools to model (the calculator stays real)")
     p.add_argument("--heldout-frac", type=float, default=0.1, help="share of training-question calls held out (seen)")
     p.add_argument("--unseen-frac", type=float, default=0.05, help="share of entities held out whole (unseen)")
+    p.add_argument("--known-calls", action="store_true",
+                   help="also search every known entity (base_facts.jsonl) with the teacher's query forms: train calls")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--out", required=True, help="output JSONL of calls")
     p = sub.add_parser("train", help="fine-tune a causal LM on call -> observation")
@@ -368,6 +401,9 @@ def main(args):
         if not calls:  # an empty output would only fail later, in train, far from its cause
             raise ValueError(f"{', '.join([path, *args.rollout_logs])}: none of the {len(rows)} calls is a usable "
                              f"{'/'.join(args.tools)} call (all failed, empty or another tool); nothing written")
+        if args.known_calls:
+            calls += known_entity_calls(os.path.join(args.data, "base_facts.jsonl"),
+                                        os.path.join(args.data, "corpus.jsonl"), calls)
         write_atomic(args.out, "".join(json.dumps(c) + "\n" for c in calls))
         print(f"wrote {args.out}")
 

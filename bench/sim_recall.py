@@ -2,8 +2,8 @@
 Answer-fact recall (world_model.py's measure) of each policy as its own simulator, from the call alone (train_rl.py
 --sim-context call), on two call sets: the real calls an RL run made after a step (the known-question steps of a
 sim->real schedule: what a simulator must stand in for there) and world_model.py collect's held-out calls of seen
-entities (`world_model.py eval`'s set). 12-03 (RUNS.md): SFT-1&2&3 3.1% / 67.2%; + bench/known_wm_calls.py's calls
-in a stage-3 continuation 56.1% / 67.7%.
+entities (`world_model.py eval`'s set). 12-03 (RUNS.md): SFT-1&2&3 3.1% / 67.2%; + 679 known-entity calls
+(the first version of world_model.py collect --known-calls) in a stage-3 continuation 56.1% / 67.7%.
 
     python bench/sim_recall.py out/tiny_1203/sft123 --real-calls RL_OUT/real_calls.jsonl --after-step 55 \
         --wm-calls out/tiny_1203/wm_calls.jsonl

@@ -339,28 +339,34 @@ def test_train_rejects_bad_calls_file(tmp_path, bad, message):
     assert not (tmp_path / "wm").exists()
 
 
-def test_known_wm_calls_script_adds_known_entity_calls(tmp_path):
-    """bench/known_wm_calls.py: every base_facts entity gets its type's queries, answered by the real search (title =
-    the entity), a query stage 3 already has is not repeated, and the old rows come first, unchanged."""
-    world = tmp_path / "world"
-    world.mkdir()
-    facts = ["Kafenl Baisai was born in Gudar. Kafenl Baisai works for Bote Foods.",
-             "Bote Foods was founded by Kafenl Baisai. Bote Foods was founded in 1983.", "Gudar is a city in Nistar."]
-    (world / "base_facts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in facts))
+def test_known_entity_calls(tmp_path):
+    """collect --known-calls: every base_facts entity (whichever phrasing its row starts with) gets its type's
+    teacher.RELATIONS query forms, answered by the real search; a query collect already has is not repeated, an
+    entity with an unseen held-out call gets none (it stays unseen), and a row no phrasing explains names its line."""
+    facts = ["Kafenl Baisai is a native of Gudar. The birth year of Kafenl Baisai is 1958.",
+             "Kafenl Baisai is the founder of Bote Foods. Bote Foods was founded in 1983.",
+             "Gudar is a city in Nistar.",
+             "Vumes Thedres was born in Gudar."]
+    (tmp_path / "base_facts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in facts))
     passages = [f'"{e}"\n{t}' for e, t in [("Kafenl Baisai", "Kafenl Baisai was born in 1958."),
                                            ("Bote Foods", "Bote Foods opened its doors in 1983."),
-                                           ("Gudar", "Gudar lies in Nistar.")]]
-    (world / "corpus.jsonl").write_text("".join(json.dumps({"id": str(i), "contents": c}) + "\n"
-                                                for i, c in enumerate(passages)))
-    old = {"tool": "search", "args": "Who founded Bote Foods", "observation": "result 1: \"Bote Foods\"\nx.",
-           "entity": "Bote Foods", "split": "train", "entity_seen": True}
-    (tmp_path / "wm_calls.jsonl").write_text(json.dumps(old) + "\n")
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "known_wm_calls.py")
-    subprocess.run([sys.executable, script, str(tmp_path), str(tmp_path / "out.jsonl")], check=True)
-    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
-    assert rows[0] == old and all(r["split"] == "train" for r in rows[1:])
-    by_entity = {e: sorted(r["args"] for r in rows[1:] if r["entity"] == e) for e in ("Kafenl Baisai", "Bote Foods")}
-    assert len(by_entity["Kafenl Baisai"]) == 5 and "when was Kafenl Baisai born" in by_entity["Kafenl Baisai"]
+                                           ("Gudar", "Gudar lies in Nistar."), ("Vumes Thedres", "Vumes Thedres x.")]]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "contents": c}) + "\n" for i, c in enumerate(passages)))
+    have = [{"tool": "search", "args": "Who  founded Bote Foods", "entity": "Bote Foods", "split": "train",
+             "entity_seen": True},
+            {"tool": "search", "args": "Vumes Thedres", "entity": "Vumes Thedres", "split": "heldout",
+             "entity_seen": False}]
+    rows = W.known_entity_calls(str(tmp_path / "base_facts.jsonl"), str(corpus), have)
+    assert all(r["split"] == "train" and r["entity_seen"] for r in rows)
+    by_entity = {e: sorted(r["args"] for r in rows if r["entity"] == e) for e in ("Kafenl Baisai", "Bote Foods")}
+    assert len(by_entity["Kafenl Baisai"]) == 6 and "when was Kafenl Baisai born" in by_entity["Kafenl Baisai"]
     assert len(by_entity["Bote Foods"]) == 5 and "who founded Bote Foods" not in by_entity["Bote Foods"]
-    assert [r["args"] for r in rows[1:] if r["entity"] == "Gudar"] == ["which country is Gudar in"]
-    assert all(r["observation"].startswith(f'result 1: "{r["entity"]}"') for r in rows[1:])
+    assert sorted(r["args"] for r in rows if r["entity"] == "Gudar") == ["Gudar city country lies",
+                                                                         "which country is Gudar in"]
+    assert not any("Vumes" in r["args"] for r in rows) and len(rows) == 13
+    assert all(r["observation"].startswith(f'result 1: "{r["entity"]}"') for r in rows)
+    (tmp_path / "base_facts.jsonl").write_text(json.dumps({"text": "Gudar is a city in Nistar."}) + "\n"
+                                               + json.dumps({"text": "Nothing known."}) + "\n")
+    with pytest.raises(ValueError, match="base_facts.jsonl:2"):
+        W.known_entity_calls(str(tmp_path / "base_facts.jsonl"), str(corpus), have)
