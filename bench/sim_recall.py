@@ -35,13 +35,27 @@ for line in open(args.real_calls):
         keys.add(key)
         rl_calls.append(r)
 rl_calls = rl_calls[:args.limit]
-seen = [r for r in map(json.loads, open(args.wm_calls)) if r["split"] == "heldout" and r["entity_seen"]]
+wm_calls = [json.loads(line) for line in open(args.wm_calls)]
+seen = [r for r in wm_calls if r["split"] == "heldout" and r["entity_seen"]]
+# the RL calls whose query stage 3 trained on (word for word: recall there may be memory) and the others
+trained = {" ".join(r["args"].lower().split()) for r in wm_calls if r["split"] == "train"}
+is_trained = [" ".join(c["args"].lower().split()) in trained for c in rl_calls]
+
+
+def report(path, name, recall):
+    recall = [x for x in recall if x is not None]
+    if recall:
+        print(f"{path} | {name}: {len(recall)} calls, answer-fact recall {100 * sum(recall) / len(recall):.1f}%",
+              flush=True)
+
+
 for path in args.checkpoints:
     model, tokenizer = common.load(path, add_action_tokens=True)
     simulator = common.policy_world_model_tools(model, tokenizer, args.template)
     for name, calls in ((f"RL calls after step {args.after_step}", rl_calls), ("held-out seen", seen)):
         observations = simulator([("search", c["args"]) for c in calls])
         recall = [fact_recall(answer_facts(c["args"], c["observation"]), o) for c, o in zip(calls, observations)]
-        recall = [x for x in recall if x is not None]
-        print(f"{path} | {name}: {len(recall)} calls, answer-fact recall {100 * sum(recall) / len(recall):.1f}%",
-              flush=True)
+        report(path, name, recall)
+        if calls is rl_calls:  # the same calls split by whether stage 3 trained on their query
+            report(path, "  of them queries stage 3 trained on", [x for x, t in zip(recall, is_trained) if t])
+            report(path, "  of them new queries", [x for x, t in zip(recall, is_trained) if not t])
