@@ -119,6 +119,11 @@ def token_f1(simulated_observation, real_observation):
 # -----------------------------------------------------------------------------
 # collect: real calls -> deduplicated JSONL with a train / held-out split
 
+def query_key(args):
+    """When two calls are the same query: case and runs of whitespace aside."""
+    return " ".join(str(args).lower().split())
+
+
 def read_calls(tool_calls, rollout_logs=()):
     """Real calls from the teacher's tool_calls.jsonl and RL rollout logs (a log row is a call or holds a list of them
     under "calls"). Rows marked "simulated": true are skipped: a simulator's output is not the world."""
@@ -148,7 +153,7 @@ def split_calls(rows, tools=("search",), heldout_frac=0.1, unseen_frac=0.05, see
       training observation (BM25 ranks one passage for many queries, so a held-out entity may still have been seen)."""
     calls, keys = [], set()
     for row in rows:
-        key = (row["tool"], " ".join(str(row["args"]).lower().split()))
+        key = (row["tool"], query_key(row["args"]))
         passages = split_results(row["observation"])
         if row["tool"] not in tools or key in keys or not passages:  # no passages: an error or "No results found."
             continue
@@ -196,11 +201,11 @@ def known_entity_calls(base_facts, corpus, calls):
         if hit is None:
             raise ValueError(f"{row['_where']}: no teacher.RELATIONS phrasing starts this text: {row['text'][:80]!r}")
         entities.setdefault(*hit)
-    have = {" ".join(c["args"].lower().split()) for c in calls}
+    have = {query_key(c["args"]) for c in calls}
     unseen = {c["entity"] for c in calls if c["split"] == "heldout" and not c["entity_seen"]}
     queries = [form.format(s=e) for e, kind in entities.items() if e not in unseen
                for v in RELATIONS.values() if v[0] == kind for form in v[5][:2]]
-    queries = [q for q in queries if q.lower() not in have]
+    queries = [q for q in queries if query_key(q) not in have]
     observations = make_tools(corpus=corpus)([("search", q) for q in queries])
     new = [{"tool": "search", "args": q, "observation": o, "entity": passage_title(split_results(o)[0]),
             "question_split": "known", "split": "train", "entity_seen": True}

@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from world_model import answer_facts, fact_recall  # noqa: E402
+from world_model import answer_facts, fact_recall, query_key  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 p.add_argument("checkpoints", nargs="+", help="policies (save_pretrained dirs)")
@@ -38,8 +38,8 @@ rl_calls = rl_calls[:args.limit]
 wm_calls = [json.loads(line) for line in open(args.wm_calls)]
 seen = [r for r in wm_calls if r["split"] == "heldout" and r["entity_seen"]]
 # the RL calls whose query stage 3 trained on (word for word: recall there may be memory) and the others
-trained = {" ".join(r["args"].lower().split()) for r in wm_calls if r["split"] == "train"}
-is_trained = [" ".join(c["args"].lower().split()) in trained for c in rl_calls]
+trained = {query_key(r["args"]) for r in wm_calls if r["split"] == "train"}
+is_trained = [query_key(c["args"]) in trained for c in rl_calls]
 
 
 def report(path, name, recall):

@@ -4,9 +4,6 @@ calls, and the served tool (batched == one at a time, odd queries never crash). 
 own texts and a 2-layer width-64 Llama keep the whole file at a few seconds of compute."""
 import inspect
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
