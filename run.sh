@@ -89,8 +89,12 @@ case "$PRESET" in
     # difference (all the GRPO surrogate learns from), ~70% of the kept ones with it. Measured 2026-12-01 from
     # SFT-1&2&3, 30 steps, paired test gain: all-real +0.6 [-0.5, 1.8] -> +2.1 [0.6, 3.6]; sim->real (25 + 5)
     # +0.1 -> +1.2 [-0.0, 2.5] (RUNS.md E15-E18). Real steps triple their real calls; simulated ones stay free.
+    # Sampling T 1.0, not the paper's 0.6 (2026-12-04, from 12-03's SFT-1&2&3, paired test gain, 3 seeds, RUNS.md):
+    # all-real +1.56 (sd 0.77) vs +1.07 (0.88), the no-KL 115-step all-real +2.49 (2.02) vs +1.20 (4.57), sim->real
+    # seed 0 +2.3 vs +1.6; T 1.0 ahead in 6 of 8 seed pairs. At 0.6 entropy fell to ~0.015 a token (0.043 at 1.0)
+    # and the known-question steps taught answering from memory, which leaked into unknown questions
     RL="--prompts-per-step 8 --group-size 4 --oversample 3 --lr 3e-5 --max-new-tokens 384 --ppo-epochs 2"
-    RL="$RL --minibatches 2 $BF16"
+    RL="$RL --minibatches 2 --temperature 1.0 $BF16"
     RL_STEPS=30                           # all-real RL, and the curve's total
     # sim->real (issue 14): 55 simulated steps on the unknown-entity training questions, then 30 real steps on
     # rl_known.jsonl, new questions about known entities: the simulator replays the policy's memory, so only the real

@@ -37,7 +37,7 @@ Usage (DIR from `python data.py --out out/world`, out/sft123 from train_sft.py s
   torchrun --standalone --nproc_per_node=8 train_rl.py --init out/sft123 --data out/world --out out/rl \\
       --device cuda --bf16 --prompts-per-step 48 --group-size 5 --lr 7e-7    # + --fsdp for a 7B (fsdp.shard)
 Defaults are the paper's (80 sim + 16 real steps, 48 prompts x 5 samples, lr 7e-7, T 0.6, KL 1e-3, entropy 1e-3); the
-tiny CPU model needs a larger --lr and fewer, shorter rollouts (run.sh). After a kill: the same command plus --resume.
+tiny CPU model needs a larger --lr, fewer, shorter rollouts and T 1.0 (run.sh). After a kill: the same plus --resume.
 Outputs: common.py's checkpoint format, OUT/real_calls.jsonl (every real call, world_model.py collect --rollout-logs;
 rank r > 0: real_calls.rank{r}.jsonl), OUT/sim_end/ (the model at the sim -> real switch: Table 1's RL-stage-1 row).
 """

@@ -13,7 +13,7 @@ RUN=$1; OUT=$2; shift 2
 PY=${PY:-.venv/bin/python}; SEEDS=${SEEDS:-0 1 2}; PARALLEL=${PARALLEL:-2}
 TINY_RL="--prompts-per-step 8 --group-size 4 --oversample 3 --lr 3e-5 --max-new-tokens 384 --ppo-epochs 2"
 BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"  # as run.sh decides
-RL=${RL:-$TINY_RL --minibatches 2 $BF16}  # run.sh's tiny RL line
+RL=${RL:-$TINY_RL --minibatches 2 --temperature 1.0 $BF16}  # run.sh's tiny RL line
 EVAL=${EVAL:---batch-size 128 --max-new-tokens 384}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 W=$RUN/world; mkdir -p "$OUT"
