@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: reproduce the paper's Table 1 on the embedded world, end to end, on this machine.
 #
-#   bash run.sh                      # tiny: a 3.5M-parameter Llama, 2 cores: 86 min bf16 (12-03), 95-102 fp32 (12-03)
+#   bash run.sh                      # tiny: a 3.5M-parameter Llama, 2 cores: 82-86 min bf16 (12-04, 12-03), 95-102 fp32
 #   bash run.sh --preset smollm2     # the real SmolLM2-135M-Instruct on the same world, 82 min on 2 cores (2026-12-01)
 #   bash run.sh --fresh              # redo every stage (by default a stage whose output exists is skipped)
 #   bash run.sh --run NAME           # write to out/NAME instead of out/<preset>
