@@ -9,7 +9,8 @@ set -eu
 INIT=$1; W=$2; Q=$3; OUT=$4; STEPS=${5:-8}
 PY=${PY:-.venv/bin/python}
 BF16=""; grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && BF16="--bf16"  # as run.sh decides
-RL="--prompts-per-step 8 --group-size 4 --oversample 3 --max-new-tokens 384 --ppo-epochs 1 --minibatches 2 $BF16"
+RL="--prompts-per-step 8 --group-size 4 --oversample 3 --max-new-tokens 384 --ppo-epochs 1 --minibatches 2"
+RL="$RL --temperature 1.0 $BF16"  # run.sh's sampling temperature
 RL="$RL --lr 0 --kl-coef 0 --seed 0 --sim-steps $STEPS --real-steps 0 --questions $Q"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"

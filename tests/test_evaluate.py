@@ -3,6 +3,7 @@ loader's errors, the summary and tables, and one end-to-end run of a tiny model 
 process."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -589,6 +590,15 @@ def test_paired_script_mean_and_spread_by_hand(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert "gain +50.0 [" in out[0] and "gain +100.0 [100.0, 100.0]" in out[1]
     assert out[2] == "mean (sd) of the gain over 2: avg +75.00 (35.36)"
+
+
+def test_bench_rl_lines_sample_at_run_sh_temperature():
+    """bench/rl_seeds.sh and bench/sim_real_reward.sh copy run.sh's tiny RL line (a bash script cannot import it):
+    their rollouts must sample at its temperature, or their numbers describe another policy."""
+    def temperatures(name):
+        return re.findall(r"--temperature (\S+)", open(os.path.join(ROOT, name)).read())
+    (run_sh,) = temperatures("run.sh")  # the tiny preset's RL line; smollm2's keeps train_rl.py's default
+    assert temperatures("bench/rl_seeds.sh") == [run_sh] and temperatures("bench/sim_real_reward.sh") == [run_sh]
 
 
 def test_seeds_report_mean_and_spread_by_hand(tmp_path):
