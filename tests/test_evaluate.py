@@ -592,13 +592,20 @@ def test_paired_script_mean_and_spread_by_hand(tmp_path):
     assert out[2] == "mean (sd) of the gain over 2: avg +75.00 (35.36)"
 
 
-def test_bench_rl_lines_sample_at_run_sh_temperature():
+def test_bench_rl_lines_match_run_sh():
     """bench/rl_seeds.sh and bench/sim_real_reward.sh copy run.sh's tiny RL line (a bash script cannot import it):
-    their rollouts must sample at its temperature, or their numbers describe another policy."""
-    def temperatures(name):
-        return re.findall(r"--temperature (\S+)", open(os.path.join(ROOT, name)).read())
-    (run_sh,) = temperatures("run.sh")  # the tiny preset's RL line; smollm2's keeps train_rl.py's default
-    assert temperatures("bench/rl_seeds.sh") == [run_sh] and temperatures("bench/sim_real_reward.sh") == [run_sh]
+    rl_seeds.sh all of it, sim_real_reward.sh its rollout flags (it trains at lr 0 for one pass), or their numbers
+    describe another recipe."""
+    def rl_flags(name, lines=None):  # {flag: value} of the file's RL=... assignments (the first `lines` of them)
+        text = open(os.path.join(ROOT, name)).read()
+        assignments = re.findall(r"^\s*(?:TINY_)?RL=(.*)$", text, re.M)[:lines]
+        return dict(re.findall(r"--([a-z-]+) ([0-9.e-]+)\b", " ".join(assignments)))
+    run_sh = rl_flags("run.sh", lines=2)  # the tiny preset's two RL lines (the smollm2 preset's come later)
+    assert run_sh["temperature"] == "1.0" and run_sh["oversample"] == "3"  # the parse found the tiny line
+    assert rl_flags("bench/rl_seeds.sh") == run_sh
+    rollout = ("prompts-per-step", "group-size", "oversample", "max-new-tokens", "minibatches", "temperature")
+    sim_real = rl_flags("bench/sim_real_reward.sh")
+    assert {k: sim_real[k] for k in rollout} == {k: run_sh[k] for k in rollout}
 
 
 def test_seeds_report_mean_and_spread_by_hand(tmp_path):
