@@ -186,7 +186,9 @@ stage() {
 
 # lanes FN_A FN_B: two lists of stages side by side, each on half the threads; if one fails the other is stopped.
 # On 2 cores two one-thread jobs get through 1.4x (training) to 1.8x (evaluation) the work of one two-thread job
-# (2026-12-01), and every output is the same byte for byte at any thread count (tests/test_sft.py, README).
+# (2026-12-01). A rerun on the same thread layout writes every output byte for byte (tests); a different thread count
+# changes the weights' last bits, and RL's sampling grows that into another run, like another seed (README
+# "Reproducibility"): the lanes' layout is part of a run's recipe.
 lanes() {
   if [ "$OMP_NUM_THREADS" -lt 2 ]; then "$1"; "$2"; return; fi
   local half=$((OMP_NUM_THREADS / 2)) a b

@@ -637,3 +637,21 @@ def test_engine_uses_no_autocast_of_its_own_and_a_real_cache(world, monkeypatch)
                   max_new_tokens=60, greedy=True)
     assert entered == []
     assert isinstance(E._SlotCache(1, "cpu", model), Cache)
+
+
+
+def test_a_rerun_writes_the_same_run_byte_for_byte(world, tmp_path):
+    """A simulated then a real step (sampled rollouts, bf16 autocast), run twice on the same thread count: the same
+    metrics (all but timings) and the same weights byte for byte. So a seed names one RL run on a given thread
+    layout; on another thread count the matmuls' last bits differ and sampling turns them into another run
+    (README "Reproducibility")."""
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"rerun_{k}"
+        train_rl.main(run_args(world, out, "--sim-steps", "1", "--real-steps", "1", "--bf16"))
+        rows = [{key: v for key, v in r.items() if not key.endswith("_s")} for r in read_metrics(out)]
+        runs.append((rows, (out / "model.safetensors").read_bytes()))
+    assert runs[0] == runs[1]
+    assert runs[0][0][1]["real_calls"] > 0 and runs[0][0][0]["sim_obs"] > 0
+    init = M.load(str(world / "init"))[0].state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in M.load(str(tmp_path / "rerun_0"))[0].state_dict().items())

@@ -438,21 +438,20 @@ def test_bf16_autocast_on_cpu_keeps_float32_weights_and_the_loss(world):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to differ")
-def test_thread_count_leaves_the_weights_byte_identical(world):
-    """run.sh's lanes give each stage half the threads: training under bf16 autocast on 1 thread and on 2 writes the
-    same weights byte for byte, so a lane changes the time, never the result."""
-    weights = {}
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            out = world["root"] / f"threads_{n}"
-            train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "3", "--bf16")))
-            weights[n] = (out / "model.safetensors").read_bytes()
-    finally:
-        torch.set_num_threads(threads)
-    assert weights[1] == weights[2]
+def test_a_rerun_writes_the_same_weights_byte_for_byte(world):
+    """The same command on the same thread count writes the same weights byte for byte (bf16 autocast included):
+    data order, dropout-free steps and init are all seeded. Not promised across thread counts: at run.sh's model size
+    a different count sums matmuls in another order and the weights differ in their last bits (measured 2026-12-04,
+    README "Reproducibility")."""
+    weights = []
+    for k in range(2):
+        out = world["root"] / f"rerun_{k}"
+        train_sft.main(train_sft.parse_args(run_args(world, out, "--stage", "2", "--max-steps", "3", "--bf16")))
+        weights.append((out / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+    trained = AutoModelForCausalLM.from_pretrained(world["root"] / "rerun_0").state_dict()
+    init = AutoModelForCausalLM.from_pretrained(world["init"]).state_dict()
+    assert any(not torch.equal(trained[k], init[k]) for k in init), "no step was taken: the comparison would be vacuous"
 
 
 @pytest.mark.parametrize("stage", ["base", "1", "3"])
