@@ -8,6 +8,8 @@
 #   SEEDS="0" RL="--prompts-per-step 2 --group-size 2 --max-new-tokens 64" EVAL="--limit 12" \
 #     bash bench/rl_seeds.sh RUN OUT --sim-steps 0 --real-steps 1      (a smoke run)
 # Writes OUT/seedN (the checkpoint), OUT/seedN_eval (evaluate.py), OUT/seedN.log; prints the paired lines.
+# One thread a seed (OMP_NUM_THREADS=1), as run.sh's RL lanes on 2 cores: on another thread count a seed is another
+# run (README "Reproducibility"), so keep it at 1 to repeat a recorded seed.
 set -eu
 RUN=$1; OUT=$2; shift 2
 PY=${PY:-.venv/bin/python}; SEEDS=${SEEDS:-0 1 2}; PARALLEL=${PARALLEL:-2}
