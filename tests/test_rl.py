@@ -639,7 +639,6 @@ def test_engine_uses_no_autocast_of_its_own_and_a_real_cache(world, monkeypatch)
     assert isinstance(E._SlotCache(1, "cpu", model), Cache)
 
 
-
 def test_a_rerun_writes_the_same_run_byte_for_byte(world, tmp_path):
     """A simulated then a real step (sampled rollouts, bf16 autocast), run twice on the same thread count: the same
     metrics (all but timings) and the same weights byte for byte. So a seed names one RL run on a given thread
